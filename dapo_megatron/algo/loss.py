@@ -1,0 +1,271 @@
+"""DAPO policy loss: token-level PPO objective with Clip-Higher, dual-clip, KL, entropy bonus and TIS.
+
+Normalisation contract ("global-sum normalised"): `policy_loss` returns one micro-batch's *share* of the loss of
+the whole optimizer step. Summing the returned losses over all micro-batches and all data-parallel ranks gives
+exactly the loss of the global batch, hence the same gradient as one big batch, provided that
+  * the caller passes `global_token_count` / `global_seq_count` = counts over the whole step (all micro-batches,
+    all DP ranks; see `count_loss_tokens` / `count_loss_seqs`), summed before any backward;
+  * micro-batch losses are summed (backward on each, no division by the number of micro-batches);
+  * the DP gradient reduction is a SUM. Megatron's DDP *averages* over the data-parallel group, so the caller
+    multiplies the loss by `dp_size` before backward (or configures DDP to sum).
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+# exp() of a float32 log-ratio overflows above ~88; clamping at 20 only touches tokens whose ratio is far outside
+# any clip range (their clip binds anyway, or the run has already diverged).
+_MAX_LOG_RATIO = 20.0
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+
+
+# ---------------------------------------------------------------------------------------------- aggregation modes
+
+AggFn = Callable[..., Tensor]
+LOSS_AGG_MODES: dict[str, AggFn] = {}
+
+
+def register_agg_mode(name: str) -> Callable[[AggFn], AggFn]:
+    """Register a loss aggregation `fn(loss_mat, loss_mask, token_count, seq_count, norm_length) -> scalar`."""
+    def decorate(fn: AggFn) -> AggFn:
+        LOSS_AGG_MODES[name] = fn
+        return fn
+    return decorate
+
+
+def count_loss_tokens(loss_mask: Tensor) -> Tensor:
+    """Unmasked tokens: sum this over micro-batches and DP ranks to get `global_token_count`."""
+    return loss_mask.sum()
+
+
+def count_loss_seqs(loss_mask: Tensor) -> Tensor:
+    """Sequences with at least one unmasked token (fully masked ones, e.g. overlong-filtered, do not count)."""
+    return (loss_mask.sum(dim=-1) > 0).sum()
+
+
+@register_agg_mode("token-mean")
+def _token_mean(loss_mat, loss_mask, token_count, seq_count, norm_length):
+    """DAPO: every token of the global batch weighs the same."""
+    return (loss_mat * loss_mask).sum() / token_count
+
+
+@register_agg_mode("token-sum")
+def _token_sum(loss_mat, loss_mask, token_count, seq_count, norm_length):
+    return (loss_mat * loss_mask).sum()
+
+
+@register_agg_mode("seq-mean-token-mean")
+def _seq_mean_token_mean(loss_mat, loss_mask, token_count, seq_count, norm_length):
+    """GRPO: mean over each response's tokens, then mean over responses."""
+    seq_tokens = loss_mask.sum(dim=-1)
+    seq_losses = (loss_mat * loss_mask).sum(dim=-1) / seq_tokens.clamp(min=1)
+    return seq_losses.sum() / seq_count
+
+
+@register_agg_mode("seq-mean-token-sum")
+def _seq_mean_token_sum(loss_mat, loss_mask, token_count, seq_count, norm_length):
+    return (loss_mat * loss_mask).sum() / seq_count
+
+
+@register_agg_mode("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(loss_mat, loss_mask, token_count, seq_count, norm_length):
+    """Dr. GRPO: token sums divided by a constant length (not the response's own), then mean over responses."""
+    if norm_length is None:
+        raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' needs loss_scale_factor "
+                         "(the constant divisor, e.g. max_response_length)")
+    return (loss_mat * loss_mask).sum() / (seq_count * norm_length)
+
+
+def agg_loss(loss_mat: Tensor, loss_mask: Tensor, mode: str, global_token_count=None, global_seq_count=None,
+             norm_length: Optional[int] = None) -> Tensor:
+    """Reduce a per-token [N, T] loss to this micro-batch's share of the global-batch loss (see module docstring).
+
+    A count of None means "this micro-batch is the whole batch" and uses its own count. Counts are clamped to >= 1
+    so that a fully masked micro-batch contributes 0, not NaN.
+    """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {sorted(LOSS_AGG_MODES)}")
+    mask = loss_mask.to(loss_mat.dtype)
+    token_count = count_loss_tokens(mask) if global_token_count is None else global_token_count
+    seq_count = count_loss_seqs(mask) if global_seq_count is None else global_seq_count
+    token_count = torch.as_tensor(token_count, dtype=loss_mat.dtype, device=loss_mat.device).clamp(min=1)
+    seq_count = torch.as_tensor(seq_count, dtype=loss_mat.dtype, device=loss_mat.device).clamp(min=1)
+    return LOSS_AGG_MODES[mode](loss_mat, mask, token_count, seq_count, norm_length)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class PolicyLossConfig:
+    """Policy loss options (verl names). Ratios r = exp(logprobs - old_logprobs)."""
+    clip_ratio_low: float = 0.2  # clip r below 1 - clip_ratio_low when A < 0
+    clip_ratio_high: float = 0.28  # DAPO Clip-Higher: clip r above 1 + clip_ratio_high when A > 0
+    clip_ratio_c: Optional[float] = 3.0  # dual-clip: for A < 0 the token loss is capped at -clip_ratio_c * A
+    loss_agg_mode: str = "token-mean"
+    loss_scale_factor: Optional[int] = None  # Dr. GRPO's constant length for seq-mean-token-sum-norm
+    kl_coef: float = 0.0  # KL to the reference policy (DAPO: off)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (alias: low_var_kl)
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * agg(entropy)
+    tis_cap: Optional[float] = None  # truncated importance sampling between trainer and engine log-probs
+
+    def __post_init__(self):
+        if not 0.0 <= self.clip_ratio_low < 1.0:
+            raise ValueError(f"clip_ratio_low must be in [0, 1), got {self.clip_ratio_low}")
+        if not self.clip_ratio_high >= 0.0:
+            raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (or null to disable dual-clip), got {self.clip_ratio_c}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {sorted(LOSS_AGG_MODES)}, got {self.loss_agg_mode!r}")
+        if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
+            raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
+        if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.loss_scale_factor is None:
+            raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' needs loss_scale_factor: set it to the "
+                             "constant divisor (Dr. GRPO uses max_response_length)")
+        if not self.kl_coef >= 0.0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if not math.isfinite(self.entropy_coef):
+            raise ValueError(f"entropy_coef must be a finite number, got {self.entropy_coef}")
+        if self.tis_cap is not None and not self.tis_cap > 0.0:
+            raise ValueError(f"tis_cap must be > 0 (or null to disable TIS), got {self.tis_cap}")
+
+
+# --------------------------------------------------------------------------------------------- token losses
+
+def _log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """a - b on unmasked tokens, 0 on padding (whose log-probs may be garbage and must not overflow exp)."""
+    return torch.where(mask > 0, a - b, torch.zeros_like(a)).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+
+
+def clipped_pg_loss(ratio: Tensor, advantages: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO loss -min(r A, clip(r, 1 - low, 1 + high) A), optionally capped at -c A for A < 0.
+
+    Where a clip binds the token loss is a constant (gradient exactly 0); on a boundary (r == 1 + high,
+    r == 1 - low, r == c) it does not bind. Returns the loss and the boolean masks of where each clip binds.
+    """
+    loss = -advantages * ratio
+    clip_high = (advantages > 0) & (ratio > 1.0 + cfg.clip_ratio_high)
+    clip_low = (advantages < 0) & (ratio < 1.0 - cfg.clip_ratio_low)
+    loss = torch.where(clip_high, -advantages * (1.0 + cfg.clip_ratio_high), loss)
+    loss = torch.where(clip_low, -advantages * (1.0 - cfg.clip_ratio_low), loss)
+    if cfg.clip_ratio_c is None:
+        dual = torch.zeros_like(clip_high)
+    else:
+        # The cap -c*A sits above the clipped loss unless r > c (> 1, so never with clip_low).
+        dual = (advantages < 0) & (ratio > cfg.clip_ratio_c)
+        loss = torch.where(dual, -advantages * cfg.clip_ratio_c, loss)
+    return loss, {"clip_high": clip_high, "clip_low": clip_low, "dual": dual}
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Tensor) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
+    log_ratio = _log_ratio(logprobs, ref_logprobs, mask)  # log pi - log pi_ref
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator in ("k3", "low_var_kl"):
+        return torch.exp(-log_ratio) + log_ratio - 1.0
+    raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
+
+
+def tis_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float, mask: Tensor) -> Tensor:
+    """Truncated importance weights min(pi_old_trainer / pi_rollout_engine, cap), detached.
+
+    The engine samples with slightly different numerics than the trainer; the weight corrects the off-policy gap.
+    """
+    return torch.exp(_log_ratio(old_logprobs, rollout_logprobs, mask)).clamp(max=cap).detach()
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    cfg: PolicyLossConfig,
+    *,
+    global_token_count=None,
+    global_seq_count=None,
+    ref_logprobs: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """This micro-batch's share of the DAPO loss, and detached metrics.
+
+    All tensors are [num_seqs, T], padded; `loss_mask` is 1 on response tokens that train, 0 elsewhere;
+    `advantages` are already per token. `old_logprobs` are the trainer's recomputed log-probs of the policy that
+    generated the batch; `rollout_logprobs` the engine's, used only for TIS (`cfg.tis_cap`), which multiplies each
+    token's policy-gradient loss by min(exp(old - rollout), tis_cap) (detached; KL and entropy terms unweighted).
+
+    loss = agg(pg_loss * tis) + kl_coef * agg(kl(logprobs, ref_logprobs)) - entropy_coef * agg(entropy),
+    every agg with the same mode and counts. Normalisation: see the module docstring. Summing the returned loss over
+    micro-batches and DP ranks gives the global-batch loss when `global_token_count` (token-mean) or
+    `global_seq_count` (seq-mean-*) are the step's totals; None uses this micro-batch's own counts.
+
+    Metrics are means over this micro-batch's unmasked tokens; `num_tokens` lets callers weight them.
+    """
+    mask = loss_mask.to(logprobs.dtype)
+    _check_inputs(logprobs, old_logprobs, advantages, mask, cfg, ref_logprobs, entropy, rollout_logprobs)
+
+    def agg(loss_mat: Tensor) -> Tensor:
+        return agg_loss(loss_mat, mask, cfg.loss_agg_mode, global_token_count, global_seq_count,
+                        cfg.loss_scale_factor)
+
+    old_logprobs = old_logprobs.detach()
+    log_ratio = _log_ratio(logprobs, old_logprobs, mask)
+    pg_losses, clipped = clipped_pg_loss(torch.exp(log_ratio), advantages.detach(), cfg)
+    metrics = {}
+    if cfg.tis_cap is not None:
+        weights = tis_weights(old_logprobs, rollout_logprobs, cfg.tis_cap, mask)
+        pg_losses = pg_losses * weights
+        metrics["tis_weight"] = _masked_mean(weights, mask)
+    pg_loss = agg(pg_losses)
+    loss = pg_loss
+
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs.detach(), cfg.kl_estimator, mask)
+        metrics["kl"] = _masked_mean(kl.detach(), mask)
+        if cfg.kl_coef != 0.0:
+            loss = loss + cfg.kl_coef * agg(kl)
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy.detach(), mask)
+        if cfg.entropy_coef != 0.0:
+            loss = loss - cfg.entropy_coef * agg(entropy)
+
+    metrics.update({
+        "pg_loss": pg_loss.detach(),
+        "pg_clipfrac_high": _masked_mean(clipped["clip_high"].to(mask.dtype), mask),
+        "pg_clipfrac_low": _masked_mean(clipped["clip_low"].to(mask.dtype), mask),
+        "pg_clipfrac_dual": _masked_mean(clipped["dual"].to(mask.dtype), mask),
+        "ppo_kl": _masked_mean(-log_ratio.detach(), mask),
+        "num_tokens": mask.sum().detach(),
+    })
+    return loss, metrics
+
+
+def _check_inputs(logprobs, old_logprobs, advantages, mask, cfg, ref_logprobs, entropy, rollout_logprobs):
+    named = {"old_logprobs": old_logprobs, "advantages": advantages, "loss_mask": mask, "ref_logprobs": ref_logprobs,
+             "entropy": entropy, "rollout_logprobs": rollout_logprobs}
+    for name, t in named.items():
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logprobs.shape)} like logprobs "
+                             "(advantages must be per token: see broadcast_to_tokens)")
+    if cfg.kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={cfg.kl_coef} needs ref_logprobs (set kl_coef: 0.0 to train without a reference)")
+    if cfg.entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"entropy_coef={cfg.entropy_coef} needs the per-token entropy "
+                         "(compute_entropy=True in vocab_parallel_logprobs)")
+    if cfg.tis_cap is not None and rollout_logprobs is None:
+        raise ValueError(f"tis_cap={cfg.tis_cap} needs rollout_logprobs from the engine (set tis_cap: null to disable)")

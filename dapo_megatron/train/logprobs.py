@@ -1,0 +1,139 @@
+"""Per-token log-prob (and entropy) of target tokens from vocab-parallel logits, without an fp32 [tokens, vocab].
+
+Megatron-core's output layer leaves logits split over the vocabulary: tensor-parallel rank r holds the columns
+[r * V_local, (r + 1) * V_local). The softmax statistics (max, sum of exp, target logit, sum of p * logit) are
+reduced across the TP group; each rank only ever holds a [chunk_size, V_local] fp32 slice. The backward recomputes
+the softmax chunk by chunk from the saved logits and the per-token statistics, so it needs no communication and
+writes the gradient straight into a tensor of the logits' dtype.
+
+The distribution includes megatron's padded vocabulary entries, exactly as megatron's own vocab-parallel cross
+entropy does. A target id outside [0, vocab) (e.g. -100 on padding) yields -logsumexp, never an error: mask it.
+"""
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _resolve_tp_group(tp_group):
+    """The explicit group, else megatron's TP group if megatron initialised one, else None (TP = 1)."""
+    if tp_group is not None:
+        return tp_group
+    # Only look at megatron if something already imported it: if not, it cannot have been initialised.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _all_reduce(t: Tensor, op, group) -> Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _chunk_fp32(logits: Tensor, start: int, end: int, temperature: float) -> Tensor:
+    """A fresh fp32 copy of rows [start, end) divided by the temperature (safe to modify in place)."""
+    x = logits[start:end].to(torch.float32, copy=True)
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, chunk_size, compute_entropy, temperature):
+        n, v_local = logits.shape
+        vocab_start = dist.get_rank(group) * v_local if group is not None else 0
+        shift = torch.empty(n, dtype=torch.float32, device=logits.device)  # max logit, then + logsumexp
+        logprobs = torch.empty_like(shift)
+        entropy = torch.empty_like(shift) if compute_entropy else None
+        local_target = target - vocab_start
+        on_rank = (local_target >= 0) & (local_target < v_local)
+        local_target = torch.where(on_rank, local_target, torch.zeros_like(local_target))
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            x = _chunk_fp32(logits, s, e, temperature)
+            row_max = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
+            x.sub_(row_max.unsqueeze(-1))
+            target_logit = x.gather(-1, local_target[s:e].unsqueeze(-1)).squeeze(-1) * on_rank[s:e]
+            exp_x = torch.exp(x)
+            stats = [exp_x.sum(dim=-1), target_logit]
+            if compute_entropy:
+                stats.append(torch.einsum("nv,nv->n", exp_x, x))  # sum_v exp(x_v) * x_v, no [n, v] temporary
+            stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
+            log_z = torch.log(stats[0])
+            logprobs[s:e] = stats[1] - log_z
+            if compute_entropy:
+                entropy[s:e] = log_z - stats[2] / stats[0]  # H = log Z - E_p[x]
+            shift[s:e] = row_max + log_z
+        ctx.save_for_backward(logits, local_target, on_rank, shift, entropy)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.set_materialize_grads(False)
+        if entropy is None:
+            entropy = torch.empty(0, device=logits.device)
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, local_target, on_rank, shift, entropy = ctx.saved_tensors
+        n = logits.shape[0]
+        if entropy is None:
+            grad_entropy = None
+        grad_logits = torch.empty_like(logits)
+        for s in range(0, n, ctx.chunk_size):
+            e = min(s + ctx.chunk_size, n)
+            logp = _chunk_fp32(logits, s, e, ctx.temperature).sub_(shift[s:e].unsqueeze(-1))
+            p = torch.exp(logp)
+            # d logp_t / dx_v = 1[v == t] - p_v ;  dH / dx_v = -p_v (logp_v + H)
+            g_lp = grad_logprobs[s:e] if grad_logprobs is not None else torch.zeros(e - s, device=logits.device)
+            if grad_entropy is not None:
+                # -p_v * (g_lp + g_H (logp_v + H)), built in the logp buffer
+                coef = logp.add_(entropy[s:e].unsqueeze(-1)).mul_(grad_entropy[s:e].unsqueeze(-1))
+                grad = coef.add_(g_lp.unsqueeze(-1)).mul_(p).neg_()
+            else:
+                grad = p.mul_(-g_lp.unsqueeze(-1))
+            grad.scatter_add_(-1, local_target[s:e].unsqueeze(-1), (g_lp * on_rank[s:e]).unsqueeze(-1))
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            grad_logits[s:e] = grad
+        return grad_logits, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    tp_group=None,
+    chunk_size: int = 1024,
+    compute_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """log softmax(logits / temperature)[target] and, optionally, the entropy of that distribution.
+
+    Args:
+        logits: [..., V_local], this TP rank's vocabulary shard (any float dtype; math is fp32).
+        target: [...] global token ids, same leading shape as `logits`.
+        tp_group: the tensor-parallel group; None uses megatron's if initialised, else TP = 1.
+        chunk_size: tokens per chunk; peak extra memory is ~2 x chunk_size x V_local fp32.
+        compute_entropy: also return the per-token entropy (differentiable).
+        temperature: logits are divided by it first, as the rollout engine samples from softmax(logits / T);
+            use the engine's sampling temperature so log-probs are comparable to the engine's.
+
+    Returns:
+        (logprobs, entropy or None), both fp32 with the shape of `target`.
+    """
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must share leading dims")
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size}, {temperature}")
+    group = _resolve_tp_group(tp_group)
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_target = target.reshape(-1).long()
+    logprobs, entropy = _VocabParallelLogProbs.apply(
+        flat_logits, flat_target, group, chunk_size, compute_entropy, float(temperature))
+    logprobs = logprobs.view(target.shape)
+    return logprobs, (entropy.view(target.shape) if compute_entropy else None)
