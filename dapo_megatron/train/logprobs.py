@@ -56,16 +56,16 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             x = _chunk_fp32(logits, s, e, temperature)
+            target_logit = x.gather(-1, local_target[s:e].unsqueeze(-1)).squeeze(-1) * on_rank[s:e]
             row_max = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
             x.sub_(row_max.unsqueeze(-1))
-            target_logit = x.gather(-1, local_target[s:e].unsqueeze(-1)).squeeze(-1) * on_rank[s:e]
             exp_x = torch.exp(x)
             stats = [exp_x.sum(dim=-1), target_logit]
             if compute_entropy:
                 stats.append(torch.einsum("nv,nv->n", exp_x, x))  # sum_v exp(x_v) * x_v, no [n, v] temporary
             stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
             log_z = torch.log(stats[0])
-            logprobs[s:e] = stats[1] - log_z
+            logprobs[s:e] = (stats[1] - row_max) - log_z
             if compute_entropy:
                 entropy[s:e] = log_z - stats[2] / stats[0]  # H = log Z - E_p[x]
             shift[s:e] = row_max + log_z
