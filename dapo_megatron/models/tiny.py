@@ -36,9 +36,9 @@ FAMILY_CONFIGS = {
     "llama": {  # Llama 3: GQA (8 kv heads < 16 heads), llama3 rope scaling, untied
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 16,
-        "num_key_value_heads": 8, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 256},
+                         "original_max_position_embeddings": 8192},
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
     },
 }

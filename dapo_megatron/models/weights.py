@@ -1,0 +1,235 @@
+"""The one HF <-> Megatron weight mapping (used by the model loader, the conversion tools and weight sync).
+
+Megatron layouts handled here:
+- fused QKV: rows grouped per query group as [q heads of the group, k, v] (GQA interleaving), bias likewise;
+- SwiGLU fc1: [gate; up] per tensor-parallel shard (shard r = [gate_r; up_r]);
+- column-parallel weights split on dim 0, row-parallel (linear_proj, linear_fc2) on dim 1, norms replicated;
+- Transformer Engine names fuse the pre-attention/pre-MLP norms into linear_qkv / linear_fc1 (`layer_norm_weight`).
+Names below use *global* layer indices; `local_to_global_names` translates a pipeline stage's module names.
+"""
+import re
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from .hf_config import ModelArch
+
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Megatron per-layer suffix -> (HF per-layer suffixes, tensor-parallel split dim or None)
+_LAYER_MAP = {
+    "input_layernorm.weight": (("input_layernorm.weight",), None),
+    "self_attention.linear_qkv.weight": (("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight"), 0),
+    "self_attention.linear_qkv.bias": (("self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                        "self_attn.v_proj.bias"), 0),
+    "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), None),
+    "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), None),
+    "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), 1),
+    "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), None),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), 0),
+    "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), 1),
+}
+_GLOBAL_MAP = {
+    "embedding.word_embeddings.weight": ("model.embed_tokens.weight", 0),
+    "decoder.final_layernorm.weight": ("model.norm.weight", None),
+    "output_layer.weight": ("lm_head.weight", 0),
+}
+
+
+def canonical_name(name: str) -> str:
+    """Strip DDP/Float16 wrappers' `module.` prefixes and map TE fused-norm names to the local-spec names."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _TE_ALIASES:
+        return f"decoder.layers.{m.group(1)}.{_TE_ALIASES[m.group(2)]}"
+    return name
+
+
+def megatron_param_names(arch: ModelArch) -> list[str]:
+    """All Megatron parameter names (global layer indices, local-spec naming) of a full model."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(arch.num_layers):
+        for suffix in _LAYER_MAP:
+            if suffix.endswith("qkv.bias") and not arch.qkv_bias:
+                continue
+            if "_layernorm" in suffix and suffix.startswith("self_attention.") and not arch.qk_layernorm:
+                continue
+            names.append(f"decoder.layers.{i}.{suffix}")
+    names.append("decoder.final_layernorm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return names
+
+
+def hf_names_for(name: str, arch: ModelArch) -> tuple[str, ...]:
+    """HF tensors that make up Megatron parameter `name` (global naming)."""
+    name = canonical_name(name)
+    if name in _GLOBAL_MAP:
+        if name == "output_layer.weight" and arch.tie_word_embeddings:
+            return ("model.embed_tokens.weight",)
+        return (_GLOBAL_MAP[name][0],)
+    m = _LAYER_RE.match(name)
+    if not m or m.group(2) not in _LAYER_MAP:
+        raise KeyError(f"no Hugging Face mapping for Megatron parameter {name!r}")
+    return tuple(f"model.layers.{m.group(1)}.{s}" for s in _LAYER_MAP[m.group(2)][0])
+
+
+def tp_split_dim(name: str):
+    name = canonical_name(name)
+    if name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[name][1]
+    return _LAYER_MAP[_LAYER_RE.match(name).group(2)][1]
+
+
+def _qkv_to_megatron(q, k, v, arch: ModelArch):
+    groups, d = arch.num_query_groups, arch.kv_channels
+    per = arch.num_attention_heads // groups
+    rest = q.shape[1:]
+    q = q.reshape(groups, per * d, *rest)
+    k = k.reshape(groups, d, *rest)
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def _qkv_from_megatron(qkv, arch: ModelArch):
+    groups, d = arch.num_query_groups, arch.kv_channels
+    per = arch.num_attention_heads // groups
+    rest = qkv.shape[1:]
+    qkv = qkv.reshape(groups, (per + 2) * d, *rest)
+    q, k, v = torch.split(qkv, [per * d, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def to_megatron(name: str, hf_tensors: tuple[torch.Tensor, ...], arch: ModelArch, tp_size: int = 1,
+                tp_rank: int = 0) -> torch.Tensor:
+    """The tensor-parallel shard `tp_rank` of Megatron parameter `name`, built from its HF tensors."""
+    name = canonical_name(name)
+    dim = tp_split_dim(name)
+    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+        full = _qkv_to_megatron(*hf_tensors, arch)
+    elif name.endswith("linear_fc1.weight"):
+        gate, up = (t.chunk(tp_size, dim=0)[tp_rank] for t in hf_tensors)
+        return torch.cat([gate, up], dim=0).contiguous()
+    else:
+        (full,) = hf_tensors
+    if dim is None or tp_size == 1:
+        return full.contiguous()
+    if full.shape[dim] % tp_size:
+        raise ValueError(f"{name}: dim {dim} of size {full.shape[dim]} is not divisible by TP={tp_size}")
+    return full.chunk(tp_size, dim=dim)[tp_rank].contiguous()
+
+
+def to_hf(name: str, shards: list[torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
+    """HF tensors of Megatron parameter `name` from its tensor-parallel shards (in TP-rank order)."""
+    name = canonical_name(name)
+    dim = tp_split_dim(name)
+    hf_names = hf_names_for(name, arch)
+    if name == "output_layer.weight" and arch.tie_word_embeddings:
+        return {}  # tied: the embedding carries it
+    if name.endswith("linear_fc1.weight"):
+        halves = [s.chunk(2, dim=0) for s in shards]
+        gate = torch.cat([h[0] for h in halves], dim=0)
+        up = torch.cat([h[1] for h in halves], dim=0)
+        return dict(zip(hf_names, (gate, up)))
+    full = shards[0] if dim is None else torch.cat(shards, dim=dim)
+    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+        return dict(zip(hf_names, _qkv_from_megatron(full, arch)))
+    return {hf_names[0]: full}
+
+
+def expected_hf_names(arch: ModelArch) -> set[str]:
+    names = set()
+    for n in megatron_param_names(arch):
+        names.update(hf_names_for(n, arch))
+    return names
+
+
+def local_to_global_names(model) -> dict[str, str]:
+    """Map a pipeline stage's local parameter names to global-layer names (layer_number is 1-based, global)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    offsets = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, TransformerLayer):
+            offsets[canonical_name(mod_name)] = f"decoder.layers.{mod.layer_number - 1}"
+    out = {}
+    for name, _ in model.named_parameters():
+        c = canonical_name(name)
+        m = re.match(r"^(decoder\.layers\.\d+)\.(.+)$", c)
+        out[name] = canonical_name(f"{offsets[m.group(1)]}.{m.group(2)}") if m else c
+    return out
+
+
+@torch.no_grad()
+def load_hf_weights(model, arch: ModelArch, get_hf: Callable[[str], torch.Tensor]) -> None:
+    """Copy HF weights into this rank's Megatron module (any TP/PP stage). `get_hf(name)` returns one HF tensor."""
+    from megatron.core import parallel_state
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    params = dict(model.named_parameters())
+    for local, global_name in local_to_global_names(model).items():
+        shard = to_megatron(global_name, tuple(get_hf(n) for n in hf_names_for(global_name, arch)), arch,
+                            tp_size, tp_rank)
+        p = params[local]
+        if p.shape != shard.shape:
+            raise ValueError(f"shape mismatch for {global_name}: model {tuple(p.shape)} vs checkpoint "
+                             f"{tuple(shard.shape)}; is config.json the one the weights were saved with?")
+        p.copy_(shard.to(p.dtype))
+
+
+@torch.no_grad()
+def iter_hf_weights(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, full tensor) for this pipeline stage, gathering tensor-parallel shards on every TP rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group()
+    names = local_to_global_names(model)
+    for local, p in model.named_parameters():
+        global_name = names[local]
+        if global_name == "output_layer.weight" and arch.tie_word_embeddings:
+            continue
+        data = p.detach()
+        if tp_split_dim(global_name) is None or tp_size == 1:
+            shards = [data]
+        else:
+            shards = [torch.empty_like(data) for _ in range(tp_size)]
+            dist.all_gather(shards, data.contiguous(), group=group)
+        yield from to_hf(global_name, shards, arch).items()
+
+
+def safetensors_getter(hf_dir) -> Callable[[str], torch.Tensor]:
+    """A `get_hf(name)` reading tensors lazily from a (sharded) safetensors HF folder."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: Mapping[str, str] = json.loads(index.read_text())["weight_map"]
+    elif (hf_dir / "model.safetensors").is_file():
+        with safe_open(hf_dir / "model.safetensors", "pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}")
+    handles = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in weight_map:
+            raise KeyError(f"tensor {name!r} is missing from the checkpoint in {hf_dir}")
+        file = weight_map[name]
+        if file not in handles:
+            handles[file] = safe_open(hf_dir / file, "pt")
+        return handles[file].get_tensor(name)
+
+    return get
