@@ -1,0 +1,247 @@
+"""The Megatron actor: log-probs and DAPO policy updates through megatron-core's pipeline schedules.
+
+Data layout: every rank receives the same list of samples for an optimizer step; data-parallel rank d trains on the
+d-th contiguous slice, split into micro-batches of `micro_batch_size` sequences (right-padded to a multiple of
+`pad_to_multiple_of`). The token-mean divisor is the number of loss tokens of the whole step on all DP ranks, and
+DDP sums (does not average) gradients (`calculate_per_token_loss`), so the update equals one big-batch update.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..algo.loss import PolicyLossConfig, policy_loss
+from ..models import ModelConfig, build_model
+from ..models.weights import iter_hf_weights, load_hf_weights, safetensors_getter
+from ..rollout.sample import Sample
+from .logprobs import vocab_parallel_logprobs
+
+
+@dataclass
+class ActorConfig:
+    global_batch_size: int = 64  # responses per optimizer step (PPO mini-batch)
+    micro_batch_size: int = 8  # sequences per micro-batch on each data-parallel rank
+    ppo_epochs: int = 1
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0  # optimizer steps of linear warmup, then constant (DAPO)
+    lr_decay_style: str = "constant"
+    lr_decay_steps: int = 1_000_000
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: Optional[bool] = None  # default: on with a GPU, off on CPU
+    recompute_old_logprobs: bool = True  # False: trust the engine's log-probs as the old policy
+    logprob_chunk_size: int = 1024
+    pad_to_multiple_of: int = 8
+
+    def __post_init__(self):
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"actor.global_batch_size={self.global_batch_size} must be a multiple of "
+                             f"actor.micro_batch_size={self.micro_batch_size}")
+        if self.ppo_epochs < 1:
+            raise ValueError("actor.ppo_epochs must be >= 1")
+
+
+def pack_microbatch(samples: list[Sample], pad_id: int, multiple: int, old_key: str = "old_logprobs") -> dict:
+    """Right-padded [B, S] tensors; position t of `targets`/`loss_mask`/... describes the token at t+1."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    seq = -(-max(lengths) // multiple) * multiple
+    B = len(samples)
+    tokens = torch.full((B, seq), pad_id, dtype=torch.long)
+    targets = torch.full((B, seq), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, seq)
+    adv = torch.zeros(B, seq)
+    old = torch.zeros(B, seq)
+    rollout = torch.zeros(B, seq)
+    for i, s in enumerate(samples):
+        ids = list(s.prompt_ids) + list(s.response_ids)
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        targets[i, :len(ids) - 1] = torch.tensor(ids[1:])
+        span = slice(p - 1, p - 1 + r)  # logits at p-1+j predict response token j
+        mask[i, span] = torch.tensor(s.loss_mask if s.loss_mask is not None else [1] * r, dtype=torch.float)
+        adv[i, span] = float(s.metadata.get("advantage", 0.0))
+        rollout[i, span] = torch.tensor(s.rollout_logprobs[:r], dtype=torch.float) if r else rollout[i, span]
+        olds = s.metadata.get(old_key)
+        old[i, span] = torch.tensor(olds if olds is not None else s.rollout_logprobs[:r], dtype=torch.float)
+    pos = torch.arange(seq).unsqueeze(0).expand(B, -1).contiguous()
+    return dict(tokens=tokens, position_ids=pos, targets=targets, loss_mask=mask, advantages=adv,
+                old_logprobs=old, rollout_logprobs=rollout, lengths=lengths)
+
+
+class Actor:
+    def __init__(self, model_cfg: ModelConfig, cfg: ActorConfig, loss_cfg: PolicyLossConfig, pad_id: int,
+                 load_hf: bool = True):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg, self.loss_cfg, self.pad_id = cfg, loss_cfg, pad_id
+        self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if cfg.global_batch_size % (cfg.micro_batch_size * self.dp_size):
+            raise ValueError(f"actor.global_batch_size={cfg.global_batch_size} must be a multiple of "
+                             f"micro_batch_size x data-parallel size = {cfg.micro_batch_size * self.dp_size}")
+        module, self.arch = build_model(model_cfg)
+        if load_hf:
+            load_hf_weights(module, self.arch, safetensors_getter(model_cfg.path))
+        config = module.config
+        config.calculate_per_token_loss = True  # DDP sums gradients; the loss carries the global divisor
+        config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None, **kw)
+        on_gpu = torch.cuda.is_available()
+        dist_opt = on_gpu if cfg.use_distributed_optimizer is None else cfg.use_distributed_optimizer
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=dist_opt)
+        self.model = DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=module)
+        config.no_sync_func = self.model.no_sync
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
+            bf16=on_gpu, params_dtype=config.params_dtype, use_distributed_optimizer=dist_opt), [self.model])
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.lr_warmup_steps, lr_decay_steps=max(cfg.lr_decay_steps, cfg.lr_warmup_steps + 1),
+            lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+            wd_incr_steps=1, wd_incr_style="constant")
+        self.config = config
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _local_slice(self, samples: list[Sample]) -> list[Sample]:
+        per = len(samples) // self.dp_size
+        return samples[self.dp_rank * per:(self.dp_rank + 1) * per]
+
+    def _microbatches(self, samples, old_key="old_logprobs"):
+        mbs = self.cfg.micro_batch_size
+        return [pack_microbatch(samples[i:i + mbs], self.pad_id, self.cfg.pad_to_multiple_of, old_key)
+                for i in range(0, len(samples), mbs)]
+
+    def _run(self, microbatches, loss_fn, forward_only):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        device = next(self.model.parameters()).device
+        it = iter(microbatches)
+
+        def forward_step(data_iter, model):
+            mb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(data_iter).items()}
+            out = model(mb["tokens"], mb["position_ids"], None)
+            return out, lambda logits: loss_fn(logits, mb)
+
+        seq = max(mb["tokens"].shape[1] for mb in microbatches)
+        self.config.variable_seq_lengths = True  # micro-batches are padded per micro-batch
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
+            seq_length=seq, micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+
+    # ---- public API ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[Sample], key: str = "old_logprobs") -> None:
+        """Store this policy's log-probs of every response token in `sample.metadata[key]` (on all ranks)."""
+        from megatron.core import parallel_state as ps
+
+        self.model.eval()
+        local = self._local_slice(samples)
+        mbs = self._microbatches(local)
+
+        def loss_fn(logits, mb):
+            logp, _ = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self.cfg.logprob_chunk_size)
+            return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp.detach().cpu()}
+
+        out = self._run(mbs, loss_fn, forward_only=True)
+        per_sample = []
+        if ps.is_pipeline_last_stage():
+            for mb, rec in zip(mbs, out):
+                for i, length in enumerate(mb["lengths"]):
+                    per_sample.append(rec["logp"][i])
+        # The last pipeline stage holds the values; every rank gets every sample's log-probs.
+        gathered = _gather_objects([(self.dp_rank, per_sample)] if ps.is_pipeline_last_stage() else [])
+        by_dp = {}
+        for rank, rows in gathered:
+            by_dp.setdefault(rank, rows)
+        per = len(samples) // self.dp_size
+        for d in range(self.dp_size):
+            for j, s in enumerate(samples[d * per:(d + 1) * per]):
+                p, r = len(s.prompt_ids), len(s.response_ids)
+                s.metadata[key] = by_dp[d][j][p - 1:p - 1 + r].tolist()
+        self.model.train()
+
+    def train_step(self, samples: list[Sample]) -> dict:
+        """One optimizer step on `samples` (the global mini-batch, identical on every rank)."""
+        from megatron.core import parallel_state as ps
+
+        self.model.train()
+        local = self._local_slice(samples)
+        mbs = self._microbatches(local)
+        total_tokens = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in mbs))
+        total_seqs = torch.tensor(float(sum(int((mb["loss_mask"].sum(1) > 0).sum()) for mb in mbs)))
+        counts = torch.stack([total_tokens, total_seqs])
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        global_tokens, global_seqs = counts[0].clamp(min=1), counts[1].clamp(min=1)
+        need_entropy = self.loss_cfg.entropy_coef != 0.0
+
+        def loss_fn(logits, mb):
+            logp, ent = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self.cfg.logprob_chunk_size,
+                                                compute_entropy=True)
+            loss, metrics = policy_loss(
+                logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], self.loss_cfg,
+                global_token_count=global_tokens, global_seq_count=global_seqs,
+                entropy=ent if need_entropy else None,
+                rollout_logprobs=mb["rollout_logprobs"] if self.loss_cfg.tis_cap else None)
+            n = mb["loss_mask"].sum()
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics["entropy"] = float((ent.detach() * mb["loss_mask"]).sum() / n.clamp(min=1))
+            metrics["num_tokens"] = float(n)
+            metrics["loss"] = float(loss.detach())
+            return loss, n.detach().to(torch.int), metrics
+
+        self.optimizer.zero_grad()
+        self.model.zero_grad_buffer()
+        out = self._run(mbs, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return self._reduce_metrics(out if ps.is_pipeline_last_stage() else [], grad_norm, ok)
+
+    def _reduce_metrics(self, records, grad_norm, ok) -> dict:
+        keys = ["pg_clipfrac_high", "pg_clipfrac_low", "pg_clipfrac_dual", "ppo_kl", "entropy"]
+        vals = torch.zeros(len(keys) + 2, dtype=torch.float64)
+        for r in records:
+            n = r["num_tokens"]
+            vals[:len(keys)] += torch.tensor([r.get(k, 0.0) * n for k in keys], dtype=torch.float64)
+            vals[len(keys)] += n
+            vals[len(keys) + 1] += r["loss"]
+        dist.all_reduce(vals)  # non-last stages add zeros; TP ranks repeat the same values
+        from megatron.core import parallel_state as ps
+
+        tp = ps.get_tensor_model_parallel_world_size()
+        vals /= tp
+        n = max(float(vals[len(keys)]), 1.0)
+        m = {f"actor/{k}": float(vals[i]) / n for i, k in enumerate(keys)}
+        m["actor/pg_loss"] = float(vals[len(keys) + 1])
+        m["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        m["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        m["actor/update_ok"] = float(bool(ok))
+        return m
+
+    def hf_weights(self):
+        """(hf_name, tensor) pairs of this pipeline stage, full (TP-gathered) tensors."""
+        return iter_hf_weights(self.model.module, self.arch)
+
+
+def _gather_objects(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return [x for part in out for x in part]
+
+
+def train_on_batch(actor: Actor, samples: list[Sample]) -> list[dict]:
+    """`ppo_epochs` passes over the rollout batch in `global_batch_size` mini-batches (one optimizer step each)."""
+    gbs = actor.cfg.global_batch_size
+    if len(samples) % gbs:
+        raise ValueError(f"the rollout batch has {len(samples)} responses, not a multiple of "
+                         f"actor.global_batch_size={gbs}; make rollout_batch_size x n_samples_per_prompt a multiple")
+    return [actor.train_step(samples[i:i + gbs]) for _ in range(actor.cfg.ppo_epochs)
+            for i in range(0, len(samples), gbs)]
