@@ -1,0 +1,101 @@
+"""The DAPO loop: generate -> reward/filter -> (old log-probs) -> train -> sync weights -> checkpoint -> eval."""
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .. import parallel
+from ..config import Config
+from .actor import Actor, train_on_batch
+from .checkpoint import find_latest, load_checkpoint, save_checkpoint
+from .metrics import MetricsLogger
+from .stages import RolloutStage, assign_advantages, broadcast_from_rank0, sync_weights
+
+
+def run(cfg: Config) -> dict:
+    parallel.initialize(cfg.parallel, seed=cfg.trainer.seed)
+    rank0 = dist.get_rank() == 0
+    tokenizer = _tokenizer(cfg.model.path)
+    actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
+    stage = RolloutStage(cfg, tokenizer) if rank0 else None
+    logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard)
+    save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
+    start = _resume(cfg, actor, stage)
+    if rank0:
+        Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    if start > 0:
+        sync_weights(actor, stage, cfg, version=start)  # the engine starts from the HF weights: catch it up
+    last = {}
+    for step in range(start, cfg.trainer.num_steps):
+        times = {}
+        with _timer(times, "rollout"):
+            groups, rollout_metrics = stage.collect() if rank0 else (None, None)
+            batch = broadcast_from_rank0(assign_advantages(groups, cfg) if rank0 else None)
+        train_metrics = {}
+        if batch:  # an empty batch means the dynamic-sampling bound was hit with on_exhausted=skip
+            if cfg.actor.recompute_old_logprobs:
+                with _timer(times, "old_logprobs"):
+                    actor.compute_logprobs(batch)
+            with _timer(times, "train"):
+                train_metrics = _mean(train_on_batch(actor, batch))
+            with _timer(times, "sync"):
+                sync_weights(actor, stage, cfg, version=step + 1)
+        if _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+            with _timer(times, "save"):
+                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
+                                keep_last=cfg.trainer.keep_last)
+        eval_metrics = {}
+        if cfg.eval.path and cfg.trainer.eval_interval and (step + 1) % cfg.trainer.eval_interval == 0:
+            eval_metrics = stage.evaluate(tokenizer) if rank0 else {}
+            dist.barrier()
+        last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
+                **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
+        logger.log(step + 1, last)
+    logger.close()
+    if stage is not None:
+        stage.close()
+    parallel.destroy()
+    return last
+
+
+def _resume(cfg: Config, actor: Actor, stage) -> int:
+    if not cfg.trainer.load:
+        return 0
+    root = Path(cfg.trainer.load)
+    path = root if (root / "model").is_dir() else find_latest(root)
+    if path is None:
+        raise FileNotFoundError(f"trainer.load={root}: no complete checkpoint (no `latest` file)")
+    state = load_checkpoint(path, actor)
+    if stage is not None and state.get("rollout"):
+        stage.load_state_dict(state["rollout"])
+    return int(state.get("iteration", 0))
+
+
+def _trainer_state(iteration: int, stage) -> dict:
+    # Only rank 0 writes trainer_state.json, and only rank 0 has the rollout stage.
+    return {"rollout": stage.state_dict() if stage is not None else None, "tensorboard_step": iteration}
+
+
+def _due(step: int, interval: int, num_steps: int) -> bool:
+    return step + 1 == num_steps or (interval > 0 and (step + 1) % interval == 0)
+
+
+def _mean(records: list[dict]) -> dict:
+    keys = records[0].keys() if records else []
+    return {k: sum(r[k] for r in records) / len(records) for k in keys}
+
+
+@contextmanager
+def _timer(times: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
