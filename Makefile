@@ -17,7 +17,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dapo_megatron.cli train --config examples/toy/config.yaml
+	$(BIN)/python examples/toy/run.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
