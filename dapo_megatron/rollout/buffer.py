@@ -1,0 +1,226 @@
+"""Streaming dynamic sampling: generate prompt groups, score and length-shape each as it completes, keep
+it iff its responses disagree (a group that is all right or all wrong has zero advantage), and keep
+submitting until the batch is full. Bounded: after `max_num_gen_batches` batches' worth of prompts it
+trains on what it has, pads, or skips the step, with a warning, and never raises (verl and DAPO crash).
+
+Kept groups are returned in submission order (group ids grow with submission), so a deterministic
+generator gives a deterministic batch whatever the completion order inside a wait.
+"""
+import asyncio
+import copy
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+from dapo_megatron.algo.filters import FILTER_METRICS, group_verdict
+from dapo_megatron.algo.overlong import OverlongConfig, apply_overlong_shaping
+from dapo_megatron.rollout.sample import Sample
+
+logger = logging.getLogger(__name__)
+
+Group = list[Sample]
+ON_EXHAUSTED = ("train", "pad", "skip")
+
+
+@dataclass
+class DynamicSamplingConfig:
+    rollout_batch_size: int  # kept prompt groups per step
+    n_samples_per_prompt: int
+    enable: bool = True  # False: no filter, the first rollout_batch_size groups
+    filter_metric: str = "accuracy"  # accuracy | score | reward
+    over_sampling_factor: float = 1.0  # groups in flight = ceil(factor * groups still missing)
+    max_num_gen_batches: int = 10  # prompt budget per step, in rollout batches; 0 = unbounded
+    min_kept_groups: int = 1  # below this at the bound the step is skipped
+    on_exhausted: str = "train"  # at the bound with a short batch: train on it | pad it by repeating | skip
+    keep_partial: bool = False  # keep surplus completed groups for the next step instead of discarding
+    abort_timeout_s: float = 60.0  # wait this long for in-flight groups after abort(), then cancel them
+
+    def __post_init__(self):
+        if self.rollout_batch_size < 1 or self.n_samples_per_prompt < 1:
+            raise ValueError("rollout_batch_size and n_samples_per_prompt must be >= 1")
+        if self.enable and self.n_samples_per_prompt < 2:
+            raise ValueError("dynamic sampling needs n_samples_per_prompt >= 2 (a group of one is always "
+                             "uniform); set dynamic_sampling.enable=false")
+        if self.filter_metric not in FILTER_METRICS:
+            raise ValueError(f"dynamic_sampling.filter_metric={self.filter_metric!r}; use one of {FILTER_METRICS}")
+        if self.over_sampling_factor < 1.0:
+            raise ValueError(f"dynamic_sampling.over_sampling_factor={self.over_sampling_factor} must be >= 1.0")
+        if self.max_num_gen_batches < 0 or self.min_kept_groups < 0:
+            raise ValueError("max_num_gen_batches and min_kept_groups must be >= 0")
+        if self.on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(f"dynamic_sampling.on_exhausted={self.on_exhausted!r}; use one of {ON_EXHAUSTED}")
+
+
+class DynamicSamplingBuffer:
+    """`await collect()` -> (rollout_batch_size kept groups, metrics). Stateful: `state_dict()` holds the
+    prompt sampler position and the pending groups, so a resume continues with the same prompts."""
+
+    def __init__(self, cfg: DynamicSamplingConfig, prompt_source, generate_group: Callable[[Group], Awaitable[Group]],
+                 scorer, overlong_cfg: Optional[OverlongConfig] = None, max_response_length: Optional[int] = None):
+        self.cfg = cfg
+        self.prompt_source = prompt_source
+        self.generate_group = generate_group
+        self.scorer = scorer
+        self.overlong_cfg = overlong_cfg or OverlongConfig(enable=False)
+        if self.overlong_cfg.enable and max_response_length is None:
+            raise ValueError("overlong_buffer.enable needs max_response_length")
+        self.max_response_length = max_response_length
+        self.next_group_id = 0
+        self.pending: list[Group] = []  # kept groups carried over to the next step
+
+    async def collect(self, abort: Optional[Callable[[], Awaitable[None]]] = None) -> tuple[list[Group], dict]:
+        batch_size, stats = self.cfg.rollout_batch_size, Counter()
+        kept, self.pending = self.pending[:batch_size], self.pending[batch_size:]
+        in_flight: dict[asyncio.Future, Group] = {}
+        try:
+            while True:
+                self._top_up(in_flight, len(kept), stats)
+                if len(kept) >= batch_size or not in_flight:
+                    break
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: in_flight[t][0].group_id):
+                    group = task.result()
+                    del in_flight[task]
+                    if await self._accept(group, stats):
+                        self._keep(group, kept, stats)
+            await self._drain(in_flight, abort, stats)
+        except BaseException:
+            for task in in_flight:
+                task.cancel()
+            raise
+        kept.sort(key=lambda g: g[0].group_id)
+        return self._finish(kept, stats)
+
+    def _top_up(self, in_flight: dict, num_kept: int, stats: Counter) -> None:
+        cfg = self.cfg
+        missing = cfg.rollout_batch_size - num_kept
+        factor = cfg.over_sampling_factor if cfg.enable else 1.0
+        budget = cfg.max_num_gen_batches * cfg.rollout_batch_size if cfg.max_num_gen_batches else math.inf
+        want = min(math.ceil(factor * missing) - len(in_flight), budget - stats["prompts_consumed"])
+        if want <= 0:
+            return
+        items = self.prompt_source.next_batch(int(want))
+        for item in items:
+            group = self._new_group(item)
+            in_flight[asyncio.ensure_future(self.generate_group(group))] = group
+        stats["prompts_consumed"] += len(items)
+
+    def _new_group(self, item) -> Group:
+        gid, self.next_group_id = self.next_group_id, self.next_group_id + 1
+        meta = {"data_source": item.data_source, **item.metadata}
+        return [Sample(prompt_ids=list(item.prompt_ids), prompt_text=item.prompt_text, label=item.label,
+                       group_id=gid, index=i, metadata=copy.deepcopy(meta))
+                for i in range(self.cfg.n_samples_per_prompt)]
+
+    async def _accept(self, group: Group, stats: Counter) -> bool:
+        """Score and shape a finished group; True iff it passes the filter."""
+        if any(s.finish_reason == "abort" for s in group):
+            stats["groups_dropped_aborted"] += 1
+            return False
+        reward_metrics = await self.scorer.ascore_samples(group)
+        apply_overlong_shaping(group, self.overlong_cfg, self.max_response_length)
+        stats["groups_generated"] += 1
+        stats["responses"] += len(group)
+        stats["response_tokens"] += sum(s.response_length for s in group)
+        stats["truncated"] += sum(s.finish_reason == "length" for s in group)
+        stats["correct"] += sum(bool(s.correct) for s in group)
+        stats["verifier_timeouts"] += reward_metrics.get("reward/timeouts", 0)
+        stats["verifier_errors"] += reward_metrics.get("reward/errors", 0)
+        if not self.cfg.enable:
+            return True
+        verdict = group_verdict(group, self.cfg.filter_metric)
+        if verdict != "keep":
+            stats[f"groups_dropped_{verdict}"] += 1
+        return verdict == "keep"
+
+    def _keep(self, group: Group, kept: list, stats: Counter) -> None:
+        if len(kept) < self.cfg.rollout_batch_size:
+            kept.append(group)
+            return
+        stats["groups_surplus"] += 1
+        if self.cfg.keep_partial:
+            self.pending.append(group)
+
+    async def _drain(self, in_flight: dict, abort, stats: Counter) -> None:
+        """The batch is full: stop the rest. Groups that still finish cleanly are surplus."""
+        if not in_flight:
+            return
+        stats["aborts"] += 1
+        if abort is not None:
+            await abort()
+            done, late = await asyncio.wait(in_flight, timeout=self.cfg.abort_timeout_s)
+        else:
+            done, late = set(), set(in_flight)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        for task in sorted(done, key=lambda t: in_flight[t][0].group_id):
+            group = None if task.cancelled() or task.exception() else task.result()
+            clean = group and not any(s.finish_reason == "abort" for s in group)
+            if clean and self.cfg.keep_partial:
+                if await self._accept(group, stats):
+                    stats["groups_surplus"] += 1
+                    self.pending.append(group)
+            else:
+                stats["groups_aborted"] += 1
+        stats["groups_aborted"] += len(late)
+
+    def _finish(self, kept: list[Group], stats: Counter) -> tuple[list[Group], dict]:
+        cfg, num_kept = self.cfg, len(kept)
+        skipped, padded = False, 0
+        if num_kept < cfg.rollout_batch_size:
+            skipped = num_kept < max(cfg.min_kept_groups, 1) or cfg.on_exhausted == "skip"
+            action = "skipping the step" if skipped else ("padding" if cfg.on_exhausted == "pad" else "training on it")
+            logger.warning(
+                "dynamic sampling: %d of %d groups kept after %d prompts (max_num_gen_batches=%d; %d all-correct, "
+                "%d all-wrong dropped); %s", num_kept, cfg.rollout_batch_size, stats["prompts_consumed"],
+                cfg.max_num_gen_batches, stats["groups_dropped_all_correct"], stats["groups_dropped_all_wrong"],
+                action)
+            if skipped:
+                # No update happens on a skipped step, so the kept groups stay on-policy: carry them.
+                self.pending, kept = kept + self.pending, []
+            elif cfg.on_exhausted == "pad":
+                padded = cfg.rollout_batch_size - num_kept
+                kept = kept + [self._copy_group(kept[i % num_kept]) for i in range(padded)]
+        return kept, self._metrics(stats, num_kept if not skipped else 0, padded, skipped)
+
+    def _copy_group(self, group: Group) -> Group:
+        gid, self.next_group_id = self.next_group_id, self.next_group_id + 1
+        copies = [Sample.from_state_dict(copy.deepcopy(s.state_dict())) for s in group]
+        for s in copies:
+            s.metadata["padded_from_group"] = s.group_id
+            s.group_id = gid
+        return copies
+
+    def _metrics(self, stats: Counter, num_kept: int, padded: int, skipped: bool) -> dict:
+        n = max(1, stats["responses"])
+        names = ("groups_generated", "groups_dropped_all_correct", "groups_dropped_all_wrong",
+                 "groups_dropped_all_equal", "groups_dropped_aborted", "groups_aborted", "groups_surplus",
+                 "prompts_consumed", "aborts", "verifier_timeouts", "verifier_errors")
+        metrics = {f"rollout/{k}": stats[k] for k in names}
+        metrics.update({
+            "rollout/groups_kept": num_kept,
+            "rollout/groups_padded": padded,
+            "rollout/groups_pending": len(self.pending),
+            "rollout/gen_batches": math.ceil(stats["prompts_consumed"] / self.cfg.rollout_batch_size),
+            "rollout/response_length_mean": stats["response_tokens"] / n,
+            "rollout/truncation_rate": stats["truncated"] / n,
+            "rollout/accuracy": stats["correct"] / n,
+            "rollout/exhausted": int(num_kept < self.cfg.rollout_batch_size or skipped),
+            "rollout/step_skipped": int(skipped),
+        })
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {
+            "next_group_id": self.next_group_id,
+            "pending": [[copy.deepcopy(s.state_dict()) for s in g] for g in self.pending],
+            "prompt_source": self.prompt_source.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_group_id = int(state["next_group_id"])
+        self.pending = [[Sample.from_state_dict(copy.deepcopy(s)) for s in g] for g in state["pending"]]
+        self.prompt_source.load_state_dict(state["prompt_source"])
