@@ -1,0 +1,603 @@
+"""Embedded rollout engine: Hugging Face transformers generation with SGLang's /generate semantics.
+
+One scheduler thread runs continuous batching over a left-padded KV cache: waiting requests are prefilled together
+(the prompt once per request, then repeated for its `n` samples) and merged into the running batch between decode
+steps; a row leaves the batch as soon as it finishes. Outputs are SGLang-shaped dicts (`text`, `output_ids`,
+`meta_info`), so the HTTP server and the in-process client share one code path.
+
+Log-probs: the log-prob returned for a sampled token is `log_softmax(logits / temperature)` of the *unmodified*
+distribution, i.e. before top-p / top-k renormalisation, as SGLang returns it. Greedy (`temperature == 0`) is SGLang's
+"temperature 1, top_k 1", so its log-probs are `log_softmax(logits)`.
+
+`output_ids` and `output_token_logprobs` include a matched EOS / stop token (the policy must learn to emit it);
+`text` drops it, and drops a matched stop string, unless `no_stop_trim`.
+
+Weight updates wait for running requests to finish (new requests are held back meanwhile), so every response is
+produced by one weight version, reported as `meta_info.weight_version`. While paused in place (`pause_generation(
+mode="in_place")`) an update applies at once and the frozen requests continue with the new weights.
+"""
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Sampling options SGLang accepts that this engine does not implement: allowed only at their neutral value.
+_NEUTRAL_PARAMS = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+                   "min_new_tokens": 0, "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None,
+                   "logit_bias": None, "custom_params": None, "stop_regex": None}
+_IGNORED_PARAMS = {"spaces_between_special_tokens", "stream_interval"}
+PAUSE_MODES = ("abort", "in_place", "retract")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """SGLang's sampling_params subset. `top_k=-1` / `top_p=1` disable filtering; `temperature=0` is greedy."""
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: tuple = ()
+    stop_token_ids: tuple = ()
+    n: int = 1
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
+        """Validate a JSON sampling_params dict; raise ValueError naming the bad field. None means the default."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"sampling_params must be an object, got {type(d).__name__}")
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if value is None or key in _IGNORED_PARAMS:
+                continue
+            if key in _NEUTRAL_PARAMS:
+                if value != _NEUTRAL_PARAMS[key]:
+                    raise ValueError(f"sampling_params.{key}={value!r} is not supported by the embedded engine "
+                                     f"(only {_NEUTRAL_PARAMS[key]!r}); use a real SGLang server for it")
+                continue
+            if key not in names:
+                raise ValueError(f"unknown sampling_params field {key!r}; supported: {sorted(names)}")
+            kwargs[key] = value
+        if isinstance(kwargs.get("stop"), str):
+            kwargs["stop"] = [kwargs["stop"]]
+        for key in set(kwargs) & {"stop", "stop_token_ids"}:
+            if not isinstance(kwargs[key], (list, tuple)):
+                raise ValueError(f"sampling_params.{key} must be a list, got {kwargs[key]!r}")
+            kwargs[key] = tuple(kwargs[key])
+        params = cls(**kwargs)
+        params._check()
+        return params
+
+    def _check(self):
+        checks = [
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "an integer >= 0"),
+            ("temperature", _is_num(self.temperature) and 0 <= self.temperature < float("inf"), ">= 0"),
+            ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and (self.top_k >= 1 or self.top_k == -1), "-1 (off) or >= 1"),
+            ("n", _is_int(self.n) and self.n >= 1, "an integer >= 1"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of ids >= 0"),
+            ("sampling_seed", self.sampling_seed is None or _is_int(self.sampling_seed), "an integer"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"sampling_params.{name}={getattr(self, name)!r}: must be {expected}")
+
+
+def sample_tokens(logits, temperature, top_p, top_k, uniform):
+    """Sample one token per row by inverse CDF on `uniform` in [0, 1).
+
+    logits [B, V] float; temperature, top_p [B] float; top_k [B] long (<= 0: off); uniform [B].
+    Returns (tokens [B], logprobs [B]) with logprobs = log_softmax(logits / T)[token] (T = 1 for greedy rows),
+    taken before top-p/top-k renormalisation. Greedy rows (temperature 0) take the argmax (lowest id on ties).
+    """
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logp = torch.log_softmax(logits.float() / temp[:, None], dim=-1)
+    probs = logp.exp()
+    top_k = torch.where(greedy, torch.ones_like(top_k), top_k)
+    filtered = (top_k > 0) | (top_p < 1)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    plain = ~filtered
+    if plain.any():  # no filtering: CDF in vocabulary order, no sort needed
+        tokens[plain] = _inverse_cdf(probs[plain], uniform[plain])
+    if filtered.any():
+        p_sorted, order = probs[filtered].sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
+        k = top_k[filtered]
+        keep = (k[:, None] <= 0) | (ranks[None] < k[:, None])
+        keep &= (p_sorted.cumsum(-1) - p_sorted) < top_p[filtered][:, None]  # mass before a token < top_p
+        pick = _inverse_cdf(p_sorted * keep, uniform[filtered])
+        tokens[filtered] = order.gather(1, pick[:, None])[:, 0]
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def _inverse_cdf(weights, uniform):
+    cdf = weights.cumsum(-1)
+    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=weights.shape[-1] - 1)
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One sample (row) of a request."""
+    req: "_Request"
+    index: int
+    seed: int
+    output_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish: Optional[dict] = None
+    generator: Optional[torch.Generator] = None
+
+    def abort(self):
+        if self.finish is None:
+            self.finish = {"type": "abort", "message": f"request {self.req.rid} was aborted"}
+
+
+@dataclass(eq=False)
+class _Request:
+    rid: str
+    prompt_ids: list
+    params: SamplingParams
+    return_logprob: bool
+    return_text_in_logprobs: bool
+    future: concurrent.futures.Future
+    created: float
+    seqs: list = field(default_factory=list)
+    aborted: bool = False
+    admitted: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Running rows: a left-padded KV cache ([B, heads, T, dim] per layer), its mask [B, T] and pending tokens."""
+    rows: list
+    cache: object  # transformers DynamicCache, grown in place by each decode step
+    mask: torch.Tensor
+    next_pos: torch.Tensor  # position id of each row's pending token
+    pending: torch.Tensor  # last sampled token of each row, not yet in the cache
+
+
+def _kv_of(cache) -> list:
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # transformers < 4.56
+
+
+def _make_cache(kv):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+    except TypeError:  # older transformers
+        return DynamicCache.from_legacy_cache(tuple(kv)) if kv else DynamicCache()
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """Concatenate two batches along rows, left-padding the shorter cache."""
+    ta, tb = a.mask.shape[1], b.mask.shape[1]
+    t = max(ta, tb)
+
+    def pad(x, have):  # left-pad dim -2 (time) of [B, H, T, D]
+        return F.pad(x, (0, 0, t - have, 0))
+
+    kv = [(torch.cat([pad(ka, ta), pad(kb, tb)]), torch.cat([pad(va, ta), pad(vb, tb)]))
+          for (ka, va), (kb, vb) in zip(_kv_of(a.cache), _kv_of(b.cache))]
+    mask = torch.cat([F.pad(a.mask, (t - ta, 0)), F.pad(b.mask, (t - tb, 0))])
+    return _Batch(a.rows + b.rows, _make_cache(kv), mask, torch.cat([a.next_pos, b.next_pos]),
+                  torch.cat([a.pending, b.pending]))
+
+
+def _select(b: _Batch, keep: list) -> Optional[_Batch]:
+    """Keep rows `keep` and drop the cache columns that became padding for every remaining row."""
+    if not keep:
+        return None
+    idx = torch.tensor(keep, device=b.mask.device)
+    mask = b.mask[idx]
+    lead = int((mask.cumsum(-1) == 0).sum(-1).min())
+    kv = [(k[idx, :, lead:], v[idx, :, lead:]) for k, v in _kv_of(b.cache)]
+    return _Batch([b.rows[i] for i in keep], _make_cache(kv), mask[:, lead:], b.next_pos[idx], b.pending[idx])
+
+
+def _to_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
+    return names[dtype]
+
+
+class Engine:
+    """In-process generation engine. Thread-safe; `generate` is async, `generate_sync` blocks."""
+
+    def __init__(self, model_path, *, dtype=torch.float32, max_batch_size: int = 64, seed: int = 0,
+                 device: str = "cpu", tokenizer_path=None, max_prefill_tokens: int = 16384):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = str(model_path)
+        self.tokenizer_path = str(tokenizer_path or model_path)
+        if not (Path(self.model_path) / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {self.model_path}: pass a Hugging Face model folder")
+        self.dtype, self.device = _to_dtype(dtype), torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        cfg = self.model.config
+        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+            raise ValueError(f"{self.model_path}: the embedded engine supports full attention only, this model has "
+                             f"layer_types {sorted(set(cfg.layer_types))}; serve it with SGLang")
+        self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        self.context_len = int(getattr(cfg, "max_position_embeddings", None) or 1 << 30)
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in forward_args else "num_logits_to_keep"
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.weight_version = 0
+        self._seeds = random.Random(seed)
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._waiting: list = []
+        self._requests: dict = {}  # rid -> _Request (waiting or running)
+        self._num_active = 0  # admitted, not yet resolved
+        self._batch: Optional[_Batch] = None
+        self._paused = self._stopped = self._wake = False
+        self._updates_pending = 0
+        self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
+        self._thread.start()
+
+    def _eos_ids(self) -> set:
+        gen_cfg = getattr(self.model, "generation_config", None)
+        sources = (self.model.config.eos_token_id, getattr(gen_cfg, "eos_token_id", None), self.tokenizer.eos_token_id)
+        return {i for src in sources if src is not None for i in (src if isinstance(src, (list, tuple)) else [src])}
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, input_ids, sampling_params=None, *, rid: Optional[str] = None, return_logprob: bool = True,
+               return_text_in_logprobs: bool = False) -> concurrent.futures.Future:
+        """Queue one prompt; the future resolves to a list of n SGLang-shaped outputs. ValueError on a bad request."""
+        params = (sampling_params if isinstance(sampling_params, SamplingParams)
+                  else SamplingParams.from_dict(sampling_params))
+        prompt = self.check_input_ids(input_ids)
+        req = _Request(str(rid) if rid is not None else uuid.uuid4().hex, prompt, params, bool(return_logprob),
+                       bool(return_text_in_logprobs), concurrent.futures.Future(), time.time())
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("the rollout engine was shut down")
+            if req.rid in self._requests:
+                raise ValueError(f"a request with rid {req.rid!r} is already running")
+            req.seqs = [_Seq(req, i, self._seed_for(params, i)) for i in range(params.n)]
+            if params.max_new_tokens == 0:
+                for s in req.seqs:
+                    s.finish = {"type": "length", "length": 0}
+                req.future.set_result([self._output(s) for s in req.seqs])
+                return req.future
+            self._requests[req.rid] = req
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req.future
+
+    async def generate(self, input_ids, sampling_params=None, *, rid: Optional[str] = None, **kwargs) -> list:
+        """Generate n samples for one prompt (async). Cancelling the awaiting task aborts the request."""
+        rid = str(rid) if rid is not None else uuid.uuid4().hex
+        future = self.submit(input_ids, sampling_params, rid=rid, **kwargs)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.abort_request(rid)
+            raise
+
+    def generate_sync(self, input_ids, sampling_params=None, **kwargs) -> list:
+        return self.submit(input_ids, sampling_params, **kwargs).result()
+
+    def _seed_for(self, params: SamplingParams, index: int) -> int:
+        if params.sampling_seed is not None:  # sample i of a seeded request: a fixed mix of (seed, i)
+            return (params.sampling_seed * 0x9E3779B1 + index * 0x85EBCA6B + 1) % (2 ** 63)
+        return self._seeds.getrandbits(63)
+
+    def check_input_ids(self, input_ids) -> list:
+        if not isinstance(input_ids, (list, tuple)) or not input_ids:
+            raise ValueError("input_ids must be a non-empty list of token ids")
+        for i, t in enumerate(input_ids):
+            if not _is_int(t) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"input_ids[{i}]={t!r} is not a token id in [0, {self.vocab_size})")
+        if len(input_ids) >= self.context_len:
+            raise ValueError(f"prompt has {len(input_ids)} tokens; the model's context length is {self.context_len}")
+        return list(input_ids)
+
+    def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> int:
+        """Abort one request (by rid) or all; they return their partial output with finish_reason abort."""
+        done = []
+        with self._cv:
+            targets = list(self._requests.values()) if abort_all else [self._requests.get(str(rid))]
+            for req in filter(None, targets):
+                req.aborted = True
+                if not req.admitted:
+                    self._waiting.remove(req)
+                    for seq in req.seqs:
+                        seq.abort()
+                    done.append(req)
+            self._wake = True
+            self._cv.notify_all()
+        self._resolve(done)
+        return len([t for t in targets if t is not None])
+
+    # ------------------------------------------------------------------ control
+    def pause_generation(self, mode: str = "abort"):
+        """Stop scheduling. mode "abort" (SGLang's default) also aborts in-flight requests; "in_place" and
+        "retract" keep them, to continue after `continue_generation`. Returns once no step is running."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
+        with self._cv:
+            self._paused = True
+        if mode == "abort":
+            self.abort_request(abort_all=True)
+        with self._step_lock:
+            pass
+
+    def continue_generation(self):
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    def flush_cache(self) -> bool:
+        return True  # no prefix cache is kept across requests: nothing to flush
+
+    def get_model_info(self) -> dict:
+        return {"model_path": self.model_path, "tokenizer_path": self.tokenizer_path, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": self.weight_version,
+                "vocab_size": self.vocab_size, "max_context_length": self.context_len}
+
+    def update_weights_from_tensor(self, named_tensors, *, weight_version=None, abort_all_requests=False) -> dict:
+        """Copy HF-named tensors into the model (all-or-nothing: names and shapes are checked first)."""
+        from .weight_sync import copy_hf_tensors, check_hf_update
+
+        named_tensors = list(named_tensors)
+        check_hf_update(self.model, [(n, tuple(t.shape)) for n, t in named_tensors], "update_weights_from_tensor")
+        paused = self._exclusive(lambda: copy_hf_tensors(self.model, named_tensors), weight_version,
+                                 abort_all_requests)
+        return {"success": True, "message": f"updated {len(named_tensors)} tensors; weight_version "
+                f"{self.weight_version}", "num_paused_requests": paused}
+
+    def update_weights_from_disk(self, model_path, *, weight_version=None, abort_all_requests=False) -> dict:
+        """Load every *.safetensors of `model_path` (an HF folder of the same architecture) into the model."""
+        from .weight_sync import check_hf_update, check_same_architecture, copy_hf_tensors, iter_safetensors
+
+        check_same_architecture(self.model.config, model_path)
+        shapes = [(n, tuple(t.get_shape())) for n, t in iter_safetensors(model_path, lazy=True)]
+        check_hf_update(self.model, shapes, str(model_path), require_all=True)
+        paused = self._exclusive(lambda: copy_hf_tensors(self.model, iter_safetensors(model_path)), weight_version,
+                                 abort_all_requests)
+        return {"success": True, "message": f"loaded {model_path}; weight_version {self.weight_version}",
+                "num_paused_requests": paused}
+
+    def _exclusive(self, apply, weight_version, abort_all_requests) -> int:
+        """Run `apply` when no request is mid-generation (or while paused), then set the weight version."""
+        if abort_all_requests:
+            self.abort_request(abort_all=True)
+        with self._cv:
+            self._updates_pending += 1  # holds back admission until the update is applied
+        try:
+            with self._cv:
+                while self._num_active and not self._paused:
+                    self._cv.wait()
+                paused = self._num_active
+            with self._step_lock:
+                apply()
+                self.weight_version = int(weight_version) if weight_version is not None else self.weight_version + 1
+        finally:
+            with self._cv:
+                self._updates_pending -= 1
+                self._cv.notify_all()
+        return paused
+
+    def shutdown(self):
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        with self._cv:
+            reqs, self._requests, self._waiting = list(self._requests.values()), {}, []
+        for req in reqs:
+            if not req.future.done():
+                req.future.set_exception(RuntimeError("the rollout engine was shut down"))
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def is_paused(self) -> bool:
+        return self._paused
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not (self._stopped or self._wake or self._has_work()):
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                self._wake = False
+                admitted = self._admit()
+            try:
+                with self._step_lock, torch.inference_mode():
+                    if admitted:
+                        self._prefill(admitted)
+                    done = self._drop_finished()
+                    if self._batch is not None and not self._paused:
+                        self._decode()
+                        done += self._drop_finished()
+            except Exception as e:  # keep serving: fail what was running, report the cause to each caller
+                log.exception("rollout engine step failed")
+                done = self._fail_running(admitted, e)
+            self._resolve(done)
+
+    def _has_work(self) -> bool:
+        if self._paused:
+            return False
+        return (self._batch is not None) or (bool(self._waiting) and not self._updates_pending)
+
+    def _admit(self) -> list:
+        if self._paused or self._updates_pending:
+            return []
+        rows = len(self._batch.rows) if self._batch is not None else 0
+        admitted, tokens = [], 0
+        while self._waiting:
+            req = self._waiting[0]
+            n, cost = req.params.n, len(req.prompt_ids)
+            fits = rows + n <= self.max_batch_size and tokens + cost <= self.max_prefill_tokens
+            # the first request of an empty batch always goes in, even with n > max_batch_size
+            if (admitted or rows) and not fits:
+                break
+            self._waiting.pop(0)
+            req.admitted = True
+            admitted.append(req)
+            rows, tokens = rows + n, tokens + cost
+        self._num_active += len(admitted)
+        return admitted
+
+    def _forward(self, ids, mask, pos, cache):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self._cache_kw: cache, self._keep_kw: 1})
+        return out.logits[:, -1].float()
+
+    def _prefill(self, reqs: list):
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=self.device)
+            mask[i, width - len(r.prompt_ids):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _make_cache([])
+        logits = self._forward(ids, mask, pos, cache)
+        rep = torch.tensor([i for i, r in enumerate(reqs) for _ in range(r.params.n)], device=self.device)
+        rows = [s for r in reqs for s in r.seqs]
+        for s in rows:
+            s.generator = torch.Generator().manual_seed(s.seed)
+        pending = self._sample(logits[rep], rows)
+        kv = [(k[rep], v[rep]) for k, v in _kv_of(cache)]  # the prompt is prefilled once for its n samples
+        new = _Batch(rows, _make_cache(kv), mask[rep], mask.sum(-1)[rep], pending)
+        self._batch = new if self._batch is None else _merge(self._batch, new)
+
+    def _decode(self):
+        b = self._batch
+        mask = torch.cat([b.mask, torch.ones_like(b.mask[:, :1])], dim=1)
+        logits = self._forward(b.pending[:, None], mask, b.next_pos[:, None], b.cache)
+        b.mask, b.next_pos = mask, b.next_pos + 1
+        b.pending = self._sample(logits, b.rows)
+
+    def _sample(self, logits, rows) -> torch.Tensor:
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=logits.device)
+
+        ps = [s.req.params for s in rows]
+        uniform = torch.stack([torch.rand((), generator=s.generator) for s in rows]).to(logits.device)
+        tokens, logprobs = sample_tokens(logits, col([p.temperature for p in ps], torch.float32),
+                                         col([p.top_p for p in ps], torch.float32),
+                                         col([p.top_k for p in ps], torch.long), uniform)
+        for s, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
+            s.output_ids.append(t)
+            s.logprobs.append(lp)
+            s.finish = self._stop_reason(s, t)
+        return tokens
+
+    def _stop_reason(self, s: _Seq, token: int) -> Optional[dict]:
+        p = s.req.params
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            return {"type": "stop", "matched": token}
+        if p.stop:
+            tail = self.tokenizer.decode(s.output_ids[-(max(map(len, p.stop)) + 2):],
+                                         skip_special_tokens=p.skip_special_tokens)
+            for stop in p.stop:
+                if stop in tail:
+                    return {"type": "stop", "matched": stop}
+        if len(s.output_ids) >= p.max_new_tokens:
+            return {"type": "length", "length": p.max_new_tokens}
+        if len(s.req.prompt_ids) + len(s.output_ids) >= self.context_len:
+            return {"type": "length", "length": len(s.output_ids)}
+        return None
+
+    def _drop_finished(self) -> list:
+        """Remove finished or aborted rows from the batch; return the requests now complete."""
+        b, done = self._batch, []
+        if b is None:
+            return done
+        keep = []
+        for i, s in enumerate(b.rows):
+            if s.req.aborted:
+                s.abort()
+            if s.finish is None:
+                keep.append(i)
+            elif all(x.finish is not None for x in s.req.seqs) and s.req not in done:
+                done.append(s.req)
+        if len(keep) < len(b.rows):
+            self._batch = _select(b, keep)
+        return done
+
+    def _fail_running(self, admitted, error) -> list:
+        reqs = {id(s.req): s.req for s in (self._batch.rows if self._batch else [])}
+        reqs.update({id(r): r for r in admitted})
+        self._batch = None
+        for req in reqs.values():
+            req.future.set_exception(RuntimeError(f"rollout engine step failed: {error!r}"))
+        return list(reqs.values())
+
+    def _resolve(self, done: list):
+        if not done:
+            return
+        # format before releasing the requests: a waiting weight update may apply right after
+        outputs = [None if req.future.done() else [self._output(s) for s in req.seqs] for req in done]
+        with self._cv:
+            for req in done:
+                self._requests.pop(req.rid, None)
+                if req.admitted:
+                    self._num_active -= 1
+            self._cv.notify_all()
+        for req, out in zip(done, outputs):
+            if out is not None:
+                req.future.set_result(out)
+
+    # ------------------------------------------------------------------ outputs
+    def _output(self, s: _Seq) -> dict:
+        req, p = s.req, s.req.params
+        matched = (s.finish or {}).get("matched")
+        ids = s.output_ids[:-1] if isinstance(matched, int) and not p.no_stop_trim else s.output_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+        if isinstance(matched, str) and not p.no_stop_trim and matched in text:
+            text = text[:text.index(matched)]
+        meta = {"id": req.rid if p.n == 1 else f"{req.rid}-{s.index}", "prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": len(s.output_ids), "cached_tokens": 0, "finish_reason": s.finish,
+                "weight_version": self.weight_version, "e2e_latency": time.time() - req.created}
+        if req.return_logprob:
+            texts = ([self.tokenizer.decode([t]) for t in s.output_ids] if req.return_text_in_logprobs
+                     else [None] * len(s.output_ids))
+            meta["output_token_logprobs"] = [[lp, t, x] for lp, t, x in zip(s.logprobs, s.output_ids, texts)]
+        return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
