@@ -54,12 +54,20 @@ def test_pool_recovers_after_hung_worker(pool):
     assert all(r.correct and r.status == "ok" for r in got)
 
 
+def test_worker_killed_while_idle_is_replaced_without_losing_a_response(pool):
+    restarts = pool.restarts
+    pool._workers[0].proc.kill()
+    pool._workers[0].proc.join()
+    got = pool.map([(str(i), str(i)) for i in range(6)])
+    assert all(r.correct and r.status == "ok" for r in got) and pool.restarts == restarts + 1
+
+
 def test_pathological_latex_hits_the_timeout():
     # sympy tries to evaluate 9^(9^(9^(9^9))); math-verify's own alarm cannot stop it within a second.
     with VerifierPool("math_verify", num_workers=1, timeout_s=1.0) as p:
         t0 = time.monotonic()
         got = p.map([("so \\boxed{9^{9^{9^{9^{9}}}}}", "1"), ("\\boxed{\\frac{1}{2}}", "0.5")])
-        assert time.monotonic() - t0 < 5.0
+        assert time.monotonic() - t0 < 10.0  # the status below is the proof: math-verify alone answers "ok" at ~5 s
         assert (got[0].correct, got[0].status) == (False, "timeout")
         assert (got[1].correct, got[1].status) == (True, "ok")
         assert p.restarts == 1

@@ -139,3 +139,4 @@ def test_math500_wrong_answers_score_wrong(shared_data):
              normalize_answer(b["answer"])]
     assert len(pairs) > 450
     assert not [p for p in pairs if math_dapo.verify(f"Answer: {p[0]}", p[1])]
+    assert not [p for p in pairs[:100] if math_verify_reward.verify(f"\\boxed{{{p[0]}}}", p[1])]

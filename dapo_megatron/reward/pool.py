@@ -85,13 +85,13 @@ class VerifierPool:
 
     def __init__(self, verifier_type: str, num_workers: int = 2, timeout_s: float = 5.0,
                  start_method: Optional[str] = None, startup_timeout_s: float = 120.0):
-        get_verifier(verifier_type)  # fail fast, in the parent, on a bad `python:` path
+        fn = get_verifier(verifier_type)  # fail fast, in the parent, on a bad `python:` path
         self.verifier_type = verifier_type
         self.timeout_s = timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.restarts = 0
         self._lock = threading.Lock()
-        self._fn = get_verifier(verifier_type) if num_workers == 0 else None
+        self._fn = fn if num_workers == 0 else None
         self._ctx = mp.get_context(start_method or default_start_method())
         if self._ctx.get_start_method() == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD_MODULES)  # no effect if the server already runs
@@ -108,13 +108,24 @@ class VerifierPool:
         results: list[Optional[VerifyResult]] = [None] * len(pairs)
         todo = deque(range(len(pairs)))
         while todo or any(w.task is not None for w in self._workers):
-            for w in self._workers:
+            for i, w in enumerate(self._workers):
                 if w.ready and w.task is None and todo:
-                    w.task = todo.popleft()
-                    w.deadline = time.monotonic() + self.timeout_s
-                    w.conn.send((w.task, *pairs[w.task]))
+                    self._dispatch(i, todo, pairs)
             self._poll(results)
         return results
+
+    def _dispatch(self, i: int, todo: deque, pairs) -> None:
+        if not self._workers[i].proc.is_alive():  # died while idle (OOM killer, ...): nothing lost yet
+            self._replace(i, [], "error", "verifier worker died while idle")
+            return
+        w, task = self._workers[i], todo.popleft()
+        try:
+            w.conn.send((task, *pairs[task]))
+        except OSError:  # the idle worker died: requeue the response, replace the worker
+            todo.appendleft(task)
+            self._replace(i, [], "error", "verifier worker died while idle")
+            return
+        w.task, w.deadline = task, time.monotonic() + self.timeout_s
 
     def _poll(self, results) -> None:
         deadlines = [w.started_at + self.startup_timeout_s if not w.ready else w.deadline
