@@ -2,7 +2,8 @@
 
 Same semantics as DAPO's `math_dapo` scorer (only the tail of the response is read, so an answer
 must sit on the last lines), plus a few normalisations DAPO lacks (`\\dfrac`, `\\left`, `%`, numeric
-equality of plain decimals such as `18.00` vs `18`) and a fallback to the last `\\boxed{...}`.
+equality of plain decimals such as `18.00` vs `18`) and, when the tail has no `Answer:`, a fallback
+to the last `\\boxed{...}` of the whole response (a long box may start before the tail).
 """
 import re
 from typing import Optional
