@@ -233,3 +233,22 @@ def safetensors_getter(hf_dir) -> Callable[[str], torch.Tensor]:
         return handles[file].get_tensor(name)
 
     return get
+
+
+def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """Shape of every HF tensor of a model described by `arch` (the names of `expected_hf_names`)."""
+    h, f, d, v = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    per_layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,), "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    out = {}
+    for name in expected_hf_names(arch):
+        m = re.match(r"^model\.layers\.\d+\.(.+)$", name)
+        out[name] = per_layer[m.group(1)] if m else shapes[name]
+    return out

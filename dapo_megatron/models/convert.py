@@ -1,0 +1,399 @@
+"""Hugging Face safetensors <-> Megatron dist_checkpointing (torch_dist) conversion, streaming, one process.
+
+Checkpoint layout (shared with train/checkpoint.py):
+    DIR/latest                 name of the newest complete iteration folder, e.g. `iter_0000000`
+    DIR/iter_{N:07d}/model/    dist_checkpointing of `GPTModel.sharded_state_dict()` (loads at any TP/PP)
+    DIR/hf_config/             config.json, generation_config.json, tokenizer files
+Other entries of an iteration folder (`optim/`, `trainer_state.json`) are the trainer's and are ignored here.
+
+dist checkpoints reshard on load, so both directions run in a single process on the TP=1/PP=1 layout of a model
+built on the meta device: its `sharded_state_dict()` gives megatron's own keys, offsets and factories (the SwiGLU
+split) while holding no memory. HF -> Megatron: a save planner materialises each chunk only when the writer asks for
+it (`resolve_data`), reading its HF tensors then. Megatron -> HF: one `dist_checkpointing.load` per parameter.
+"""
+import argparse
+import contextlib
+import dataclasses
+import math
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .hf_config import ModelArch, UnsupportedModelError, arch_from_hf, check_parallel_sizes, load_hf_config
+from .hf_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointError,
+    HFCheckpointReader,
+    Progress,
+    check_output_dir,
+    copy_hf_metadata_files,
+    staging_dir,
+    write_hf_checkpoint,
+)
+from .weights import expected_hf_shapes, hf_names_for, to_hf, to_megatron
+
+LATEST_FILE = "latest"
+HF_CONFIG_DIR = "hf_config"
+MODEL_DIR = "model"
+_IGNORED_HF_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")  # buffers some old Llama checkpoints carry
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+# ---------------------------------------------------------------- checks on the inputs
+
+
+def check_hf_tensors(reader: HFCheckpointReader, arch: ModelArch) -> None:
+    """Refuse missing, extra or mis-shaped tensors, naming the first offender."""
+    expected = expected_hf_shapes(arch)
+    present = {n for n in reader.names if not _IGNORED_HF_TENSORS.search(n)}
+    missing = sorted(expected.keys() - present)
+    if missing:
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from {reader.hf_dir}{_more(missing)}; "
+                              "the weights do not match config.json")
+    extra = sorted(present - expected.keys())
+    if extra == ["lm_head.weight"] and arch.tie_word_embeddings:
+        if torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+            extra = []  # a tied model saved with its (identical) output layer spelled out
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]!r} in {reader.file_of(extra[0])}{_more(extra)}: it has "
+                              f"no place in a {arch.family} model with num_hidden_layers={arch.num_layers}, "
+                              f"tie_word_embeddings={arch.tie_word_embeddings}; is config.json the right one?")
+    for name, shape in expected.items():
+        if reader.shape(name) != shape:
+            raise CheckpointError(f"shape mismatch for {name!r} in {reader.file_of(name)}: checkpoint "
+                                  f"{reader.shape(name)} vs {shape} from config.json")
+
+
+def _more(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def resolve_checkpoint(load_dir, iteration: Optional[int] = None) -> Path:
+    """The `iter_x/model` folder of a checkpoint root (the newest per `latest`, or `iteration`)."""
+    from megatron.core.dist_checkpointing import check_is_distributed_checkpoint
+
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist")
+    if iteration is None:
+        latest = root / LATEST_FILE
+        if not latest.is_file():
+            raise CheckpointError(f"{root} is not a checkpoint: it has no `{LATEST_FILE}` file (pass --iteration N "
+                                  "to pick an iteration folder)")
+        name = latest.read_text().strip()
+    else:
+        name = iteration_dir_name(iteration)
+    model_dir = root / name / MODEL_DIR
+    if not check_is_distributed_checkpoint(model_dir):
+        raise CheckpointError(f"{model_dir} is not a complete dist checkpoint (no metadata.json): the save was "
+                              "interrupted or the iteration does not exist")
+    return model_dir
+
+
+# ---------------------------------------------------------------- megatron side
+
+
+@contextlib.contextmanager
+def single_process_megatron():
+    """torch.distributed + parallel_state for a world of one process (set up here unless already up)."""
+    import torch.distributed as dist
+
+    from .. import parallel
+
+    world = dist.get_world_size() if dist.is_initialized() else parallel.world_size_from_env()
+    if world != 1:
+        raise CheckpointError(f"checkpoint conversion runs in one process, not {world}: run it without torchrun "
+                              "(the dist checkpoint reshards to any TP/PP on load)")
+    owned = not dist.is_initialized()
+    parallel.initialize(parallel.ParallelConfig())
+    try:
+        yield
+    finally:
+        if owned:
+            parallel.destroy()
+
+
+def meta_model(arch: ModelArch, dtype_of: Callable[[str], torch.dtype]):
+    """The whole model (TP=PP=1) on the meta device, each parameter `name` with dtype `dtype_of(name)`."""
+    from .builder import build_gpt_model
+
+    with torch.device("meta"):
+        model = build_gpt_model(arch, on_gpu=False)
+    for name, p in model.named_parameters():
+        p.data = torch.empty(p.shape, dtype=dtype_of(name), device="meta")
+    return model
+
+
+def _sharded_tensors(sharded_sd: dict) -> Iterator[tuple[str, object]]:
+    """(parameter name, ShardedTensor) of every tensor megatron writes, with factories (SwiGLU split) built."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for path, entry in sharded_sd.items():
+        if isinstance(entry, ShardedTensorFactory):
+            for st in nested_values(entry.build()):
+                yield path, st
+        elif isinstance(entry, ShardedTensor):
+            yield path, entry
+
+
+def chunk_sources(sharded_sd: dict) -> dict[tuple[str, tuple[int, ...]], tuple[str, tuple[slice, ...]]]:
+    """(checkpoint key, global offset) of each chunk -> (parameter name, its slice of the full TP=1 parameter)."""
+    out = {}
+    for path, st in _sharded_tensors(sharded_sd):
+        p = st.prepend_axis_num  # leading axes megatron adds (the layer index of stacked layers)
+        slices = tuple(slice(o, o + s) for o, s in zip(st.global_offset[p:], st.local_shape))
+        out[(st.key, tuple(st.global_offset))] = (path, slices)
+    return out
+
+
+def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Tensor]):
+    """torch_dist save strategy whose tensors are produced on demand, one chunk at a time, by `materialize`."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class LazyPlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            return materialize(write_item.index.fqn, tuple(write_item.index.offset),
+                               write_item.tensor_data.chunk.sizes)
+
+    class LazySaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            # One writer thread keeps the plan order, so the chunks of one parameter come one after another, and
+            # the torch FileSystemWriter resolves each item just before writing it (megatron's async writer
+            # resolves all items first).
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1)
+            dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer,
+                     planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+
+    return LazySaveStrategy("torch_dist", 1)
+
+
+def save_lazy_dist_checkpoint(model, full_param: Callable[[str], torch.Tensor], model_dir: Path,
+                              log: Callable[[str], None] = print) -> None:
+    """Write the dist checkpoint of meta `model`; `full_param(name)` returns parameter `name` (TP=1) on demand."""
+    from megatron.core import dist_checkpointing
+
+    sharded_sd = model.sharded_state_dict()
+    sources = chunk_sources(sharded_sd)
+    total = sum(st.data.numel() * st.data.element_size() for _, st in _sharded_tensors(sharded_sd))
+    progress = Progress("hf->megatron", len(sources), total, log)
+    cache: dict[str, torch.Tensor] = {}
+
+    def materialize(key, offset, sizes):
+        path, slices = sources[(key, offset)]
+        if path not in cache:
+            cache.clear()  # the chunks of one parameter (SwiGLU gate/up) are written one after another
+            cache[path] = full_param(path)
+        chunk = cache[path][slices].reshape(sizes)
+        progress(chunk.numel() * chunk.element_size())
+        return chunk
+
+    model_dir.mkdir(parents=True)
+    dist_checkpointing.save(sharded_sd, str(model_dir), sharded_strategy=_lazy_save_strategy(materialize))
+    cache.clear()
+    progress.done()
+
+
+def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
+                               log: Optional[Callable[[str], None]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of a dist checkpoint, loading one parameter at a time (needs `single_process_megatron`).
+
+    Memory: one parameter (plus its HF split). `log` gets progress lines.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    model_dir = Path(model_dir)
+    stored = dist_checkpointing.load_tensors_metadata(str(model_dir))
+    model = meta_model(arch, lambda _: torch.float32)
+    sharded_sd = model.sharded_state_dict()
+    _check_stored_tensors(sharded_sd, stored, model_dir)
+    entries = {k: v for k, v in sharded_sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+    keys = {st.key for _, st in _sharded_tensors(sharded_sd)}
+    total = sum(math.prod(stored[k].global_shape) * stored[k].dtype.itemsize for k in keys)
+    progress = Progress("megatron->hf", len(entries), total, log or (lambda _: None))
+    for path, entry in entries.items():
+        full = torch.empty(entry.data.shape, dtype=stored[entry.key].dtype)
+        if isinstance(entry, ShardedTensorFactory):  # SwiGLU: its chunks are views of `full`
+            chunks = nested_values(dataclasses.replace(entry, data=full).build())
+        else:
+            chunks = [dataclasses.replace(entry, data=full, dtype=full.dtype)]
+        request = {str(i): _as_partial_read(st) for i, st in enumerate(chunks)}
+        dist_checkpointing.load(request, str(model_dir), validate_access_integrity=False)
+        progress(full.numel() * full.element_size())
+        yield from to_hf(path, [full], arch).items()
+    progress.done()
+
+
+def _as_partial_read(st):
+    """The same chunk with its prepended (layer) axes made real axes of size 1.
+
+    A chunk with prepended axes goes through torch's ShardedTensor, which wants every chunk of the grid held by
+    some rank; one process reading one layer holds one chunk. Without prepended axes megatron uses its
+    checkpointable tensor, which reads any subset.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    p = st.prepend_axis_num
+    shape = (1,) * p + tuple(st.local_shape)
+    offsets = [(a, st.global_offset[a] // shape[a], st.global_shape[a] // shape[a])
+               for a in range(len(shape)) if shape[a] != st.global_shape[a]]
+    return ShardedTensor.from_rank_offsets(st.key, st.data.view(shape), *offsets, replica_id=0)
+
+
+def _check_stored_tensors(sharded_sd: dict, stored: dict, model_dir: Path) -> None:
+    expected = {st.key: tuple(st.global_shape) for _, st in _sharded_tensors(sharded_sd)}
+    missing = sorted(expected.keys() - stored.keys())
+    if missing:
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from {model_dir}{_more(missing)}; was it saved "
+                              "from the model that hf_config describes?")
+    extra = sorted(k for k in stored.keys() - expected.keys() if not k.startswith("optimizer."))
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]!r} in {model_dir}{_more(extra)}; the checkpoint "
+                              "holds a different architecture than its hf_config describes")
+    for key, shape in expected.items():
+        if tuple(stored[key].global_shape) != shape:
+            raise CheckpointError(f"shape mismatch for {key!r} in {model_dir}: checkpoint "
+                                  f"{tuple(stored[key].global_shape)} vs {shape} from the HF config")
+
+
+# ---------------------------------------------------------------- the two directions
+
+
+def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                   dtype: Optional[torch.dtype] = None, overwrite: bool = False,
+                   log: Callable[[str], None] = print) -> Path:
+    """Convert an HF safetensors folder to a Megatron checkpoint root (`iter_0000000`, `latest`, `hf_config/`).
+
+    The TP/PP sizes are only validated against the model: the checkpoint loads at any TP/PP.
+    """
+    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    check_output_dir(save_dir, overwrite)
+    arch = arch_from_hf(load_hf_config(hf_dir))
+    check_parallel_sizes(arch, tensor_model_parallel_size, pipeline_model_parallel_size)
+    with HFCheckpointReader(hf_dir) as reader:
+        check_hf_tensors(reader, arch)
+
+        def dtype_of(name: str) -> torch.dtype:
+            return dtype or reader.dtype(hf_names_for(name, arch)[0])
+
+        def full_param(name: str) -> torch.Tensor:
+            hf = tuple(reader.get(n) for n in hf_names_for(name, arch))
+            return to_megatron(name, hf, arch).to(dtype_of(name))
+
+        with staging_dir(save_dir, overwrite) as tmp, single_process_megatron():
+            iter_name = iteration_dir_name(0)
+            save_lazy_dist_checkpoint(meta_model(arch, dtype_of), full_param, tmp / iter_name / MODEL_DIR, log)
+            (tmp / HF_CONFIG_DIR).mkdir()
+            copy_hf_metadata_files(hf_dir, tmp / HF_CONFIG_DIR)
+            (tmp / LATEST_FILE).write_text(iter_name + "\n")
+    log(f"wrote {save_dir} ({arch.family}, {arch.num_layers} layers); it loads at any TP/PP")
+    return save_dir
+
+
+def megatron_to_hf(load_dir, save_dir, *, iteration: Optional[int] = None, hf_config_dir=None,
+                   dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Convert a Megatron checkpoint root (any iteration, saved at any TP/PP) to an HF safetensors folder."""
+    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    check_output_dir(save_dir, overwrite)
+    hf_config_dir = Path(hf_config_dir) if hf_config_dir else load_dir / HF_CONFIG_DIR
+    if not (hf_config_dir / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {hf_config_dir}: pass --hf-config with the model's HF folder")
+    arch = arch_from_hf(load_hf_config(hf_config_dir))
+    model_dir = resolve_checkpoint(load_dir, iteration)
+    with single_process_megatron():
+        write_hf_checkpoint(iter_checkpoint_hf_tensors(model_dir, arch, log), save_dir, hf_config_dir=hf_config_dir,
+                            max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+    log(f"wrote {save_dir} from {model_dir}")
+    return save_dir
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def parse_size(text: str) -> int:
+    """`5GB` (10^9), `2GiB` (2^30), `500MB`, or a plain number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MB, 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    return int(float(m.group(1)) * scale)
+
+
+def _dtype_arg(parser):
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast floating-point weights (default: keep the stored dtype)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+
+
+def hf_to_megatron_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert hf-to-megatron", description=hf_to_megatron.__doc__.split("\n")[0])
+    p.add_argument("--hf-dir", required=True, help="Hugging Face folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--save-dir", required=True, help="Megatron checkpoint root to create")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="checked against the model; the checkpoint itself loads at any TP")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="checked against the model; the checkpoint itself loads at any PP")
+    _dtype_arg(p)
+    return p
+
+
+def megatron_to_hf_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert megatron-to-hf", description=megatron_to_hf.__doc__.split("\n")[0])
+    p.add_argument("--load-dir", required=True, help="Megatron checkpoint root (with `latest` and iter_* folders)")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the `latest` one)")
+    p.add_argument("--save-dir", required=True, help="Hugging Face folder to create")
+    p.add_argument("--hf-config", default=None,
+                   help="HF folder with config.json and tokenizer (default: LOAD_DIR/hf_config)")
+    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
+                   help="largest safetensors shard, e.g. 5GB (default), 2GiB")
+    _dtype_arg(p)
+    return p
+
+
+def _run(fn) -> int:
+    try:
+        with warnings.catch_warnings():
+            # megatron-core's import-time notes (no TE / Apex) and torch.distributed.checkpoint deprecations
+            warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed)")
+            fn()
+    except (CheckpointError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_hf_to_megatron(argv=None) -> int:
+    a = hf_to_megatron_parser().parse_args(argv)
+    return _run(lambda: hf_to_megatron(
+        a.hf_dir, a.save_dir, tensor_model_parallel_size=a.tensor_model_parallel_size,
+        pipeline_model_parallel_size=a.pipeline_model_parallel_size, dtype=DTYPES.get(a.dtype),
+        overwrite=a.overwrite))
+
+
+def main_megatron_to_hf(argv=None) -> int:
+    a = megatron_to_hf_parser().parse_args(argv)
+    return _run(lambda: megatron_to_hf(
+        a.load_dir, a.save_dir, iteration=a.iteration, hf_config_dir=a.hf_config, dtype=DTYPES.get(a.dtype),
+        max_shard_bytes=a.max_shard_size, overwrite=a.overwrite))
