@@ -34,12 +34,47 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
-def _chunk_fp32(logits: Tensor, start: int, end: int, temperature: float) -> Tensor:
-    """A fresh fp32 copy of rows [start, end) divided by the temperature (safe to modify in place)."""
-    x = logits[start:end].to(torch.float32, copy=True)
+def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_entropy):
+    """Softmax statistics of one chunk of tokens: (logprob, entropy or None, max + logsumexp) per token.
+
+    A function of its own so that the chunk's two [chunk, V_local] fp32 buffers are freed on return, before the next
+    chunk allocates (a loop body would keep the previous chunk's buffers alive: 3 buffers at peak instead of 2).
+    """
+    x = logits.to(torch.float32, copy=True)
     if temperature != 1.0:
         x.div_(temperature)
-    return x
+    target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * on_rank
+    row_max = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
+    x.sub_(row_max.unsqueeze(-1))
+    exp_x = torch.exp(x)
+    stats = [exp_x.sum(dim=-1), target_logit]
+    if compute_entropy:
+        stats.append(x.mul_(exp_x).sum(dim=-1))  # sum_v exp(x_v) x_v, in x's buffer (x is done with)
+    stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
+    log_z = torch.log(stats[0])
+    entropy = log_z - stats[2] / stats[0] if compute_entropy else None  # H = log Z - E_p[x]
+    return (stats[1] - row_max) - log_z, entropy, row_max + log_z
+
+
+def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, temperature):
+    """fp32 gradient wrt one chunk of logits, recomputing p from the saved max + logsumexp (no communication).
+
+    d logp_t / dx_v = 1[v == t] - p_v ;  dH / dx_v = -p_v (logp_v + H) ;  x = logits / temperature.
+    """
+    logp = logits.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        logp.div_(temperature)
+    logp.sub_(shift.unsqueeze(-1))
+    p = torch.exp(logp)
+    if g_ent is not None:
+        # -p_v (g_lp + g_H (logp_v + H)), built in the logp buffer
+        grad = logp.add_(entropy.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1)).add_(g_lp.unsqueeze(-1)).mul_(p).neg_()
+    else:
+        grad = p.mul_(-g_lp.unsqueeze(-1))
+    grad.scatter_add_(-1, local_target.unsqueeze(-1), (g_lp * on_rank).unsqueeze(-1))
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return grad
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
@@ -47,7 +82,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def forward(ctx, logits, target, group, chunk_size, compute_entropy, temperature):
         n, v_local = logits.shape
         vocab_start = dist.get_rank(group) * v_local if group is not None else 0
-        shift = torch.empty(n, dtype=torch.float32, device=logits.device)  # max logit, then + logsumexp
+        shift = torch.empty(n, dtype=torch.float32, device=logits.device)  # max logit + logsumexp
         logprobs = torch.empty_like(shift)
         entropy = torch.empty_like(shift) if compute_entropy else None
         local_target = target - vocab_start
@@ -55,20 +90,11 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         local_target = torch.where(on_rank, local_target, torch.zeros_like(local_target))
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            x = _chunk_fp32(logits, s, e, temperature)
-            target_logit = x.gather(-1, local_target[s:e].unsqueeze(-1)).squeeze(-1) * on_rank[s:e]
-            row_max = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
-            x.sub_(row_max.unsqueeze(-1))
-            exp_x = torch.exp(x)
-            stats = [exp_x.sum(dim=-1), target_logit]
+            lp, ent, shift[s:e] = _forward_chunk(logits[s:e], local_target[s:e], on_rank[s:e], group, temperature,
+                                                 compute_entropy)
+            logprobs[s:e] = lp
             if compute_entropy:
-                stats.append(torch.einsum("nv,nv->n", exp_x, x))  # sum_v exp(x_v) * x_v, no [n, v] temporary
-            stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
-            log_z = torch.log(stats[0])
-            logprobs[s:e] = (stats[1] - row_max) - log_z
-            if compute_entropy:
-                entropy[s:e] = log_z - stats[2] / stats[0]  # H = log Z - E_p[x]
-            shift[s:e] = row_max + log_z
+                entropy[s:e] = ent
         ctx.save_for_backward(logits, local_target, on_rank, shift, entropy)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         ctx.set_materialize_grads(False)
@@ -81,25 +107,17 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, local_target, on_rank, shift, entropy = ctx.saved_tensors
         n = logits.shape[0]
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(n, device=logits.device)
         if entropy is None:
             grad_entropy = None
         grad_logits = torch.empty_like(logits)
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
-            logp = _chunk_fp32(logits, s, e, ctx.temperature).sub_(shift[s:e].unsqueeze(-1))
-            p = torch.exp(logp)
-            # d logp_t / dx_v = 1[v == t] - p_v ;  dH / dx_v = -p_v (logp_v + H)
-            g_lp = grad_logprobs[s:e] if grad_logprobs is not None else torch.zeros(e - s, device=logits.device)
-            if grad_entropy is not None:
-                # -p_v * (g_lp + g_H (logp_v + H)), built in the logp buffer
-                coef = logp.add_(entropy[s:e].unsqueeze(-1)).mul_(grad_entropy[s:e].unsqueeze(-1))
-                grad = coef.add_(g_lp.unsqueeze(-1)).mul_(p).neg_()
-            else:
-                grad = p.mul_(-g_lp.unsqueeze(-1))
-            grad.scatter_add_(-1, local_target[s:e].unsqueeze(-1), (g_lp * on_rank[s:e]).unsqueeze(-1))
-            if ctx.temperature != 1.0:
-                grad.div_(ctx.temperature)
-            grad_logits[s:e] = grad
+            grad_logits[s:e] = _backward_chunk(
+                logits[s:e], local_target[s:e], on_rank[s:e], shift[s:e],
+                entropy[s:e] if grad_entropy is not None else None, grad_logprobs[s:e],
+                grad_entropy[s:e] if grad_entropy is not None else None, ctx.temperature)
         return grad_logits, None, None, None, None, None
 
 
