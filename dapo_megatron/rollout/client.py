@@ -1,0 +1,315 @@
+"""Async client of SGLang's native HTTP API, or of the embedded engine in-process through the same code.
+
+    client = RolloutClient(["http://127.0.0.1:30000"])       # SGLang servers, or one router URL
+    client = RolloutClient(engine=Engine(model_dir))         # in-process, no HTTP
+    outs = await client.generate(prompt_ids, {"temperature": 1.0, "max_new_tokens": 512, "n": 8})
+    group = await client.generate_group(samples, sampling_params)
+
+`generate_group` sends one request with `n = len(samples)`: the prompt is prefilled once and all samples of a group
+share a server (and its prefix cache). The response tokens and log-probs are read from
+`meta_info.output_token_logprobs` (as slime does), so they include a matched EOS token.
+
+Failure handling: at most `max_concurrency` requests in flight; each has `request_timeout_s`. A connection error
+(server down, or dying mid-request) marks that server down for a while and retries the whole request on the
+least-loaded other server, with exponential backoff, up to `max_retries` times; then `RolloutServerError` names the
+URLs and causes. HTTP 400 raises `RolloutRequestError` (not retried), a timeout `RolloutTimeoutError` (the request is
+aborted on its server). A request is answered or raises: samples are never silently lost.
+
+`abort_all()` aborts in-flight requests on every server (`/abort_request` abort_all); they, and calls still waiting
+for a concurrency slot or a retry, return promptly with finish_reason "abort".
+
+Control calls (weights, cache, pause, memory) fan out to every worker (`worker_urls`: with a router in front, the
+workers behind it). The client works from any event loop, including a new one per `asyncio.run`.
+"""
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+_DOWN_FOR_S = 5.0  # a server that failed a connection is skipped this long while others are up
+
+
+class RolloutError(RuntimeError):
+    """Base class of rollout client errors."""
+
+
+class RolloutServerError(RolloutError):
+    """A server could not be reached, died mid-request, or answered 5xx."""
+
+
+class RolloutRequestError(RolloutError):
+    """A server rejected the request (HTTP 4xx): fix the request."""
+
+
+class RolloutTimeoutError(RolloutError):
+    """No answer within request_timeout_s."""
+
+
+@dataclass
+class _Server:
+    url: str
+    in_flight: int = 0
+    down_until: float = 0.0
+
+
+def run_sync(coro):
+    """Run a coroutine to completion from synchronous code, also when this thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _aborted(n: int, rid: str, prompt_tokens: int, version) -> list:
+    meta = {"id": rid, "prompt_tokens": prompt_tokens, "completion_tokens": 0, "output_token_logprobs": [],
+            "finish_reason": {"type": "abort", "message": "aborted by the client before it was sent"},
+            "weight_version": version}
+    return [{"text": "", "output_ids": [], "meta_info": dict(meta)} for _ in range(n)]
+
+
+def _error_message(body) -> str:
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("error") or body)
+    return str(body)[:2000]
+
+
+class RolloutClient:
+    def __init__(self, urls: Optional[list] = None, *, engine=None, worker_urls: Optional[list] = None,
+                 max_concurrency: int = 64, request_timeout_s: float = 600.0, max_retries: int = 3,
+                 backoff_s: float = 0.5, connect_timeout_s: float = 10.0):
+        if (not urls) == (engine is None):
+            raise ValueError("RolloutClient needs either urls (SGLang / embedded HTTP servers) or engine= "
+                             "(in-process), not both")
+        self.engine = engine
+        self.urls = [u.rstrip("/") for u in urls] if urls else ["inprocess://engine"]
+        self.worker_urls = [u.rstrip("/") for u in worker_urls] if worker_urls else list(self.urls)
+        self._servers = {u: _Server(u) for u in self.urls}
+        self.max_concurrency, self.request_timeout_s = max_concurrency, request_timeout_s
+        self.max_retries, self.backoff_s, self.connect_timeout_s = max_retries, backoff_s, connect_timeout_s
+        self.weight_version = 0
+        self._abort_epoch = 0
+        self._rr = itertools.count()
+        self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
+
+    # ------------------------------------------------------------------ transport
+    async def _call(self, url: str, path: str, payload: Optional[dict] = None, *, timeout_s: Optional[float] = None,
+                    method: str = "POST") -> tuple:
+        """One request; returns (status, body). Raises aiohttp/OS connection errors and asyncio.TimeoutError."""
+        if self.engine is not None:
+            from .server import dispatch
+
+            return await asyncio.wait_for(dispatch(self.engine, path, payload), timeout_s)
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout_s)
+        # A session per call: the client stays usable from any event loop (the trainer may run several).
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.request(method, url + path, json=payload) as resp:
+                if resp.content_type == "application/json":
+                    return resp.status, await resp.json()
+                return resp.status, await resp.text()
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if loop not in self._semaphores:
+            self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
+        return self._semaphores[loop]
+
+    def _pick(self, tried: set) -> _Server:
+        """Least-loaded server that is up and not yet tried; round-robin among equals."""
+        now, servers = time.monotonic(), list(self._servers.values())
+        for pool in ([s for s in servers if s.url not in tried and s.down_until <= now],
+                     [s for s in servers if s.down_until <= now], servers):
+            if pool:
+                least = min(s.in_flight for s in pool)
+                ties = [s for s in pool if s.in_flight == least]
+                return ties[next(self._rr) % len(ties)]
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, input_ids: list, sampling_params: dict, *, rid: Optional[str] = None,
+                       return_logprob: bool = True) -> list:
+        """POST /generate for one prompt; returns the list of n SGLang output dicts."""
+        epoch, rid = self._abort_epoch, rid or uuid.uuid4().hex
+        n = int((sampling_params or {}).get("n") or 1)
+        payload = {"input_ids": list(input_ids), "sampling_params": dict(sampling_params or {}), "rid": rid,
+                   "return_logprob": return_logprob}
+        async with self._semaphore():
+            if epoch != self._abort_epoch:
+                return _aborted(n, rid, len(input_ids), self.weight_version)
+            return await self._generate_with_retries(payload, n, epoch)
+
+    async def _generate_with_retries(self, payload: dict, n: int, epoch: int) -> list:
+        tried, errors = set(), []
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if epoch != self._abort_epoch:
+                return _aborted(n, payload["rid"], len(payload["input_ids"]), self.weight_version)
+            server = self._pick(tried)
+            tried.add(server.url)
+            server.in_flight += 1
+            try:
+                status, body = await self._call(server.url, "/generate", payload, timeout_s=self.request_timeout_s)
+            except _connection_errors() as e:  # server down or died mid-request: retry elsewhere
+                server.down_until = time.monotonic() + _DOWN_FOR_S
+                errors.append(f"{server.url}: {e!r}")
+                log.warning("generate on %s failed (%r); attempt %d/%d", server.url, e, attempt + 1,
+                            self.max_retries + 1)
+                continue
+            except asyncio.TimeoutError:
+                await self._abort_quietly(server.url, payload["rid"])
+                raise RolloutTimeoutError(f"{server.url}/generate (rid {payload['rid']}) gave no answer within "
+                                          f"request_timeout_s={self.request_timeout_s}s; the request was aborted")
+            finally:
+                server.in_flight -= 1
+            if status == 200:
+                outs = body if isinstance(body, list) else [body]
+                if len(outs) != n:
+                    raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
+                return outs
+            if status >= 500 or status == 429:
+                errors.append(f"{server.url}: HTTP {status}: {_error_message(body)}")
+                continue
+            raise RolloutRequestError(f"{server.url}/generate rejected the request (HTTP {status}): "
+                                      f"{_error_message(body)}")
+        raise RolloutServerError(f"/generate failed after {self.max_retries + 1} attempts: " + "; ".join(errors))
+
+    async def generate_group(self, samples: list, sampling_params: dict) -> list:
+        """Fill the G prompt-only Samples of one group (same prompt_ids) with one request of n = G."""
+        if not samples:
+            return samples
+        prompt = samples[0].prompt_ids
+        if any(s.prompt_ids != prompt for s in samples):
+            raise ValueError("generate_group needs samples of one prompt (identical prompt_ids)")
+        rid = f"g{samples[0].group_id}-{uuid.uuid4().hex[:12]}"
+        outs = await self.generate(prompt, {**sampling_params, "n": len(samples)}, rid=rid)
+        for sample, out in zip(samples, outs):
+            self._fill(sample, out)
+        return samples
+
+    def _fill(self, sample, out: dict):
+        meta = out["meta_info"]
+        triples = meta.get("output_token_logprobs")
+        if triples is None:
+            raise RolloutServerError("the server returned no output_token_logprobs; it must honour "
+                                     "return_logprob=true")
+        sample.response_ids = [int(t) for _, t, *_ in triples]
+        sample.rollout_logprobs = [float(lp) for lp, *_ in triples]
+        sample.response_text = out.get("text", "")
+        sample.finish_reason = (meta.get("finish_reason") or {}).get("type", "stop")
+        sample.weight_version = _version(meta.get("weight_version"), self.weight_version)
+
+    async def abort_all(self):
+        """Abort every in-flight request on every server; pending calls return finish_reason 'abort'."""
+        self._abort_epoch += 1
+        await self._fan_out("/abort_request", {"rid": "", "abort_all": True}, strict=False)
+
+    async def _abort_quietly(self, url: str, rid: str):
+        try:
+            await self._call(url, "/abort_request", {"rid": rid}, timeout_s=self.connect_timeout_s)
+        except Exception as e:  # noqa: BLE001 - best effort on a server that already misbehaves
+            log.warning("could not abort %s on %s: %r", rid, url, e)
+
+    # ------------------------------------------------------------------ control (every worker)
+    async def _fan_out(self, path: str, payload=None, *, strict: bool = True, method: str = "POST",
+                       timeout_s: Optional[float] = None) -> list:
+        """Call `path` on every worker (payload: one dict, or a list with one per worker)."""
+        urls = self.worker_urls
+        payloads = payload if isinstance(payload, list) else [payload] * len(urls)
+        results = await asyncio.gather(*[self._call(u, path, p, method=method, timeout_s=timeout_s or
+                                                    self.request_timeout_s) for u, p in zip(urls, payloads)],
+                                       return_exceptions=True)
+        errors = [f"{u}: {r!r}" if isinstance(r, BaseException) else f"{u}: HTTP {r[0]}: {_error_message(r[1])}"
+                  for u, r in zip(urls, results) if isinstance(r, BaseException) or r[0] != 200]
+        if errors and strict:
+            raise RolloutServerError(f"{path} failed on {len(errors)} of {len(urls)} servers: " + "; ".join(errors))
+        for e in errors:
+            log.warning("%s failed: %s", path, e)
+        return [None if isinstance(r, BaseException) else r[1] for r in results]
+
+    async def wait_healthy(self, timeout_s: float = 300.0, interval_s: float = 0.5) -> list:
+        """Wait until every worker answers /health with 200; returns their /get_model_info."""
+        deadline, pending = time.monotonic() + timeout_s, list(self.worker_urls)
+        while True:
+            still = []
+            for url in pending:
+                try:
+                    status, _ = await self._call(url, "/health", method="GET", timeout_s=self.connect_timeout_s)
+                except (OSError, asyncio.TimeoutError, *_connection_errors()) as e:
+                    status = repr(e)
+                if status != 200:
+                    still.append(f"{url} ({status})")
+            if not still:
+                return await self._fan_out("/get_model_info", method="GET")
+            if time.monotonic() > deadline:
+                raise RolloutServerError(f"servers not healthy after {timeout_s:.0f}s: {', '.join(still)}")
+            pending = [s.split(" (")[0] for s in still]
+            await asyncio.sleep(interval_s)
+
+    async def get_model_info(self) -> list:
+        return await self._fan_out("/get_model_info", method="GET")
+
+    async def update_weights_from_disk(self, model_path: str, *, weight_version=None,
+                                       abort_all_requests: bool = False) -> list:
+        payload = {"model_path": str(model_path), "abort_all_requests": abort_all_requests}
+        if weight_version is not None:
+            payload["weight_version"] = str(weight_version)
+        out = await self._fan_out("/update_weights_from_disk", payload)
+        self._set_version(weight_version)
+        return out
+
+    async def flush_cache(self) -> list:
+        return await self._fan_out("/flush_cache")
+
+    async def pause_generation(self, mode: str = "abort") -> list:
+        return await self._fan_out("/pause_generation", {"mode": mode})
+
+    async def continue_generation(self) -> list:
+        return await self._fan_out("/continue_generation", {})
+
+    async def release_memory_occupation(self, tags: Optional[list] = None) -> list:
+        return await self._fan_out("/release_memory_occupation", {"tags": tags})
+
+    async def resume_memory_occupation(self, tags: Optional[list] = None) -> list:
+        return await self._fan_out("/resume_memory_occupation", {"tags": tags})
+
+    async def init_weights_update_group(self, payloads: list) -> list:
+        return await self._fan_out("/init_weights_update_group", payloads)
+
+    async def update_weights_from_distributed(self, payload: dict) -> list:
+        out = await self._fan_out("/update_weights_from_distributed", payload)
+        self._set_version(payload.get("weight_version"))
+        return out
+
+    async def destroy_weights_update_group(self, group_name: str) -> list:
+        return await self._fan_out("/destroy_weights_update_group", {"group_name": group_name}, strict=False)
+
+    def _set_version(self, weight_version):
+        self.weight_version = _version(weight_version, self.weight_version + 1)
+
+    async def close(self):
+        """Nothing is held between calls (a session per request); kept for symmetry with other clients."""
+
+
+def _version(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _connection_errors() -> tuple:
+    """Errors that mean "this server is unreachable or died": connection refused/reset, disconnected mid-answer,
+    connect timeout (an aiohttp ClientConnectionError); not the total request timeout."""
+    import aiohttp
+
+    return (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)

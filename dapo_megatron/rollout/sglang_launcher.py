@@ -1,0 +1,184 @@
+"""Start real SGLang servers (GPU) and optionally sglang-router in front of them.
+
+    with SGLangServers(model_dir, num_servers=2, tp_size=4, mem_fraction_static=0.7, base_port=30000,
+                       enable_memory_saver=True, router=True) as servers:
+        client = servers.client(max_concurrency=256)
+        ...
+        with servers.memory_released():      # colocated: free the engines' GPU memory while training
+            train_step()
+
+Server i runs `python -m sglang.launch_server` on port `base_port + 10 * i` and GPUs
+`base_gpu_id + i * tp_size ... + tp_size - 1`; the router (`python -m sglang_router.launch_router --worker-urls ...`)
+listens on `router_port` (default `base_port - 1`). Each process logs to `log_dir/<name>.log`; a server that exits or
+stays unhealthy past `startup_timeout_s` raises with the tail of its log. Processes are stopped on `shutdown()`, on
+leaving the `with` block, and at interpreter exit.
+"""
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import json
+from pathlib import Path
+from typing import Optional
+
+from .server import log_tail, wait_for_health
+
+PORT_STRIDE = 10  # ports per server: the HTTP port, its NCCL port (port + 1), spare room
+
+
+class SGLangServers:
+    def __init__(self, model_path, num_servers: int = 1, tp_size: int = 1, mem_fraction_static: float = 0.8,
+                 base_port: int = 30000, enable_memory_saver: bool = False, router: bool = False, *,
+                 host: str = "127.0.0.1", router_port: Optional[int] = None, router_policy: str = "cache_aware",
+                 base_gpu_id: int = 0, dtype: Optional[str] = None, seed: int = 0, extra_args=(),
+                 log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable):
+        if num_servers < 1 or tp_size < 1:
+            raise ValueError(f"num_servers and tp_size must be >= 1, got {num_servers} and {tp_size}")
+        if not 0 < mem_fraction_static < 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static}")
+        self.model_path, self.num_servers, self.tp_size = str(model_path), num_servers, tp_size
+        self.mem_fraction_static, self.base_port, self.host = mem_fraction_static, base_port, host
+        self.enable_memory_saver, self.router = enable_memory_saver, router
+        self.router_port = router_port if router_port is not None else base_port - 1
+        self.router_policy, self.base_gpu_id, self.dtype, self.seed = router_policy, base_gpu_id, dtype, seed
+        self.extra_args, self.python, self.startup_timeout_s = list(extra_args), python, startup_timeout_s
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="sglang-logs-"))
+        self.processes: dict = {}  # name -> (Popen, log path)
+        self._atexit_registered = False
+
+    # ------------------------------------------------------------------ commands
+    def server_port(self, i: int) -> int:
+        return self.base_port + PORT_STRIDE * i
+
+    @property
+    def worker_urls(self) -> list:
+        return [f"http://{self.host}:{self.server_port(i)}" for i in range(self.num_servers)]
+
+    @property
+    def router_url(self) -> Optional[str]:
+        return f"http://{self.host}:{self.router_port}" if self.router else None
+
+    @property
+    def generate_urls(self) -> list:
+        """Where /generate goes: the router if there is one, else every worker."""
+        return [self.router_url] if self.router else self.worker_urls
+
+    def server_command(self, i: int) -> list:
+        port = self.server_port(i)
+        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", self.host,
+               "--port", str(port), "--nccl-port", str(port + 1), "--tp-size", str(self.tp_size),
+               "--base-gpu-id", str(self.base_gpu_id + i * self.tp_size),
+               "--mem-fraction-static", str(self.mem_fraction_static), "--random-seed", str(self.seed + i),
+               "--trust-remote-code"]
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
+        if self.enable_memory_saver:
+            cmd.append("--enable-memory-saver")
+        return cmd + [str(a) for a in self.extra_args]
+
+    def router_command(self) -> list:
+        return [self.python, "-m", "sglang_router.launch_router", "--worker-urls", *self.worker_urls,
+                "--host", self.host, "--port", str(self.router_port), "--policy", self.router_policy]
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "SGLangServers":
+        if not self._atexit_registered:
+            atexit.register(self.shutdown)
+            self._atexit_registered = True
+        try:
+            for i in range(self.num_servers):  # launch all, then wait: they load weights in parallel
+                self._spawn(f"sglang-{i}", self.server_command(i))
+            for i, url in enumerate(self.worker_urls):
+                self._wait(f"sglang-{i}", url)
+            if self.router:
+                self._spawn("router", self.router_command())
+                self._wait("router", self.router_url)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _spawn(self, name: str, cmd: list):
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "w") as log_file:
+            # Own process group: SGLang forks scheduler/detokenizer processes that must stop with it.
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ})
+        self.processes[name] = (proc, log_path)
+
+    def _wait(self, name: str, url: str):
+        proc, log_path = self.processes[name]
+        try:
+            wait_for_health(url, self.startup_timeout_s, process=proc, log_path=log_path, interval_s=2.0)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{name} ({' '.join(self.processes[name][0].args[:3])}...) failed to start: {e}") \
+                from None
+
+    def shutdown(self, timeout_s: float = 30.0):
+        """SIGTERM every process group, SIGKILL what is left after `timeout_s`."""
+        for proc, _ in self.processes.values():
+            _signal_group(proc, signal.SIGTERM)
+        for proc, _ in self.processes.values():
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def logs(self, lines: int = 40) -> dict:
+        return {name: log_tail(path, lines) for name, (_, path) in self.processes.items()}
+
+    # ------------------------------------------------------------------ colocation
+    def release_memory_occupation(self, tags: Optional[list] = None):
+        """Free the engines' weights and KV cache on the GPU (needs enable_memory_saver) before training."""
+        self._post_all("/release_memory_occupation", {"tags": tags})
+
+    def resume_memory_occupation(self, tags: Optional[list] = None):
+        self._post_all("/resume_memory_occupation", {"tags": tags})
+
+    @contextlib.contextmanager
+    def memory_released(self, tags: Optional[list] = None):
+        """`with servers.memory_released(): train()`: the engines give their GPU memory back meanwhile."""
+        if not self.enable_memory_saver:
+            raise RuntimeError("memory_released() needs SGLangServers(enable_memory_saver=True)")
+        self.release_memory_occupation(tags)
+        try:
+            yield
+        finally:
+            self.resume_memory_occupation(tags)
+
+    def _post_all(self, path: str, payload: dict, timeout_s: float = 300.0):
+        for url in self.worker_urls:
+            req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                    r.read()
+            except OSError as e:
+                raise RuntimeError(f"{url}{path} failed: {e}") from None
+
+    def client(self, **kwargs):
+        """A RolloutClient for these servers (generation through the router if any; control calls to workers)."""
+        from .client import RolloutClient
+
+        return RolloutClient(self.generate_urls, worker_urls=self.worker_urls, **kwargs)
+
+
+def _signal_group(proc: subprocess.Popen, sig):
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

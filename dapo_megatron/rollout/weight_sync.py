@@ -1,0 +1,334 @@
+"""Weight sync from the trainer to the rollout engines, in Hugging Face names and layouts.
+
+The trainer hands over an iterable of `(hf_name, tensor)` with full (unsharded) tensors; the Megatron -> HF
+conversion lives in `dapo_megatron.models`. Three modes, chosen by a string (`make_weight_sync(mode, ...)`):
+
+- `disk`: write HF safetensors shards (temp folder + rename; config and tokenizer copied from the base model folder)
+  and call `/update_weights_from_disk` on every server. The folder must be readable by the servers.
+- `tensor`: copy into an in-process embedded `Engine` (CPU demo / tests), no serialisation.
+- `distributed`: SGLang's `/init_weights_update_group` + `/update_weights_from_distributed`, broadcasting bucketed
+  tensors from this process (rank 0 of a dedicated NCCL group), generation paused and the cache flushed around it.
+
+Each `sync()` increases `weight_version` by one and passes it to the engines, which report it with every sample.
+Call `sync()` from one trainer process (the one holding the gathered HF tensors).
+
+The receiving side of the embedded engine (name/shape checks, safetensors reading, in-place copy) is here too.
+"""
+import concurrent.futures
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+_ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "intermediate_size")
+
+
+# --------------------------------------------------------------------------- HF checkpoint I/O
+def write_hf_checkpoint(named_tensors: Iterable, out_dir, *, base_model_path=None,
+                        max_shard_bytes: int = 2 << 30) -> Path:
+    """Write `(hf_name, tensor)` pairs as HF safetensors shards into `out_dir`, atomically (temp folder + rename).
+
+    Shards are flushed as they fill, so at most one shard is held in memory. Non-weight files (config.json,
+    generation_config.json, tokenizer files) are copied from `base_model_path`.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards, shard, size, total, seen = [], {}, 0, 0, set()
+
+    def flush():
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        shards.append((name, list(shard)))
+
+    for name, tensor in named_tensors:
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != nbytes:  # safetensors refuses shared storage
+            t = t.clone()  # (tied weights, views of a fused tensor)
+        seen.add(t.untyped_storage().data_ptr())
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name], size, total = t, size + nbytes, total + nbytes
+    if shard or not shards:
+        flush()
+    _name_shards(tmp, shards, total)
+    if base_model_path is not None:
+        for f in Path(base_model_path).iterdir():
+            if f.is_file() and not f.name.endswith(WEIGHT_FILE_SUFFIXES):
+                shutil.copy(f, tmp / f.name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _name_shards(folder: Path, shards: list, total_bytes: int):
+    """Rename shards to HF's names and write the index for multi-shard checkpoints."""
+    if len(shards) == 1:
+        os.replace(folder / shards[0][0], folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (tmp_name, names) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / tmp_name, folder / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def iter_safetensors(folder, *, lazy: bool = False):
+    """Yield `(name, tensor)` from every *.safetensors in `folder` (`lazy`: a slice with .get_shape() instead)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {folder}")
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                yield name, (st.get_slice(name) if lazy else st.get_tensor(name))
+
+
+def check_same_architecture(config, folder):
+    """Refuse a weight folder whose config.json describes a different architecture than `config`."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        return
+    new = json.loads(cfg_file.read_text())
+    for key in _ARCH_KEYS:
+        if key in new and new[key] != getattr(config, key, new[key]):
+            raise ValueError(f"{cfg_file}: {key}={new[key]} differs from the served model's "
+                             f"{getattr(config, key)}; a weight update cannot change the architecture")
+
+
+def check_hf_update(model, named_shapes: Iterable, source: str, *, require_all: bool = False):
+    """Check names and shapes of an update against `model` before anything is copied (all-or-nothing)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    covered = set()
+    for name, shape in named_shapes:
+        if name not in params:
+            raise ValueError(f"{source}: unknown parameter {name!r}; expected Hugging Face names such as "
+                             f"{next(iter(params))!r}")
+        if tuple(params[name].shape) != tuple(shape):
+            raise ValueError(f"{source}: {name!r} has shape {tuple(shape)}, the served model has "
+                             f"{tuple(params[name].shape)}")
+        covered.add(id(params[name]))
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if require_all and missing:
+        raise ValueError(f"{source} lacks {len(missing)} parameters of the served model, e.g. {missing[:3]}")
+
+
+def copy_hf_tensors(model, named_tensors: Iterable):
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, tensor in named_tensors:
+            params[name].copy_(tensor)
+
+
+def iter_buckets(named_tensors: Iterable, bucket_bytes: int):
+    """Group `(name, tensor)` pairs into lists of about `bucket_bytes` (a larger tensor gets a bucket alone)."""
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+# --------------------------------------------------------------------------- sync modes
+class WeightSync:
+    """Base: `sync(named_tensors) -> new weight_version`; `last_sync` holds seconds and bytes of the last call."""
+    mode = ""
+
+    def __init__(self, weight_version: int = 0):
+        self.weight_version = weight_version
+        self.last_sync: dict = {}
+
+    def sync(self, named_tensors: Iterable) -> int:
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def _done(self, version: int, started: float, nbytes: int) -> int:
+        self.weight_version = version
+        self.last_sync = {"seconds": time.perf_counter() - started, "bytes": nbytes, "weight_version": version}
+        log.info("weight sync (%s) v%d: %.2f GB in %.2f s", self.mode, version, nbytes / 1e9,
+                 self.last_sync["seconds"])
+        return version
+
+
+class _ByteCounter:
+    def __init__(self, named_tensors):
+        self.named, self.nbytes = named_tensors, 0
+
+    def __iter__(self):
+        for name, tensor in self.named:
+            self.nbytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+
+class DiskWeightSync(WeightSync):
+    """Write HF safetensors under `out_dir/weights_v{N}` and have every server load them."""
+    mode = "disk"
+
+    def __init__(self, client, base_model_path, out_dir, *, max_shard_size_mb: int = 2048, keep_last: int = 1,
+                 weight_version: int = 0):
+        super().__init__(weight_version)
+        self.client, self.base_model_path, self.out_dir = client, Path(base_model_path), Path(out_dir)
+        self.max_shard_bytes, self.keep_last = max_shard_size_mb << 20, max(1, keep_last)
+
+    def sync(self, named_tensors: Iterable) -> int:
+        from .client import run_sync
+
+        started, version = time.perf_counter(), self.weight_version + 1
+        counter = _ByteCounter(named_tensors)
+        path = write_hf_checkpoint(counter, self.out_dir / f"weights_v{version:06d}",
+                                   base_model_path=self.base_model_path, max_shard_bytes=self.max_shard_bytes)
+        run_sync(self.client.update_weights_from_disk(str(path), weight_version=version))
+        for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return self._done(version, started, counter.nbytes)
+
+
+class TensorWeightSync(WeightSync):
+    """Copy into an in-process embedded engine. Takes the Engine or a RolloutClient built with `engine=`."""
+    mode = "tensor"
+
+    def __init__(self, engine, *, weight_version: int = 0):
+        super().__init__(weight_version)
+        self.engine = getattr(engine, "engine", None) or engine
+        if not hasattr(self.engine, "update_weights_from_tensor"):
+            raise ValueError("tensor weight sync needs the in-process Engine (or RolloutClient(engine=...)); "
+                             "for HTTP servers use mode 'disk' or 'distributed'")
+
+    def sync(self, named_tensors: Iterable) -> int:
+        # One call with every tensor: a partial update must never serve requests (this holds references, not copies).
+        started, version = time.perf_counter(), self.weight_version + 1
+        named = list(named_tensors)
+        self.engine.update_weights_from_tensor(named, weight_version=version)
+        return self._done(version, started, sum(t.numel() * t.element_size() for _, t in named))
+
+
+def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                             backend: str = "nccl", timeout_s: float = 600.0):
+    """Create a process group outside the default one, the way SGLang's receiver does (TCP rendezvous at
+    `master_address:master_port`, store prefixed by `group_name`), so both sides form the same group."""
+    from torch.distributed import distributed_c10d as c10d
+    import inspect
+
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                   timeout=timeout))
+    store.set_timeout(timeout)
+    store = c10d.PrefixStore(group_name, store)
+    options = "backend_options" if "backend_options" in inspect.signature(c10d._new_process_group_helper).parameters \
+        else "pg_options"
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
+                                              group_name=group_name, timeout=timeout, **{options: None})
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}  # lets dist.broadcast(group=...) work
+    return group
+
+
+class DistributedWeightSync(WeightSync):
+    """Broadcast from this process (rank 0) to every SGLang worker over a dedicated NCCL group.
+
+    `engine_ranks`: GPU ranks per worker (its tp_size), in the order of `client.worker_urls`.
+    """
+    mode = "distributed"
+
+    def __init__(self, client, *, master_address: str, master_port: int, engine_ranks=1,
+                 bucket_size_mb: int = 512, group_name: str = "dapo_weight_sync", backend: str = "nccl",
+                 device: str = "cuda", weight_version: int = 0):
+        super().__init__(weight_version)
+        self.client, self.group_name, self.backend, self.device = client, group_name, backend, device
+        self.master_address, self.master_port = master_address, master_port
+        urls = client.worker_urls
+        self.engine_ranks = [engine_ranks] * len(urls) if isinstance(engine_ranks, int) else list(engine_ranks)
+        if len(self.engine_ranks) != len(urls):
+            raise ValueError(f"engine_ranks has {len(self.engine_ranks)} entries for {len(urls)} worker urls")
+        self.bucket_bytes = bucket_size_mb << 20
+        self.group = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-http")
+
+    def init_group(self):
+        from .client import run_sync
+
+        world_size = 1 + sum(self.engine_ranks)
+        offsets = [1 + sum(self.engine_ranks[:i]) for i in range(len(self.engine_ranks))]
+        payloads = [{"master_address": self.master_address, "master_port": self.master_port, "rank_offset": off,
+                     "world_size": world_size, "group_name": self.group_name, "backend": self.backend}
+                    for off in offsets]
+        # The workers block in the rendezvous until this process joins it: call them from a thread.
+        pending = self._pool.submit(run_sync, self.client.init_weights_update_group(payloads))
+        self.group = init_weight_update_group(self.master_address, self.master_port, 0, world_size,
+                                              self.group_name, self.backend)
+        pending.result()
+
+    def sync(self, named_tensors: Iterable) -> int:
+        from .client import run_sync
+
+        if self.group is None:
+            self.init_group()
+        started, version, nbytes = time.perf_counter(), self.weight_version + 1, 0
+        run_sync(self.client.pause_generation())
+        try:
+            for bucket in iter_buckets(named_tensors, self.bucket_bytes):
+                nbytes += self._send_bucket(bucket, version)
+            run_sync(self.client.flush_cache())
+        finally:
+            run_sync(self.client.continue_generation())
+        return self._done(version, started, nbytes)
+
+    def _send_bucket(self, bucket: list, version: int) -> int:
+        from .client import run_sync
+
+        tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
+        meta = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for t in tensors],
+                "shapes": [list(t.shape) for t in tensors], "group_name": self.group_name, "flush_cache": False,
+                "weight_version": str(version)}
+        pending = self._pool.submit(run_sync, self.client.update_weights_from_distributed(meta))
+        handles = [torch.distributed.broadcast(t, src=0, group=self.group, async_op=True) for t in tensors]
+        for h in handles:
+            h.wait()
+        pending.result()
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def close(self):
+        from .client import run_sync
+
+        if self.group is not None:
+            run_sync(self.client.destroy_weights_update_group(self.group_name))
+            torch.distributed.destroy_process_group(self.group)
+            self.group = None
+        self._pool.shutdown(wait=False)
+
+
+WEIGHT_SYNC_MODES = {"disk": DiskWeightSync, "tensor": TensorWeightSync, "distributed": DistributedWeightSync}
+
+
+def make_weight_sync(mode: str, *args, **kwargs) -> WeightSync:
+    """`make_weight_sync("disk", client, base_model_path, out_dir)`, `("tensor", engine)`,
+    `("distributed", client, master_address=..., master_port=...)`."""
+    if mode not in WEIGHT_SYNC_MODES:
+        raise ValueError(f"unknown weight sync mode {mode!r}; choose one of {sorted(WEIGHT_SYNC_MODES)}")
+    return WEIGHT_SYNC_MODES[mode](*args, **kwargs)
