@@ -89,7 +89,7 @@ def _samples(pairs):
 
 
 def test_scorer_fills_samples_and_counts():
-    cfg = RewardConfig(type=SCRIPTED, num_workers=1, timeout_s=0.5, correct_reward=1.0, wrong_reward=-1.0)
+    cfg = RewardConfig(type=SCRIPTED, num_workers=1, timeout_s=1.0, correct_reward=1.0, wrong_reward=-1.0)
     with RewardScorer(cfg) as scorer:
         samples = _samples([("a", "a"), ("b", "a"), ("hang", "a"), ("raise", "a")])
         metrics = scorer.score_samples(samples)

@@ -31,7 +31,10 @@ class RewardScorer:
         return self._apply(samples, _run_coroutine(self._remote.score(_items(samples))))
 
     async def ascore_samples(self, samples: Sequence[Sample]) -> dict:
-        if self._pool is not None:  # the pool blocks on pipes: keep the event loop free
+        if self._pool is not None and self.cfg.num_workers == 0:
+            # In-process (debug) mode runs inline: no thread hop, so a scripted rollout stays deterministic.
+            results = self._pool.map(_pairs(samples))
+        elif self._pool is not None:  # the pool blocks on pipes: keep the event loop free
             results = await asyncio.to_thread(self._pool.map, _pairs(samples))
         else:
             results = await self._remote.score(_items(samples))
