@@ -9,8 +9,9 @@ BUILTIN_VERIFIERS = {
     "math_verify": ("dapo_megatron.reward.math_verify_reward", "verify"),
     "gsm8k": ("dapo_megatron.reward.gsm8k", "verify"),
 }
-# Imported by the forkserver once so that (re)started workers need no import time.
-PRELOAD_MODULES = ["dapo_megatron.reward.registry", "dapo_megatron.reward.math_dapo",
+# Imported by the forkserver once so that (re)started workers need no import time. `__main__` (the
+# documented idiom) stops every worker from re-running the trainer script's imports.
+PRELOAD_MODULES = ["__main__", "dapo_megatron.reward.registry", "dapo_megatron.reward.math_dapo",
                    "dapo_megatron.reward.math_verify_reward", "dapo_megatron.reward.gsm8k", "math_verify"]
 
 
