@@ -224,16 +224,6 @@ def _select(b: _Batch, keep: list) -> Optional[_Batch]:
     return _Batch([b.rows[i] for i in keep], _make_cache(kv), mask[:, lead:], b.next_pos[idx], b.pending[idx])
 
 
-def _to_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
-    return names[dtype]
-
-
 class Engine:
     """In-process generation engine. Thread-safe; `generate` is async, `generate_sync` blocks."""
 
@@ -245,8 +235,9 @@ class Engine:
         self.tokenizer_path = str(tokenizer_path or model_path)
         if not (Path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {self.model_path}: pass a Hugging Face model folder")
-        self.dtype, self.device = _to_dtype(dtype), torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device).eval()
+        dtype = str(dtype).replace("torch.", "") if not isinstance(dtype, str) else dtype  # "float32", "bfloat16"
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(device).eval()
+        self.dtype, self.device = self.model.dtype, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         cfg = self.model.config
         if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
@@ -436,6 +427,11 @@ class Engine:
     def is_paused(self) -> bool:
         return self._paused
 
+    @property
+    def num_requests(self) -> int:
+        """Requests waiting or running."""
+        return len(self._requests)
+
     # ------------------------------------------------------------------ scheduler
     def _loop(self):
         while True:
@@ -571,19 +567,18 @@ class Engine:
         return list(reqs.values())
 
     def _resolve(self, done: list):
+        """Answer finished requests, then release them: a waiting weight update applies only after."""
         if not done:
             return
-        # format before releasing the requests: a waiting weight update may apply right after
-        outputs = [None if req.future.done() else [self._output(s) for s in req.seqs] for req in done]
         with self._cv:
             for req in done:
                 self._requests.pop(req.rid, None)
-                if req.admitted:
-                    self._num_active -= 1
+        for req in done:
+            if not req.future.done():
+                req.future.set_result([self._output(s) for s in req.seqs])
+        with self._cv:
+            self._num_active -= sum(req.admitted for req in done)
             self._cv.notify_all()
-        for req, out in zip(done, outputs):
-            if out is not None:
-                req.future.set_result(out)
 
     # ------------------------------------------------------------------ outputs
     def _output(self, s: _Seq) -> dict:

@@ -191,11 +191,11 @@ class DiskWeightSync(WeightSync):
     """Write HF safetensors under `out_dir/weights_v{N}` and have every server load them."""
     mode = "disk"
 
-    def __init__(self, client, base_model_path, out_dir, *, max_shard_size_mb: int = 2048, keep_last: int = 1,
+    def __init__(self, client, base_model_path, out_dir, *, max_shard_size_mb: float = 2048, keep_last: int = 1,
                  weight_version: int = 0):
         super().__init__(weight_version)
         self.client, self.base_model_path, self.out_dir = client, Path(base_model_path), Path(out_dir)
-        self.max_shard_bytes, self.keep_last = max_shard_size_mb << 20, max(1, keep_last)
+        self.max_shard_bytes, self.keep_last = int(max_shard_size_mb * 2 ** 20), max(1, keep_last)
 
     def sync(self, named_tensors: Iterable) -> int:
         from .client import run_sync
@@ -257,7 +257,7 @@ class DistributedWeightSync(WeightSync):
     mode = "distributed"
 
     def __init__(self, client, *, master_address: str, master_port: int, engine_ranks=1,
-                 bucket_size_mb: int = 512, group_name: str = "dapo_weight_sync", backend: str = "nccl",
+                 bucket_size_mb: float = 512, group_name: str = "dapo_weight_sync", backend: str = "nccl",
                  device: str = "cuda", weight_version: int = 0):
         super().__init__(weight_version)
         self.client, self.group_name, self.backend, self.device = client, group_name, backend, device
@@ -266,7 +266,7 @@ class DistributedWeightSync(WeightSync):
         self.engine_ranks = [engine_ranks] * len(urls) if isinstance(engine_ranks, int) else list(engine_ranks)
         if len(self.engine_ranks) != len(urls):
             raise ValueError(f"engine_ranks has {len(self.engine_ranks)} entries for {len(urls)} worker urls")
-        self.bucket_bytes = bucket_size_mb << 20
+        self.bucket_bytes = int(bucket_size_mb * 2 ** 20)
         self.group = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-http")
 
