@@ -214,6 +214,27 @@ def test_occupied_target_is_refused_untouched(conv):
     assert not [p.name for p in conv["t"].iterdir() if p.name.startswith(".occupied.")]
 
 
+def test_hf_check_tolerates_spelled_out_tied_head_and_rope_buffers(tmp_path):
+    from dapo_megatron.models.convert import check_hf_tensors, hf_to_megatron
+    from dapo_megatron.models.hf_config import arch_from_hf, load_hf_config
+
+    src = make_tiny_hf_model(tmp_path / "src", "qwen2.5", seed=1)
+    arch = arch_from_hf(load_hf_config(src))
+    same = edited_copy(src, tmp_path / "same", tensors=lambda d: {
+        **d, "lm_head.weight": d["model.embed_tokens.weight"].clone(),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
+    with HFCheckpointReader(same) as r:
+        check_hf_tensors(r, arch)
+    differs = edited_copy(src, tmp_path / "differs", tensors=lambda d: {
+        **d, "lm_head.weight": d["model.embed_tokens.weight"] + 1})
+    with HFCheckpointReader(differs) as r, pytest.raises(CheckpointError, match="unexpected tensor 'lm_head.weight'"):
+        check_hf_tensors(r, arch)
+    with pytest.raises(CheckpointError, match="would replace the input"):
+        hf_to_megatron(src, src, overwrite=True)
+    with pytest.raises(CheckpointError, match="would replace the input"):
+        hf_to_megatron(src, tmp_path, overwrite=True)
+
+
 def test_resolve_checkpoint_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="has no `latest` file"):
         resolve_checkpoint(tmp_path)

@@ -196,15 +196,26 @@ def save_lazy_dist_checkpoint(model, full_param: Callable[[str], torch.Tensor], 
     total = sum(st.data.numel() * st.data.element_size() for _, st in _sharded_tensors(sharded_sd))
     progress = Progress("hf->megatron", len(sources), total, log)
     cache: dict[str, torch.Tensor] = {}
+    written: list[torch.Tensor] = []
 
     def materialize(key, offset, sizes):
+        # torch's FileSystemWriter keeps a reference to every tensor it wrote until the save ends (for its
+        # safetensors format); by the time it asks for the next chunk the previous one is on disk, so free it.
+        for t in written:
+            t.untyped_storage().resize_(0)
+        written.clear()
         path, slices = sources[(key, offset)]
         if path not in cache:
             cache.clear()  # the chunks of one parameter (SwiGLU gate/up) are written one after another
             cache[path] = full_param(path)
-        chunk = cache[path][slices].reshape(sizes)
-        progress(chunk.numel() * chunk.element_size())
-        return chunk
+        chunk = cache[path][slices]
+        if chunk.nbytes == cache[path].untyped_storage().nbytes():
+            cache.clear()  # the chunk is the whole parameter and owns its storage
+        else:
+            chunk = chunk.clone()  # a part: give it its own storage (the writer would clone it anyway)
+        written.append(chunk)
+        progress(chunk.nbytes)
+        return chunk.reshape(sizes)
 
     model_dir.mkdir(parents=True)
     dist_checkpointing.save(sharded_sd, str(model_dir), sharded_strategy=_lazy_save_strategy(materialize))
@@ -287,7 +298,7 @@ def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pip
     The TP/PP sizes are only validated against the model: the checkpoint loads at any TP/PP.
     """
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
-    check_output_dir(save_dir, overwrite)
+    check_output_dir(save_dir, overwrite, source=hf_dir)
     arch = arch_from_hf(load_hf_config(hf_dir))
     check_parallel_sizes(arch, tensor_model_parallel_size, pipeline_model_parallel_size)
     with HFCheckpointReader(hf_dir) as reader:
@@ -315,7 +326,7 @@ def megatron_to_hf(load_dir, save_dir, *, iteration: Optional[int] = None, hf_co
                    overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """Convert a Megatron checkpoint root (any iteration, saved at any TP/PP) to an HF safetensors folder."""
     load_dir, save_dir = Path(load_dir), Path(save_dir)
-    check_output_dir(save_dir, overwrite)
+    check_output_dir(save_dir, overwrite, source=load_dir)
     hf_config_dir = Path(hf_config_dir) if hf_config_dir else load_dir / HF_CONFIG_DIR
     if not (hf_config_dir / "config.json").is_file():
         raise CheckpointError(f"no config.json in {hf_config_dir}: pass --hf-config with the model's HF folder")

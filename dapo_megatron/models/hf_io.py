@@ -7,6 +7,7 @@ each shard and fills the header in (space-padded, as the format allows) when the
 built under a temporary sibling and renamed into place only when complete (`staging_dir`).
 """
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default max_shard_size="5GB"
 HEADER_RESERVE = 64 * 1024  # room for ~500 tensor entries per shard; a shard closes early when it is full
 _MAX_HEADER = 100 * 1000 * 1000  # the safetensors library refuses larger headers
 INDEX_NAME = "model.safetensors.index.json"
@@ -127,7 +128,7 @@ class HFCheckpointReader:
         if file not in self._fds:
             self._fds[file] = os.open(file, os.O_RDONLY)
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        _pread_into(self._fds[file], buf.numpy(), offset, f"{name!r} in {file}")
+        _pread_into(self._fds[file], buf, offset, f"{name!r} in {file}")
         return buf.view(DTYPES[dtype]).reshape(shape)
 
     def close(self) -> None:
@@ -142,8 +143,11 @@ class HFCheckpointReader:
         self.close()
 
 
-def _pread_into(fd: int, array, offset: int, what: str) -> None:
-    view, done = memoryview(array).cast("B"), 0
+def _pread_into(fd: int, buf: torch.Tensor, offset: int, what: str) -> None:
+    if not buf.numel():
+        return
+    # A ctypes view rather than .numpy(): numpy sharing would pin the storage (callers may free it early).
+    view, done = memoryview((ctypes.c_char * buf.numel()).from_address(buf.data_ptr())).cast("B"), 0
     while done < len(view):
         n = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
         if n == 0:
@@ -279,8 +283,13 @@ def write_hf_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], out_d
 # ---------------------------------------------------------------- output folders and progress
 
 
-def check_output_dir(out_dir, overwrite: bool) -> None:
+def check_output_dir(out_dir, overwrite: bool, source=None) -> None:
+    """Refuse a non-empty `out_dir` unless `overwrite`, and an `out_dir` that is or holds the `source` folder."""
     out_dir = Path(out_dir)
+    if source is not None:
+        src, dst = Path(source).resolve(), out_dir.resolve()
+        if src == dst or dst in src.parents:
+            raise CheckpointError(f"the output folder {out_dir} would replace the input {source}; choose another")
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

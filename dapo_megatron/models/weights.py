@@ -134,13 +134,18 @@ def to_hf(name: str, shards: list[torch.Tensor], arch: ModelArch) -> dict[str, t
         return {}  # tied: the embedding carries it
     if name.endswith("linear_fc1.weight"):
         halves = [s.chunk(2, dim=0) for s in shards]
-        gate = torch.cat([h[0] for h in halves], dim=0)
-        up = torch.cat([h[1] for h in halves], dim=0)
+        gate = _cat([h[0] for h in halves], dim=0)
+        up = _cat([h[1] for h in halves], dim=0)
         return dict(zip(hf_names, (gate, up)))
-    full = shards[0] if dim is None else torch.cat(shards, dim=dim)
+    full = shards[0] if dim is None else _cat(shards, dim=dim)
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         return dict(zip(hf_names, _qkv_from_megatron(full, arch)))
     return {hf_names[0]: full}
+
+
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    # One shard (TP=1, conversion): a view, not a copy of what may be the largest tensor of the model.
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def expected_hf_names(arch: ModelArch) -> set[str]:

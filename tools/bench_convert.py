@@ -1,0 +1,140 @@
+"""Benchmark checkpoint conversion on a generated ~2 GB bf16 model: throughput and peak memory, both directions.
+
+    python tools/bench_convert.py [--layers 9] [--work-dir /tmp] [--keep]
+
+The model is Qwen2.5-3B-shaped (hidden 2048, ffn 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings,
+qkv bias) with fewer layers, written straight with the safetensors writer (no HF model object). Each direction runs
+in a fresh process so its peak RSS (VmHWM) is its own; the baseline is that process's RSS after importing
+torch + megatron-core, before converting. The round trip is checked to be bit-identical. Files are in the page
+cache (the machine's RAM holds them), so the throughput is not disk-bound.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 11008, "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True, "use_sliding_window": False,
+    "vocab_size": 151936, "torch_dtype": "bfloat16",
+}
+
+
+def make_model(out_dir: Path, layers: int) -> tuple[int, int]:
+    """Write the random bf16 model; return (total bytes, largest tensor bytes)."""
+    from dapo_megatron.models.hf_config import arch_from_hf
+    from dapo_megatron.models.hf_io import write_hf_checkpoint
+    from dapo_megatron.models.tiny import TOY_TOKENIZER_DIR
+    from dapo_megatron.models.weights import expected_hf_shapes
+
+    cfg = {**CONFIG, "num_hidden_layers": layers}
+    shapes = expected_hf_shapes(arch_from_hf(cfg))
+    gen = torch.Generator().manual_seed(0)
+    tensors = ((n, torch.randn(s, generator=gen, dtype=torch.float32).to(torch.bfloat16) * 0.02)
+               for n, s in sorted(shapes.items()))
+    src = out_dir.parent / "bench_cfg"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(cfg))
+    for f in TOY_TOKENIZER_DIR.iterdir():
+        shutil.copy(f, src / f.name)
+    write_hf_checkpoint(tensors, out_dir, hf_config_dir=src, max_shard_bytes=10**9)
+    sizes = [torch.Size(s).numel() * 2 for s in shapes.values()]
+    return sum(sizes), max(sizes)
+
+
+def child(direction: str, src: str, dst: str) -> None:
+    """Run one conversion; print a JSON line with seconds, baseline and peak RSS (bytes)."""
+    # Imports are the baseline, not the conversion.
+    import megatron.core.dist_checkpointing  # noqa: F401
+    import megatron.core.models.gpt  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+
+    from dapo_megatron.models.convert import hf_to_megatron, megatron_to_hf
+
+    base = _rss_now()
+    start = time.perf_counter()
+    if direction == "hf-to-megatron":
+        hf_to_megatron(src, dst)
+    else:
+        megatron_to_hf(src, dst)
+    secs = time.perf_counter() - start
+    print(json.dumps({"seconds": secs, "baseline_rss": base, "peak_rss": _status_kb("VmHWM") * 1024}), flush=True)
+
+
+def _rss_now() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def _status_kb(field: str) -> int:
+    # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork + exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def run_child(direction: str, src: Path, dst: Path) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", direction, str(src), str(dst)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"{direction} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    for line in proc.stdout.splitlines():
+        if not line.startswith("{"):
+            print("   ", line)
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def check_identical(a: Path, b: Path) -> int:
+    from dapo_megatron.models.hf_io import HFCheckpointReader
+
+    with HFCheckpointReader(a) as ra, HFCheckpointReader(b) as rb:
+        if sorted(ra.names) != sorted(rb.names):
+            raise SystemExit("round trip changed the tensor names")
+        for n in ra.names:
+            if not torch.equal(ra.get(n), rb.get(n)):
+                raise SystemExit(f"round trip changed {n}")
+        return len(ra.names)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=9, help="decoder layers (9 -> ~2.0 GB)")
+    p.add_argument("--work-dir", default=tempfile.gettempdir())
+    p.add_argument("--keep", action="store_true", help="keep the generated folders")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(*args.child)
+    work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.work_dir))
+    try:
+        t0 = time.perf_counter()
+        total, largest = make_model(work / "hf", args.layers)
+        print(f"model: {args.layers} layers, {total / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB "
+              f"(embedding), written in {time.perf_counter() - t0:.1f} s")
+        rows = []
+        for direction, src, dst in [("hf-to-megatron", work / "hf", work / "mg"),
+                                    ("megatron-to-hf", work / "mg", work / "hf_back")]:
+            r = run_child(direction, src, dst)
+            extra = r["peak_rss"] - r["baseline_rss"]
+            rows.append(f"{direction:15s} {r['seconds']:6.1f} s  {total / 1e9 / r['seconds']:5.2f} GB/s  peak RSS "
+                        f"{r['peak_rss'] / 1e9:5.2f} GB (baseline {r['baseline_rss'] / 1e9:.2f} GB; +{extra / 1e9:.2f}"
+                        f" GB = {extra / largest:.1f}x largest tensor, {extra / total:.2f}x model)")
+        n = check_identical(work / "hf", work / "hf_back")
+        print(f"round trip bit-identical: {n} tensors")
+        print("\n".join(rows))
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
