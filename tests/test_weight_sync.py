@@ -16,7 +16,7 @@ from dapo_megatron.rollout.client import RolloutClient, RolloutServerError
 from dapo_megatron.rollout.engine import Engine
 from dapo_megatron.rollout.sample import Sample
 from dapo_megatron.rollout.server import free_port, launch_embedded_server, wait_for_health
-from dapo_megatron.rollout.weight_sync import (DiskWeightSync, DistributedWeightSync, TensorWeightSync,
+from dapo_megatron.rollout.weight_sync import (DistributedWeightSync, TensorWeightSync,
                                                iter_buckets, make_weight_sync, write_hf_checkpoint)
 
 PROMPT = [5, 6, 7, 8]

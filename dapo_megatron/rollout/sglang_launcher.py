@@ -15,13 +15,13 @@ leaving the `with` block, and at interpreter exit.
 """
 import atexit
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import urllib.request
-import json
 from pathlib import Path
 from typing import Optional
 

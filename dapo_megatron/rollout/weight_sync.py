@@ -22,7 +22,7 @@ import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
