@@ -109,8 +109,10 @@ def conv(tmp_path_factory):
              for k, (d, _) in bad_hf.items()]
     jobs += [h2m(hf["qwen2.5"], occupied)]
     jobs += [m2h(root, t / f"out_{k}", "--hf-config", str(cfg)) for k, (root, cfg, _) in bad_cfg.items()]
-    jobs += [m2h(mg["bf16"], t / "hf_bf16_back")]
-    results = dict(zip([*hf, *bad_hf, "occupied", *bad_cfg, "bf16_back"], run_conversions(jobs, t)))
+    jobs += [m2h(mg["bf16"], t / "hf_bf16_back"), h2m(hf["llama"], t / "mg_llama_cast", "--dtype", "bf16"),
+             m2h(t / "mg_llama_cast", t / "hf_llama_cast")]
+    names = [*hf, *bad_hf, "occupied", *bad_cfg, "bf16_back", "cast", "cast_back"]
+    results = dict(zip(names, run_conversions(jobs, t)))
 
     # The trainer's side: load each checkpoint at TP=2 PP=2, compute logits, re-save as iteration 5.
     tp_jobs = [{"hf_dir": str(hf[f]), "mg_root": str(mg[f]), "out_root": str(t / f"resaved_{f}"),
@@ -188,6 +190,12 @@ def test_checkpoint_layout_and_bf16(conv):
     back = conv["t"] / "hf_bf16_back"
     assert_same_tensors(conv["hf"]["bf16"], back)
     assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
+    # fp32 llama converted with --dtype bf16: the export holds exactly the bf16-rounded weights.
+    assert conv["results"]["cast"]["rc"] == 0 and conv["results"]["cast_back"]["rc"] == 0
+    with HFCheckpointReader(conv["hf"]["llama"]) as a, HFCheckpointReader(conv["t"] / "hf_llama_cast") as b:
+        assert sorted(a.names) == sorted(b.names)
+        for n in a.names:
+            assert b.dtype(n) == torch.bfloat16 and torch.equal(a.get(n).to(torch.bfloat16), b.get(n)), n
     # The trainer's entries beside the model (optim/, trainer_state.json) were ignored by the export.
     assert (conv["t"] / "resaved_qwen3" / "iter_0000005" / "optim").is_dir()
 
@@ -269,6 +277,8 @@ def test_writer_shards_by_size_and_safetensors_reads_them(tmp_path):
             assert torch.equal(f.get_tensor(name), tensors[name])
     with HFCheckpointReader(out) as r:
         assert r.dtype("b") == torch.bfloat16 and torch.equal(r.get("t3"), tensors["t3"])
+        r.get("t2").untyped_storage().resize_(0)  # read buffers stay freeable
+    tensors["t0"].untyped_storage().resize_(0)  # the writer did not pin the caller's storage (offload frees it)
 
 
 def test_writer_dtype_cast_config_and_header_overflow(tmp_path, monkeypatch):

@@ -176,10 +176,10 @@ def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Te
     class LazySaveStrategy(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            # One writer thread keeps the plan order, so the chunks of one parameter come one after another, and
-            # the torch FileSystemWriter resolves each item just before writing it (megatron's async writer
-            # resolves all items first).
-            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1)
+            # One thread and no copy-ahead: the torch writer then resolves each item just before writing it, in
+            # plan order (the chunks of one parameter one after another), which `materialize` relies on to free
+            # the previous chunk. Megatron's own async writer resolves every item before writing any.
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0)
             dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer,
                      planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
 

@@ -143,11 +143,17 @@ class HFCheckpointReader:
         self.close()
 
 
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying. ctypes rather than `.numpy()`: sharing with numpy
+    would make the storage non-resizable, and its owner may free it early (conversion) or offload it (training)."""
+    nbytes = t.numel() * t.element_size()
+    if not nbytes:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
 def _pread_into(fd: int, buf: torch.Tensor, offset: int, what: str) -> None:
-    if not buf.numel():
-        return
-    # A ctypes view rather than .numpy(): numpy sharing would pin the storage (callers may free it early).
-    view, done = memoryview((ctypes.c_char * buf.numel()).from_address(buf.data_ptr())).cast("B"), 0
+    view, done = _byte_view(buf), 0
     while done < len(view):
         n = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
         if n == 0:
@@ -171,14 +177,16 @@ class ShardedSafetensorsWriter:
         self.dtype = dtype
         self.on_tensor = on_tensor
         self._shards: list[tuple[Path, dict]] = []  # (file, header) of every shard; the last one is open
+        self._names: set[str] = set()
         self._file = None
-        self._data_bytes = 0
+        self._data_bytes = self._header_len = 0
         self.dtypes: set[torch.dtype] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if any(name in header for _, header in self._shards):
+        if name in self._names:
             raise CheckpointError(f"tensor {name!r} was written twice")
+        self._names.add(name)
         t = tensor.detach()
         if self.dtype is not None and t.is_floating_point():
             t = t.to(self.dtype)
@@ -188,21 +196,20 @@ class ShardedSafetensorsWriter:
         nbytes = t.numel() * t.element_size()
         entry = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                  "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
+        # An upper bound of what the entry adds to the header (its offsets only shrink in a new shard).
+        entry_len = len(json.dumps({name: entry}, separators=(",", ":")))
         if self._file is None or (self._data_bytes and self._data_bytes + nbytes > self.max_shard_bytes) \
-                or not self._fits(name, entry):
+                or self._header_len + entry_len > HEADER_RESERVE:
             self._open_shard()
             entry["data_offsets"] = [0, nbytes]
-        self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._file.write(_byte_view(t))
         self._shards[-1][1][name] = entry
+        self._header_len += entry_len
         self._data_bytes += nbytes
         self.total_bytes += nbytes
         self.dtypes.add(t.dtype)
         if self.on_tensor:
             self.on_tensor(nbytes)
-
-    def _fits(self, name: str, entry: dict) -> bool:
-        header = {**self._shards[-1][1], name: entry}
-        return len(_header_bytes(header)) <= HEADER_RESERVE
 
     def _open_shard(self) -> None:
         self._close_shard()
@@ -211,6 +218,7 @@ class ShardedSafetensorsWriter:
         self._file.write(b" " * (8 + HEADER_RESERVE))
         self._shards.append((path, {}))
         self._data_bytes = 0
+        self._header_len = len(_header_bytes({}))
 
     def _close_shard(self) -> None:
         if self._file is None:
