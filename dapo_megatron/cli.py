@@ -14,7 +14,7 @@ def _train(argv):
     from .config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, world_size=_planned_world_size(args))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
@@ -26,6 +26,24 @@ def _train(argv):
     from .train.loop import run
 
     run(cfg)
+
+
+def _planned_world_size(args) -> int:
+    """Under torchrun: WORLD_SIZE. Alone: the TP x PP processes this command will launch."""
+    if "RANK" in os.environ:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    import yaml
+
+    tree = yaml.safe_load(open(args.config)) if args.config and os.path.isfile(args.config) else {}
+    par = dict((tree or {}).get("parallel") or {})
+    for item in args.overrides:
+        key, _, raw = item.partition("=")
+        if key.startswith("parallel."):
+            par[key.split(".", 1)[1]] = yaml.safe_load(raw)
+    try:
+        return int(par.get("tensor_model_parallel_size", 1)) * int(par.get("pipeline_model_parallel_size", 1))
+    except (TypeError, ValueError):
+        return 1  # load_config reports the bad value
 
 
 def _eval(argv):

@@ -5,6 +5,7 @@ rollout.buffer.DynamicSamplingConfig, ...), so a key means the same thing everyw
 before any process group starts, with messages naming the key and the fix.
 """
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Sections stored as dicts on Config, with the dataclass that types them.
+_FIELD_SECTIONS = {"Config": {"dynamic_sampling": DynamicSamplingConfig}}
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
@@ -131,6 +136,8 @@ def _build(cls, data: dict, prefix: str):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        elif key in _FIELD_SECTIONS.get(cls.__name__, {}):
+            kwargs[key] = _coerce_fields(_FIELD_SECTIONS[cls.__name__][key], value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
     try:
@@ -141,12 +148,32 @@ def _build(cls, data: dict, prefix: str):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
 
 
+class _Raw(str):
+    """A command-line override value, parsed as YAML unless its field is a string."""
+
+
+def _coerce_fields(cls, data: dict, prefix: str) -> dict:
+    """Type-check a section kept as a dict (its dataclass needs values from other sections to be built)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    derived = {"rollout_batch_size", "n_samples_per_prompt"}
+    for key in data:
+        if key in derived:
+            raise ConfigError(f"{prefix}{key} is set in the rollout section: use rollout.{key}")
+        if key not in hints:
+            raise ConfigError(f"unknown config key {prefix}{key}; valid keys: {', '.join(sorted(set(hints) - derived))}")
+    return {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+
+
 def _coerce(value, hint, key):
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    target = args[0] if origin in (typing.Union, types.UnionType) and args else hint
+    if isinstance(value, _Raw):
+        value = str(value) if target is str and value not in ("null", "~", "") else yaml.safe_load(value)
     if value is None:
         return None
-    target = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else hint
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if target in (int, float, str, bool) and not isinstance(value, target):
@@ -164,7 +191,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
+def load_config(path: Optional[str] = None, overrides: list[str] = (), world_size: Optional[int] = None) -> Config:
+    """Read YAML + overrides and validate for `world_size` processes (default: this launch's WORLD_SIZE)."""
     tree: dict = {}
     if path:
         p = Path(path)
@@ -178,9 +206,9 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        _set_dotted(tree, key.strip(), _Raw(raw))
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny tensors: one thread is faster than two fighting over a busy 2-core machine.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -238,10 +238,12 @@ def _gather_objects(obj):
 
 
 def train_on_batch(actor: Actor, samples: list[Sample]) -> list[dict]:
-    """`ppo_epochs` passes over the rollout batch in `global_batch_size` mini-batches (one optimizer step each)."""
+    """`ppo_epochs` passes over the rollout batch in `global_batch_size` mini-batches (one optimizer step each).
+
+    A short batch (dynamic sampling hit its bound with on_exhausted=train) gives a smaller last mini-batch; it is
+    trimmed to a multiple of the data-parallel size so every rank trains on the same number of responses.
+    """
     gbs = actor.cfg.global_batch_size
-    if len(samples) % gbs:
-        raise ValueError(f"the rollout batch has {len(samples)} responses, not a multiple of "
-                         f"actor.global_batch_size={gbs}; make rollout_batch_size x n_samples_per_prompt a multiple")
-    return [actor.train_step(samples[i:i + gbs]) for _ in range(actor.cfg.ppo_epochs)
-            for i in range(0, len(samples), gbs)]
+    usable = len(samples) - len(samples) % actor.dp_size
+    minibatches = [samples[i:min(i + gbs, usable)] for i in range(0, usable, gbs)]
+    return [actor.train_step(mb) for _ in range(actor.cfg.ppo_epochs) for mb in minibatches]

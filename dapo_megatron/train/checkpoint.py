@@ -71,9 +71,12 @@ def save_checkpoint(root, iteration: int, actor, trainer_state: dict, hf_config_
         (tmp / "optim").mkdir()
         (tmp / "rng").mkdir()
     dist.barrier()
-    model_sd = actor.model.module.sharded_state_dict()
+    module = actor.model.module
+    # Build both before saving: save() rewrites the state dict it is given in place.
+    model_sd = module.sharded_state_dict()
+    optim_sd = actor.optimizer.sharded_state_dict(module.sharded_state_dict())
     dist_checkpointing.save(model_sd, str(tmp / "model"))
-    dist_checkpointing.save(actor.optimizer.sharded_state_dict(model_sd), str(tmp / "optim"))
+    dist_checkpointing.save(optim_sd, str(tmp / "optim"))
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
     dist.barrier()
     if rank == 0:

@@ -1,5 +1,7 @@
 """The DAPO loop: generate -> reward/filter -> (old log-probs) -> train -> sync weights -> checkpoint -> eval."""
 import json
+import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,8 +41,10 @@ def run(cfg: Config) -> dict:
             if cfg.actor.recompute_old_logprobs:
                 with _timer(times, "old_logprobs"):
                     actor.compute_logprobs(batch)
+                train_metrics["rollout/train_infer_logprob_diff_max"] = _logprob_gap(batch)
+            _inject_fault(step)
             with _timer(times, "train"):
-                train_metrics = _mean(train_on_batch(actor, batch))
+                train_metrics.update(_mean(train_on_batch(actor, batch)))
             with _timer(times, "sync"):
                 sync_weights(actor, stage, cfg, version=step + 1)
         if _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
@@ -72,6 +76,18 @@ def _resume(cfg: Config, actor: Actor, stage) -> int:
     if stage is not None and state.get("rollout"):
         stage.load_state_dict(state["rollout"])
     return int(state.get("iteration", 0))
+
+
+def _logprob_gap(batch) -> float:
+    """Max |trainer - engine| log-prob over the batch: ~0 when weight sync and both forward passes agree."""
+    return max((abs(a - b) for s in batch for a, b in zip(s.metadata["old_logprobs"], s.rollout_logprobs)),
+               default=0.0)
+
+
+def _inject_fault(step: int) -> None:
+    # Fault injection for the resume tests: DAPO_FAULT_AT_STEP=N kills this process with SIGKILL mid-step N.
+    if os.environ.get("DAPO_FAULT_AT_STEP") == str(step + 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _trainer_state(iteration: int, stage) -> dict:
