@@ -18,7 +18,6 @@ from dapo_megatron.models.convert import parse_size, resolve_checkpoint
 from dapo_megatron.models.hf_io import (
     CheckpointError,
     HFCheckpointReader,
-    ShardedSafetensorsWriter,
     staging_dir,
     write_hf_checkpoint,
 )
@@ -185,7 +184,8 @@ def test_checkpoint_layout_and_bf16(conv):
     assert (root / "latest").read_text().strip() == "iter_0000000"
     assert resolve_checkpoint(root) == root / "iter_0000000" / "model"
     assert (root / "iter_0000000" / "model" / "metadata.json").is_file()
-    assert {"config.json", "tokenizer.json", "generation_config.json"} <= {p.name for p in (root / "hf_config").iterdir()}
+    copied = {p.name for p in (root / "hf_config").iterdir()}
+    assert {"config.json", "tokenizer.json", "generation_config.json"} <= copied and "model.safetensors" not in copied
     assert conv["results"]["bf16_back"]["rc"] == 0
     back = conv["t"] / "hf_bf16_back"
     assert_same_tensors(conv["hf"]["bf16"], back)
