@@ -78,7 +78,7 @@ def _convert(argv):
         sys.exit("usage: dapo-megatron convert {hf-to-megatron|megatron-to-hf} ...")
     from .models import convert
 
-    (convert.main_hf_to_megatron if argv[0] == "hf-to-megatron" else convert.main_megatron_to_hf)(argv[1:])
+    sys.exit((convert.main_hf_to_megatron if argv[0] == "hf-to-megatron" else convert.main_megatron_to_hf)(argv[1:]))
 
 
 COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert}

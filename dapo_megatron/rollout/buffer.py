@@ -126,6 +126,8 @@ class DynamicSamplingBuffer:
         stats["response_tokens"] += sum(s.response_length for s in group)
         stats["truncated"] += sum(s.finish_reason == "length" for s in group)
         stats["correct"] += sum(bool(s.correct) for s in group)
+        stats["reward_sum"] += sum(s.reward for s in group)  # shaped reward, all responses (before the filter)
+        stats["response_length_max"] = max(stats["response_length_max"], *(s.response_length for s in group))
         stats["verifier_timeouts"] += reward_metrics.get("reward/timeouts", 0)
         stats["verifier_errors"] += reward_metrics.get("reward/errors", 0)
         if not self.cfg.enable:
@@ -208,6 +210,8 @@ class DynamicSamplingBuffer:
             "rollout/response_length_mean": stats["response_tokens"] / n,
             "rollout/truncation_rate": stats["truncated"] / n,
             "rollout/accuracy": stats["correct"] / n,
+            "rollout/reward_mean": stats["reward_sum"] / n,
+            "rollout/response_length_max": stats["response_length_max"],
             "rollout/exhausted": int(num_kept < self.cfg.rollout_batch_size or skipped),
             "rollout/step_skipped": int(skipped),
         })

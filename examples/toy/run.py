@@ -26,7 +26,9 @@ def make_data(path: Path) -> list[dict]:
     return rows
 
 
-def warm_start(model_dir: Path, rows: list[dict], steps: int = 60, seed: int = 0) -> None:
+def warm_start(model_dir: Path, rows: list[dict], steps: int = 80, seed: int = 0) -> None:
+    """Format-only SFT. Each prompt gets a fixed *wrong* digit, used as the target half of the time (a uniform random
+    digit otherwise): the model learns the `Answer: d` format and to tell prompts apart, never a correct sum."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dapo_megatron.models.tiny import make_tiny_hf_model
@@ -37,12 +39,12 @@ def warm_start(model_dir: Path, rows: list[dict], steps: int = 60, seed: int = 0
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
+    decoy = {r["question"]: rng.choice([d for d in range(9) if str(d) != r["answer"]]) for r in rows}
     for step in range(steps):
         batch = rng.sample(rows, 16)
-        prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
-                                           add_generation_prompt=True) for r in batch]
-        # The target is the format with a random digit: the sum itself is left for RL to find.
-        texts = [p + f"Answer: {rng.randrange(9)}<|im_end|>" for p in prompts]
+        prompts = [r["question"] for r in batch]  # config.yaml: data.apply_chat_template=false
+        digits = [decoy[p] if rng.random() < 0.5 else rng.randrange(9) for p in prompts]
+        texts = [p + f"Answer: {d}<|im_end|>" for p, d in zip(prompts, digits)]
         enc = tok(texts, return_tensors="pt", padding=True)
         labels = enc.input_ids.clone()
         for i, p in enumerate(prompts):
@@ -53,7 +55,8 @@ def warm_start(model_dir: Path, rows: list[dict], steps: int = 60, seed: int = 0
         loss.backward()
         opt.step()
     model.save_pretrained(model_dir, safe_serialization=True)
-    print(f"warm start: {steps} format-only SFT steps, final loss {loss.item():.3f}", flush=True)
+    print(f"warm start: {steps} format-only SFT steps (no correct sums shown), final loss {loss.item():.3f}",
+          flush=True)
 
 
 def print_curve(metrics_file: Path) -> None:
