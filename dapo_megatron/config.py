@@ -56,6 +56,7 @@ class RolloutConfig:
     max_concurrency: int = 64
     request_timeout_s: float = 600.0
     engine_max_batch_size: int = 64  # embedded engine
+    deterministic: bool = False  # embedded engine: batch-invariant generation (bitwise-reproducible runs, slower)
     weight_sync: str = "auto"  # auto | tensor | disk | distributed
     sglang_num_servers: int = 1
     sglang_tp_size: int = 1

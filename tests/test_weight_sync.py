@@ -64,7 +64,7 @@ def assert_serves(client, models, name, version):
 def test_write_hf_checkpoint_shards_index_and_loads_in_transformers(models, tmp_path):
     named = hf_tensors(models["B"])
     embed = dict(named)["model.embed_tokens.weight"]
-    out = write_hf_checkpoint(named + [("lm_head.weight", embed)], tmp_path / "ckpt", base_model_path=models["A"],
+    out = write_hf_checkpoint(named + [("lm_head.weight", embed)], tmp_path / "ckpt", hf_config_dir=models["A"],
                               max_shard_bytes=40_000)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -111,7 +111,7 @@ def test_bad_updates_change_nothing(models, tmp_path):
             engine.update_weights_from_tensor(bad_shape)
         with pytest.raises(ValueError, match="unknown parameter 'model.nope'"):
             engine.update_weights_from_tensor(good[:2] + [("model.nope", torch.zeros(1))])
-        partial = write_hf_checkpoint(good[:-1], tmp_path / "partial", base_model_path=models["A"])
+        partial = write_hf_checkpoint(good[:-1], tmp_path / "partial", hf_config_dir=models["A"])
         with pytest.raises(RolloutServerError, match="lacks 1 parameters"):
             asyncio.run(client.update_weights_from_disk(str(partial)))
         wider = make_tiny_hf_model(tmp_path / "wider", family="qwen2.5", hidden_size=128)

@@ -7,7 +7,6 @@ Std convention: the *unbiased* (Bessel-corrected, divide by G - 1) standard devi
 as verl's GRPO estimator does, so that advantages (and loss curves) are directly comparable with verl/DAPO runs.
 For binary rewards with G = 16 the two conventions differ by a factor sqrt(16/15) ~ 1.03 only.
 """
-import torch
 from torch import Tensor
 
 

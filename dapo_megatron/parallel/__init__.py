@@ -38,7 +38,7 @@ def initialize(cfg: ParallelConfig | None = None, seed: int = 1234) -> None:
 
     Works without torchrun too (a world of one process on a free local port).
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     cfg = cfg or ParallelConfig()
     on_gpu = torch.cuda.is_available()

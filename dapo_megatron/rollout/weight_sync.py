@@ -17,7 +17,6 @@ The receiving side of the embedded engine (name/shape checks, safetensors readin
 import concurrent.futures
 import json
 import logging
-import os
 import shutil
 import time
 from datetime import timedelta
@@ -26,71 +25,15 @@ from typing import Iterable
 
 import torch
 
+from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
+
 log = logging.getLogger(__name__)
 
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 _ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
               "intermediate_size")
 
 
 # --------------------------------------------------------------------------- HF checkpoint I/O
-def write_hf_checkpoint(named_tensors: Iterable, out_dir, *, base_model_path=None,
-                        max_shard_bytes: int = 2 << 30) -> Path:
-    """Write `(hf_name, tensor)` pairs as HF safetensors shards into `out_dir`, atomically (temp folder + rename).
-
-    Shards are flushed as they fill, so at most one shard is held in memory. Non-weight files (config.json,
-    generation_config.json, tokenizer files) are copied from `base_model_path`.
-    """
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards, shard, size, total, seen = [], {}, 0, 0, set()
-
-    def flush():
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        shards.append((name, list(shard)))
-
-    for name, tensor in named_tensors:
-        t = tensor.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != nbytes:  # safetensors refuses shared storage
-            t = t.clone()  # (tied weights, views of a fused tensor)
-        seen.add(t.untyped_storage().data_ptr())
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-            shard, size = {}, 0
-        shard[name], size, total = t, size + nbytes, total + nbytes
-    if shard or not shards:
-        flush()
-    _name_shards(tmp, shards, total)
-    if base_model_path is not None:
-        for f in Path(base_model_path).iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_FILE_SUFFIXES):
-                shutil.copy(f, tmp / f.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def _name_shards(folder: Path, shards: list, total_bytes: int):
-    """Rename shards to HF's names and write the index for multi-shard checkpoints."""
-    if len(shards) == 1:
-        os.replace(folder / shards[0][0], folder / "model.safetensors")
-        return
-    weight_map = {}
-    for i, (tmp_name, names) in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(folder / tmp_name, folder / final)
-        weight_map.update({n: final for n in names})
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def iter_safetensors(folder, *, lazy: bool = False):
     """Yield `(name, tensor)` from every *.safetensors in `folder` (`lazy`: a slice with .get_shape() instead)."""
     from safetensors import safe_open
@@ -202,8 +145,8 @@ class DiskWeightSync(WeightSync):
 
         started, version = time.perf_counter(), self.weight_version + 1
         counter = _ByteCounter(named_tensors)
-        path = write_hf_checkpoint(counter, self.out_dir / f"weights_v{version:06d}",
-                                   base_model_path=self.base_model_path, max_shard_bytes=self.max_shard_bytes)
+        path = write_hf_checkpoint(counter, self.out_dir / f"weights_v{version:06d}", hf_config_dir=self.base_model_path,
+                                   max_shard_bytes=self.max_shard_bytes, overwrite=True)
         run_sync(self.client.update_weights_from_disk(str(path), weight_version=version))
         for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,7 @@ import json
 import os
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
@@ -29,7 +29,7 @@ def run(cfg: Config) -> dict:
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if start > 0:
-        sync_weights(actor, stage, cfg, version=start)  # the engine starts from the HF weights: catch it up
+        sync_weights(actor, stage, version=start)  # the engine starts from the HF weights: catch it up
     last = {}
     for step in range(start, cfg.trainer.num_steps):
         times = {}
@@ -38,15 +38,16 @@ def run(cfg: Config) -> dict:
             batch = broadcast_from_rank0(assign_advantages(groups, cfg) if rank0 else None)
         train_metrics = {}
         if batch:  # an empty batch means the dynamic-sampling bound was hit with on_exhausted=skip
-            if cfg.actor.recompute_old_logprobs:
-                with _timer(times, "old_logprobs"):
-                    actor.compute_logprobs(batch)
-                train_metrics["rollout/train_infer_logprob_diff_max"] = _logprob_gap(batch)
-            _inject_fault(step)
-            with _timer(times, "train"):
-                train_metrics.update(_mean(train_on_batch(actor, batch)))
+            with colocated(stage):  # colocated SGLang engines release GPU memory while the actor works
+                if cfg.actor.recompute_old_logprobs:
+                    with _timer(times, "old_logprobs"):
+                        actor.compute_logprobs(batch)
+                    train_metrics["rollout/train_infer_logprob_diff_max"] = _logprob_gap(batch)
+                _inject_fault(step)
+                with _timer(times, "train"):
+                    train_metrics.update(_mean(train_on_batch(actor, batch)))
             with _timer(times, "sync"):
-                sync_weights(actor, stage, cfg, version=step + 1)
+                train_metrics.update(sync_weights(actor, stage, version=step + 1))
         if _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
             with _timer(times, "save"):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
@@ -76,6 +77,12 @@ def _resume(cfg: Config, actor: Actor, stage) -> int:
     if stage is not None and state.get("rollout"):
         stage.load_state_dict(state["rollout"])
     return int(state.get("iteration", 0))
+
+
+@contextmanager
+def colocated(stage):
+    with stage.engine_memory_released() if stage is not None else nullcontext():
+        yield
 
 
 def _logprob_gap(batch) -> float:

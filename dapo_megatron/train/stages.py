@@ -5,6 +5,7 @@ It lives on global rank 0; the other ranks receive the finished batch by broadca
 """
 import asyncio
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,17 +26,25 @@ class RolloutStage:
     def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
-        self.engine = None
+        self.engine = self.servers = None
         r = cfg.rollout
+        client_kw = dict(max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s)
         if r.backend == "embedded":
             from ..rollout.engine import Engine
 
-            self.engine = Engine(cfg.model.path, max_batch_size=r.engine_max_batch_size, seed=cfg.trainer.seed)
-            self.client = RolloutClient(engine=self.engine, max_concurrency=r.max_concurrency,
-                                        request_timeout_s=r.request_timeout_s)
+            self.engine = Engine(cfg.model.path, max_batch_size=r.engine_max_batch_size, seed=cfg.trainer.seed,
+                                 deterministic=r.deterministic)
+            self.client = RolloutClient(engine=self.engine, **client_kw)
+        elif r.backend == "sglang":
+            from ..rollout.sglang_launcher import SGLangServers
+
+            self.servers = SGLangServers(cfg.model.path, r.sglang_num_servers, r.sglang_tp_size,
+                                         r.sglang_mem_fraction_static, r.sglang_base_port,
+                                         enable_memory_saver=r.colocate, router=r.sglang_router).start()
+            self.client = self.servers.client(**client_kw)
         else:
-            self.client = RolloutClient(list(r.urls), max_concurrency=r.max_concurrency,
-                                        request_timeout_s=r.request_timeout_s)
+            self.client = RolloutClient(list(r.urls), **client_kw)
+        self.weight_sync = self._make_weight_sync()
         d = cfg.data
         self.dataset = PromptDataset(d.path, tokenizer, template=d.template, apply_chat_template=d.apply_chat_template,
                                      max_prompt_length=d.max_prompt_length, seed=d.seed, shuffle=d.shuffle)
@@ -43,6 +52,32 @@ class RolloutStage:
         self.buffer = DynamicSamplingBuffer(cfg.sampling(), self.dataset, self._generate_group, self.scorer,
                                             cfg.overlong_buffer, r.max_response_length)
         self.step = 0
+
+    def _make_weight_sync(self):
+        from ..rollout.weight_sync import make_weight_sync
+
+        mode = self.cfg.rollout.weight_sync
+        if mode == "auto":
+            mode = "tensor" if self.engine is not None else "disk"
+        if mode == "tensor":
+            return make_weight_sync("tensor", self.client)
+        if mode == "disk":
+            return make_weight_sync("disk", self.client, self.cfg.model.path,
+                                    Path(self.cfg.trainer.run_dir) / "weight_sync")
+        import os
+
+        return make_weight_sync("distributed", self.client, master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")),
+                                engine_ranks=self.cfg.rollout.sglang_num_servers * self.cfg.rollout.sglang_tp_size)
+
+    @contextmanager
+    def engine_memory_released(self):
+        """Colocated SGLang engines give their GPU memory back while the actor trains (no-op otherwise)."""
+        if self.servers is not None and self.cfg.rollout.colocate:
+            with self.servers.memory_released():
+                yield
+        else:
+            yield
 
     def sampling_params(self, temperature=None, top_p=None, max_new_tokens=None) -> dict:
         r = self.cfg.rollout
@@ -88,10 +123,13 @@ class RolloutStage:
         self.step = state["step"]
 
     def close(self):
+        self.weight_sync.close()
         self.loop.run_until_complete(self.client.close())
         self.scorer.close()
         if self.engine is not None:
             self.engine.shutdown()
+        if self.servers is not None:
+            self.servers.shutdown()
 
 
 def assign_advantages(groups: list[list[Sample]], cfg: Config) -> list[Sample]:
@@ -136,24 +174,12 @@ def collect_hf_weights(actor) -> list:
     return mine
 
 
-def sync_weights(actor, stage: "RolloutStage | None", cfg: Config, version: int) -> dict:
-    """Push the actor's weights to the rollout engines (tensor: in-process; disk: safetensors + HTTP)."""
+def sync_weights(actor, stage: "RolloutStage | None", version: int) -> dict:
+    """Push the actor's weights to the rollout engines (mode: rollout.weight_sync). Collective."""
     named = collect_hf_weights(actor)
     if stage is None:
         return {}
-    mode = cfg.rollout.weight_sync
-    if mode == "auto":
-        mode = "tensor" if stage.engine is not None else "disk"
-    if mode == "tensor":
-        if stage.engine is None:
-            raise RuntimeError("rollout.weight_sync=tensor needs the embedded engine; use disk or distributed")
-        stage.engine.update_weights_from_tensor(named, weight_version=version)
-    elif mode == "disk":
-        from ..models.hf_io import write_hf_checkpoint
-
-        out = Path(cfg.trainer.run_dir) / "weights_sync"
-        write_hf_checkpoint(iter(named), out, hf_config_dir=cfg.model.path, overwrite=True)
-        stage.loop.run_until_complete(stage.client.update_weights_from_disk(str(out), weight_version=version))
-    else:
-        raise NotImplementedError("rollout.weight_sync=distributed runs on GPU clusters only (NCCL)")
-    return {"sync/num_tensors": len(named), "sync/gb": sum(t.numel() * t.element_size() for _, t in named) / 1e9}
+    stage.weight_sync.weight_version = version - 1  # engines report `version` with every sample from now on
+    stage.weight_sync.sync(named)
+    info = stage.weight_sync.last_sync
+    return {"time/engine_weight_update_s": info.get("seconds", 0.0), "sync/gb": info.get("bytes", 0) / 1e9}
