@@ -72,7 +72,8 @@ def _weights(torchrun, ckpt_dir, tmp_path):
 @pytest.mark.dist
 def test_dapo_steps_tp2_sync_and_checkpoint(toy, tmp_path, torchrun):
     run = tmp_path / "run"
-    _train(_args(toy, run, steps=3, tp=2))
+    _train(_args(toy, run, steps=3, tp=2, extra=[f"eval.path={toy[1]}", "eval.n_samples=2", "eval.max_prompts=5",
+                                                 "trainer.eval_interval=3"]))
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -82,6 +83,8 @@ def test_dapo_steps_tp2_sync_and_checkpoint(toy, tmp_path, torchrun):
         assert r["rollout/train_infer_logprob_diff_max"] < 1e-4
         # two mini-batches per step: the second is off-policy, so the ratio moved and clipping is measured
         assert 0.0 <= r["actor/pg_clipfrac_high"] <= 1.0 and 0.0 <= r["actor/pg_clipfrac_low"] <= 1.0
+    assert "eval/avg@2" not in rows[1] and rows[2]["eval/num_prompts"] == 5  # avg@k every eval_interval steps
+    assert 0.0 <= rows[2]["eval/avg@2"] <= 1.0
     ckpt = run / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "iter_0000003"
     assert not list(ckpt.glob("*.tmp"))

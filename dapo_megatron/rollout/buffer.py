@@ -70,7 +70,9 @@ class DynamicSamplingBuffer:
         self.next_group_id = 0
         self.pending: list[Group] = []  # kept groups carried over to the next step
 
-    async def collect(self, abort: Optional[Callable[[], Awaitable[None]]] = None) -> tuple[list[Group], dict]:
+    async def collect(self, abort: Optional[Callable[[], Awaitable[None]]] = None,
+                      progress: Optional[Callable[[int, Counter], None]] = None) -> tuple[list[Group], dict]:
+        """`progress(num_kept, stats)` is called after every finished group (for a progress bar)."""
         batch_size, stats = self.cfg.rollout_batch_size, Counter()
         kept, self.pending = self.pending[:batch_size], self.pending[batch_size:]
         in_flight: dict[asyncio.Future, Group] = {}
@@ -85,6 +87,8 @@ class DynamicSamplingBuffer:
                     del in_flight[task]
                     if await self._accept(group, stats):
                         self._keep(group, kept, stats)
+                    if progress is not None:
+                        progress(len(kept), stats)
             await self._drain(in_flight, abort, stats)
         except BaseException:
             for task in in_flight:

@@ -92,7 +92,23 @@ class RolloutStage:
         return await self.client.generate_group(group, params)
 
     def collect(self) -> tuple[list[list[Sample]], dict]:
-        groups, metrics = self.loop.run_until_complete(self.buffer.collect(abort=self.client.abort_all))
+        """One step's batch, with a progress bar of kept groups (and generation rounds) on stderr."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.cfg.rollout.rollout_batch_size, desc=f"rollout {self.step + 1}", unit="group",
+                   leave=False, dynamic_ncols=True)
+
+        def progress(kept, stats):
+            bar.n = min(kept, bar.total)
+            rounds = -(-stats["prompts_consumed"] // self.cfg.rollout.rollout_batch_size)
+            bar.set_postfix(generated=stats["groups_generated"], round=rounds,
+                            acc=f"{stats['correct'] / max(1, stats['responses']):.2f}")
+
+        try:
+            groups, metrics = self.loop.run_until_complete(
+                self.buffer.collect(abort=self.client.abort_all, progress=progress))
+        finally:
+            bar.close()
         self.step += 1
         return groups, metrics
 

@@ -62,7 +62,8 @@ def warm_start(model_dir: Path, rows: list[dict], steps: int = 80, seed: int = 0
 def print_curve(metrics_file: Path) -> None:
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     print("\nstep  accuracy  reward   (all generated responses, before filtering)")
-    for r in rows:
+    every = max(1, len(rows) // 30)
+    for r in rows[every - 1::every]:
         acc = r.get("rollout/accuracy", float("nan"))
         print(f"{r['step']:4d}  {acc:8.3f}  {r.get('rollout/reward_mean', float('nan')):6.3f}  " + "#" * int(40 * acc))
     first = sum(r.get("rollout/accuracy", 0) for r in rows[:3]) / max(len(rows[:3]), 1)
