@@ -73,6 +73,7 @@ def _weights(torchrun, ckpt_dir, tmp_path):
 def test_dapo_steps_tp2_sync_and_checkpoint(toy, tmp_path, torchrun):
     run = tmp_path / "run"
     _train(_args(toy, run, steps=3, tp=2, extra=[f"eval.path={toy[1]}", "eval.n_samples=2", "eval.max_prompts=5",
+                                                 "actor.max_tokens_per_microbatch=48",
                                                  "trainer.eval_interval=3"]))
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]

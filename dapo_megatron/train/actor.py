@@ -34,6 +34,7 @@ class ActorConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: Optional[bool] = None  # default: on with a GPU, off on CPU
+    max_tokens_per_microbatch: Optional[int] = None  # pack micro-batches by padded-token budget instead of count
     recompute_old_logprobs: bool = True  # False: trust the engine's log-probs as the old policy
     logprob_chunk_size: int = 1024
     pad_to_multiple_of: int = 8
@@ -44,6 +45,24 @@ class ActorConfig:
                              f"actor.micro_batch_size={self.micro_batch_size}")
         if self.ppo_epochs < 1:
             raise ValueError("actor.ppo_epochs must be >= 1")
+
+
+def split_by_token_budget(lengths: list[int], budget: int, multiple: int) -> list[list[int]]:
+    """Consecutive index groups whose padded size (count x longest, rounded up to `multiple`) fits `budget`.
+
+    Order is kept, so the split is deterministic; a sequence longer than the budget gets a micro-batch of its own.
+    """
+    groups, current, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        padded = -(-max(longest, n) // multiple) * multiple
+        if current and padded * (len(current) + 1) > budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        groups.append(current)
+    return groups
 
 
 def pack_microbatch(samples: list[Sample], pad_id: int, multiple: int, old_key: str = "old_logprobs") -> dict:
@@ -116,9 +135,15 @@ class Actor:
         return samples[self.dp_rank * per:(self.dp_rank + 1) * per]
 
     def _microbatches(self, samples, old_key="old_logprobs"):
-        mbs = self.cfg.micro_batch_size
-        return [pack_microbatch(samples[i:i + mbs], self.pad_id, self.cfg.pad_to_multiple_of, old_key)
-                for i in range(0, len(samples), mbs)]
+        cfg = self.cfg
+        if cfg.max_tokens_per_microbatch:
+            lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+            index_groups = split_by_token_budget(lengths, cfg.max_tokens_per_microbatch, cfg.pad_to_multiple_of)
+        else:
+            index_groups = [range(i, min(i + cfg.micro_batch_size, len(samples)))
+                            for i in range(0, len(samples), cfg.micro_batch_size)]
+        return [pack_microbatch([samples[i] for i in idx], self.pad_id, cfg.pad_to_multiple_of, old_key)
+                for idx in index_groups]
 
     def _run(self, microbatches, loss_fn, forward_only):
         from megatron.core.pipeline_parallel import get_forward_backward_func

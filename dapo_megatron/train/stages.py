@@ -96,7 +96,7 @@ class RolloutStage:
         from tqdm import tqdm
 
         bar = tqdm(total=self.cfg.rollout.rollout_batch_size, desc=f"rollout {self.step + 1}", unit="group",
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, disable=None)  # None: only on a terminal
 
         def progress(kept, stats):
             bar.n = min(kept, bar.total)
