@@ -221,6 +221,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         cfg.sampling()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"dynamic_sampling: {e}") from e
+    if cfg.algorithm.kl_coef != 0.0:
+        raise ConfigError("algorithm.kl_coef != 0 needs reference-policy log-probs, which the trainer does not compute "
+                          "yet; DAPO trains without KL: set algorithm.kl_coef=0")
     if not cfg.model.path:
         raise ConfigError("model.path is required: a Hugging Face model folder (config.json + safetensors)")
     if not (Path(cfg.model.path) / "config.json").is_file():
