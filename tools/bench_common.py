@@ -193,7 +193,7 @@ def pyspy_summary(raw_path: Path, phases: dict, within: str = "", top: int = 12)
         if frames and count.isdigit():
             stacks.append((frames.split(";"), int(count)))
     total = sum(c for _, c in stacks) or 1
-    lines = [f"py-spy: {total} samples (active threads of all processes)"]
+    lines = [f"py-spy: {total} samples (active threads of all processes); share of all samples under:"]
     for label, needle in phases.items():
         n = sum(c for f, c in stacks if any(needle in x for x in f))
         lines.append(f"  {label:<28}{100 * n / total:5.1f}%")

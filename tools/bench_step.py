@@ -165,7 +165,8 @@ def profile_ours(a, work: Path) -> None:
         "  engine thread (_loop)": "_loop (dapo_megatron/rollout/engine.py",
         "old log-probs": "compute_logprobs (dapo_megatron/train/actor.py",
         "train (train_step)": "train_step (dapo_megatron/train/actor.py",
-        "  log-probs + entropy": "vocab_parallel_logprobs (dapo_megatron/train/logprobs.py",
+        "  log-probs + entropy, fwd+bwd": "dapo_megatron/train/logprobs.py",
+        "  LM head fwd + logits transpose": "_postprocess (core/models/gpt/gpt_model.py",
         "  optimizer.step": "step (megatron/core/optimizer",
         "sync (sync_weights)": "sync_weights (dapo_megatron/train/stages.py",
         "checkpoint save": "save_checkpoint (dapo_megatron/train/checkpoint.py",
@@ -225,7 +226,7 @@ def main(argv=None):
     if a.trl_worker:
         return trl_worker(a)
     work = Path(a.work)
-    if not a.skip_ours or not a.skip_trl:
+    if not (a.skip_ours and a.skip_trl and not a.profile):
         bc.fresh_dir(work)
         bc.make_model(work / "model", a.hidden, a.layers, a.vocab, a.seed)
         bc.make_prompts(work / "prompts.jsonl", a.prompts * (a.warmup + a.steps), seed=a.seed)
