@@ -196,7 +196,7 @@ def pyspy_summary(raw_path: Path, phases: dict, within: str = "", top: int = 12)
     lines = [f"py-spy: {total} samples (active threads of all processes); share of all samples under:"]
     for label, needle in phases.items():
         n = sum(c for f, c in stacks if any(needle in x for x in f))
-        lines.append(f"  {label:<28}{100 * n / total:5.1f}%")
+        lines.append(f"  {label:<34}{100 * n / total:5.1f}%")
     scope = [(f, c) for f, c in stacks if not within or any(within in x for x in f)]
     n_scope = sum(c for _, c in scope) or 1
     native, python = {}, {}

@@ -29,6 +29,18 @@ import bench_common as bc  # noqa: E402
 
 TRL_PACKAGES = ["torch==2.13.0", "trl==1.16.0"]
 PHASES = ("rollout", "old_logprobs", "train", "sync")
+TRAIN_FRAME = "train_step (dapo_megatron/train/actor.py"
+PROFILE_PHASES = {
+    "rollout (stage.collect)": "collect (dapo_megatron/train/stages.py",
+    "  engine thread (_loop)": "_loop (dapo_megatron/rollout/engine.py",
+    "old log-probs": "compute_logprobs (dapo_megatron/train/actor.py",
+    "train (train_step)": "train_step (dapo_megatron/train/actor.py",
+    "  log-probs + entropy, fwd+bwd": "dapo_megatron/train/logprobs.py",
+    "  LM head fwd + logits transpose": "_postprocess (core/models/gpt/gpt_model.py",
+    "  optimizer.step": "step (core/optimizer/",
+    "sync (sync_weights)": "sync_weights (dapo_megatron/train/stages.py",
+    "checkpoint save": "save_checkpoint (dapo_megatron/train/checkpoint.py",
+}  # label -> substring of a py-spy frame
 
 
 def our_config(a, work: Path, run_dir: Path) -> Path:
@@ -160,17 +172,7 @@ def profile_ours(a, work: Path) -> None:
     bc.ensure_venv(Path(a.tools_venv), ["py-spy"])
     raw = work / "ours_profile.txt"
     run_ours(a, work, "ours_profile", profile_to=raw)
-    print(bc.pyspy_summary(raw, within="train_step (dapo_megatron/train/actor.py", phases={
-        "rollout (stage.collect)": "collect (dapo_megatron/train/stages.py",
-        "  engine thread (_loop)": "_loop (dapo_megatron/rollout/engine.py",
-        "old log-probs": "compute_logprobs (dapo_megatron/train/actor.py",
-        "train (train_step)": "train_step (dapo_megatron/train/actor.py",
-        "  log-probs + entropy, fwd+bwd": "dapo_megatron/train/logprobs.py",
-        "  LM head fwd + logits transpose": "_postprocess (core/models/gpt/gpt_model.py",
-        "  optimizer.step": "step (megatron/core/optimizer",
-        "sync (sync_weights)": "sync_weights (dapo_megatron/train/stages.py",
-        "checkpoint save": "save_checkpoint (dapo_megatron/train/checkpoint.py",
-    }))
+    print(bc.pyspy_summary(raw, PROFILE_PHASES, within=TRAIN_FRAME))
 
 
 # ---- report -------------------------------------------------------------------------------------------------
