@@ -22,14 +22,14 @@ def run(cfg: Config) -> dict:
     tokenizer = _tokenizer(cfg.model.path)
     actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
     stage = RolloutStage(cfg, tokenizer) if rank0 else None
-    logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard)
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
     start = _resume(cfg, actor, stage)
+    logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard, start_step=start)
     if rank0:
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-    if start > 0:
-        sync_weights(actor, stage, version=start)  # the engine starts from the HF weights: catch it up
+    if cfg.trainer.load:
+        sync_weights(actor, stage, version=start)  # the engine starts from model.path's weights: catch it up
     last = {}
     for step in range(start, cfg.trainer.num_steps):
         times = {}

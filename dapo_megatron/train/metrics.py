@@ -9,7 +9,7 @@ SUMMARY_KEYS = [("rollout/reward_mean", "reward"), ("rollout/accuracy", "acc"), 
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -20,8 +20,14 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            # purge_step: TensorBoard hides events of the replayed steps that a crashed run had written
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        log_file = run_dir / "metrics.jsonl"
+        if log_file.is_file():  # a resumed run replays the steps after its checkpoint: drop their old lines
+            keep = [line for line in log_file.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            log_file.write_text("".join(line + "\n" for line in keep))
+        self.jsonl = open(log_file, "a")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
