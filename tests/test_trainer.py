@@ -25,7 +25,7 @@ def toy(tmp_path_factory):
     return hf, data
 
 
-def _args(toy, run_dir, steps, tp=1, extra=()):
+def _args(toy, run_dir, steps, tp=1, extra=(), pp=1):
     hf, data = toy
     return [f"model.path={hf}", f"data.path={data}", "data.template={question}", "data.apply_chat_template=false",
             f"trainer.run_dir={run_dir}", f"trainer.num_steps={steps}", "trainer.save_interval=2",
@@ -33,7 +33,7 @@ def _args(toy, run_dir, steps, tp=1, extra=()):
             "rollout.max_response_length=6", "rollout.deterministic=true", "dynamic_sampling.enable=false", "reward.num_workers=1",
             "reward.type=python:tests.helpers.toy_reward.even_length",
             "actor.global_batch_size=8", "actor.micro_batch_size=4", "actor.lr=0.001",
-            f"parallel.tensor_model_parallel_size={tp}", *extra]
+            f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}", *extra]
 
 
 def _train(args, env=None, check=True):
@@ -70,9 +70,10 @@ def _weights(torchrun, ckpt_dir, tmp_path):
 
 
 @pytest.mark.dist
-def test_dapo_steps_tp2_sync_and_checkpoint(toy, tmp_path, torchrun):
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_dapo_steps_sync_and_checkpoint(toy, tmp_path, torchrun, tp, pp):
     run = tmp_path / "run"
-    _train(_args(toy, run, steps=3, tp=2, extra=[f"eval.path={toy[1]}", "eval.n_samples=2", "eval.max_prompts=5",
+    _train(_args(toy, run, steps=3, tp=tp, pp=pp, extra=[f"eval.path={toy[1]}", "eval.n_samples=2", "eval.max_prompts=5",
                                                  "actor.max_tokens_per_microbatch=48",
                                                  "trainer.eval_interval=3"]))
     rows = _metrics(run)
@@ -98,7 +99,7 @@ def test_dapo_steps_tp2_sync_and_checkpoint(toy, tmp_path, torchrun):
     emb = final["embedding.word_embeddings.weight"]
     assert emb.shape == init["model.embed_tokens.weight"].shape
     assert not torch.equal(emb, init["model.embed_tokens.weight"])  # training moved the weights
-    assert json.loads((run / "config.json").read_text())["parallel"]["tensor_model_parallel_size"] == 2
+    assert json.loads((run / "config.json").read_text())["parallel"]["pipeline_model_parallel_size"] == pp
 
 
 @pytest.mark.dist
