@@ -8,7 +8,7 @@ Megatron layouts handled here:
 Names below use *global* layer indices; `local_to_global_names` translates a pipeline stage's module names.
 """
 import re
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import torch
 
@@ -212,32 +212,13 @@ def iter_hf_weights(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]
 
 
 def safetensors_getter(hf_dir) -> Callable[[str], torch.Tensor]:
-    """A `get_hf(name)` reading tensors lazily from a (sharded) safetensors HF folder."""
-    import json
-    from pathlib import Path
+    """A `get_hf(name)` reading tensors one at a time from a (sharded) safetensors HF folder.
 
-    from safetensors import safe_open
+    The folder is checked up front (index, shard files, truncation) by hf_io's reader, shared with the converter.
+    """
+    from .hf_io import HFCheckpointReader
 
-    hf_dir = Path(hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: Mapping[str, str] = json.loads(index.read_text())["weight_map"]
-    elif (hf_dir / "model.safetensors").is_file():
-        with safe_open(hf_dir / "model.safetensors", "pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}")
-    handles = {}
-
-    def get(name: str) -> torch.Tensor:
-        if name not in weight_map:
-            raise KeyError(f"tensor {name!r} is missing from the checkpoint in {hf_dir}")
-        file = weight_map[name]
-        if file not in handles:
-            handles[file] = safe_open(hf_dir / file, "pt")
-        return handles[file].get_tensor(name)
-
-    return get
+    return HFCheckpointReader(hf_dir).get
 
 
 def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
