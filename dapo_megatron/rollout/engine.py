@@ -276,14 +276,15 @@ class Engine:
                 f"{self.weight_version}", "num_paused_requests": paused}
 
     def update_weights_from_disk(self, model_path, *, weight_version=None, abort_all_requests=False) -> dict:
-        """Load every *.safetensors of `model_path` (an HF folder of the same architecture) into the model."""
-        from .weight_sync import check_hf_update, check_same_architecture, copy_hf_tensors, iter_safetensors
+        """Load the safetensors of `model_path` (an HF folder of the same architecture) into the model."""
+        from ..models.hf_io import HFCheckpointReader
+        from .weight_sync import check_hf_update, check_same_architecture, copy_hf_tensors
 
         check_same_architecture(self.model.config, model_path)
-        shapes = [(n, tuple(t.get_shape())) for n, t in iter_safetensors(model_path, lazy=True)]
-        check_hf_update(self.model, shapes, str(model_path), require_all=True)
-        paused = self._exclusive(lambda: copy_hf_tensors(self.model, iter_safetensors(model_path)), weight_version,
-                                 abort_all_requests)
+        reader = HFCheckpointReader(model_path)  # checks index, shards and truncation before anything is copied
+        check_hf_update(self.model, [(n, reader.shape(n)) for n in reader.names], str(model_path), require_all=True)
+        paused = self._exclusive(lambda: copy_hf_tensors(self.model, ((n, reader.get(n)) for n in reader.names)),
+                                 weight_version, abort_all_requests)
         return {"success": True, "message": f"loaded {model_path}; weight_version {self.weight_version}",
                 "num_paused_requests": paused}
 

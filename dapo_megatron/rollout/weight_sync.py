@@ -34,19 +34,6 @@ _ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_ke
 
 
 # --------------------------------------------------------------------------- HF checkpoint I/O
-def iter_safetensors(folder, *, lazy: bool = False):
-    """Yield `(name, tensor)` from every *.safetensors in `folder` (`lazy`: a slice with .get_shape() instead)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {folder}")
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                yield name, (st.get_slice(name) if lazy else st.get_tensor(name))
-
-
 def check_same_architecture(config, folder):
     """Refuse a weight folder whose config.json describes a different architecture than `config`."""
     cfg_file = Path(folder) / "config.json"
