@@ -84,7 +84,7 @@ def pack_microbatch(samples: list[Sample], pad_id: int, multiple: int, old_key: 
         span = slice(p - 1, p - 1 + r)  # logits at p-1+j predict response token j
         mask[i, span] = torch.tensor(s.loss_mask if s.loss_mask is not None else [1] * r, dtype=torch.float)
         adv[i, span] = float(s.metadata.get("advantage", 0.0))
-        rollout[i, span] = torch.tensor(s.rollout_logprobs[:r], dtype=torch.float) if r else rollout[i, span]
+        rollout[i, span] = torch.tensor(s.rollout_logprobs[:r], dtype=torch.float)
         olds = s.metadata.get(old_key)
         old[i, span] = torch.tensor(olds if olds is not None else s.rollout_logprobs[:r], dtype=torch.float)
     pos = torch.arange(seq).unsqueeze(0).expand(B, -1).contiguous()
@@ -111,6 +111,7 @@ class Actor:
             load_hf_weights(module, self.arch, safetensors_getter(model_cfg.path))
         config = module.config
         config.calculate_per_token_loss = True  # DDP sums gradients; the loss carries the global divisor
+        config.variable_seq_lengths = True  # each micro-batch is padded to its own length
         config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None, **kw)
         on_gpu = torch.cuda.is_available()
         dist_opt = on_gpu if cfg.use_distributed_optimizer is None else cfg.use_distributed_optimizer
@@ -164,7 +165,6 @@ class Actor:
             return out, lambda logits: loss_fn(logits, mb)
 
         seq = max(mb["tokens"].shape[1] for mb in microbatches)
-        self.config.variable_seq_lengths = True  # micro-batches are padded per micro-batch
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
             seq_length=seq, micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
@@ -184,21 +184,17 @@ class Actor:
             return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp.detach().cpu()}
 
         out = self._run(mbs, loss_fn, forward_only=True)
-        per_sample = []
-        if ps.is_pipeline_last_stage():
-            for mb, rec in zip(mbs, out):
-                for i, length in enumerate(mb["lengths"]):
-                    per_sample.append(rec["logp"][i])
-        # The last pipeline stage holds the values; every rank gets every sample's log-probs.
-        gathered = _gather_objects([(self.dp_rank, per_sample)] if ps.is_pipeline_last_stage() else [])
-        by_dp = {}
-        for rank, rows in gathered:
-            by_dp.setdefault(rank, rows)
+        # The last pipeline stage holds the values (identical on its TP ranks): TP rank 0 of each DP rank sends
+        # its samples' response log-probs, and every rank receives all of them.
+        sent = []
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+            rows = [row for rec in out for row in rec["logp"]]  # one row per local sample, in order
+            sent = [(self.dp_rank, [_response_span(row, s).tolist() for row, s in zip(rows, local)])]
+        by_dp = dict(_gather_objects(sent))
         per = len(samples) // self.dp_size
         for d in range(self.dp_size):
-            for j, s in enumerate(samples[d * per:(d + 1) * per]):
-                p, r = len(s.prompt_ids), len(s.response_ids)
-                s.metadata[key] = by_dp[d][j][p - 1:p - 1 + r].tolist()
+            for s, values in zip(samples[d * per:(d + 1) * per], by_dp[d]):
+                s.metadata[key] = values
         self.model.train()
 
     def train_step(self, samples: list[Sample]) -> dict:
@@ -261,6 +257,11 @@ class Actor:
     def hf_weights(self):
         """(hf_name, tensor) pairs of this pipeline stage, full (TP-gathered) tensors."""
         return iter_hf_weights(self.model.module, self.arch)
+
+
+def _response_span(row, s: Sample):
+    """The positions of a packed row whose logits predict the response tokens of `s`."""
+    return row[len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)]
 
 
 def _gather_objects(obj):

@@ -102,12 +102,12 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def _copy_hf_config(src, dst: Path) -> None:
+    from ..models.hf_io import copy_hf_metadata_files
+
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in Path(src).iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "model.safetensors.index.json":
-            shutil.copy(f, tmp / f.name)
+    copy_hf_metadata_files(src, tmp)
     os.rename(tmp, dst)
 
 

@@ -4,6 +4,7 @@ The rollout stage owns the engine client, the reward scorer, the prompt sampler 
 It lives on global rank 0; the other ranks receive the finished batch by broadcast.
 """
 import asyncio
+import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,8 +65,6 @@ class RolloutStage:
         if mode == "disk":
             return make_weight_sync("disk", self.client, self.cfg.model.path,
                                     Path(self.cfg.trainer.run_dir) / "weight_sync")
-        import os
-
         return make_weight_sync("distributed", self.client, master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                                 master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")),
                                 engine_ranks=self.cfg.rollout.sglang_num_servers * self.cfg.rollout.sglang_tp_size)
