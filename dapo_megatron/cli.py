@@ -11,13 +11,15 @@ def _train(argv):
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.clip_ratio_high=0.28")
     args = p.parse_args(argv)
-    from .config import ConfigError, load_config
+    from .config import ConfigError, build_config, validate
 
     try:
-        cfg = load_config(args.config, args.overrides, world_size=_planned_world_size(args))
+        cfg = build_config(args.config, args.overrides)
+        nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        # Under torchrun: this launch's world. Alone: the TP x PP processes this command is about to start.
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else nproc)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     if "RANK" not in os.environ and nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "dapo_megatron.cli", "train", *argv]
@@ -26,24 +28,6 @@ def _train(argv):
     from .train.loop import run
 
     run(cfg)
-
-
-def _planned_world_size(args) -> int:
-    """Under torchrun: WORLD_SIZE. Alone: the TP x PP processes this command will launch."""
-    if "RANK" in os.environ:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    import yaml
-
-    tree = yaml.safe_load(open(args.config)) if args.config and os.path.isfile(args.config) else {}
-    par = dict((tree or {}).get("parallel") or {})
-    for item in args.overrides:
-        key, _, raw = item.partition("=")
-        if key.startswith("parallel."):
-            par[key.split(".", 1)[1]] = yaml.safe_load(raw)
-    try:
-        return int(par.get("tensor_model_parallel_size", 1)) * int(par.get("pipeline_model_parallel_size", 1))
-    except (TypeError, ValueError):
-        return 1  # load_config reports the bad value
 
 
 def _eval(argv):

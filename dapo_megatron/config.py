@@ -194,6 +194,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 def load_config(path: Optional[str] = None, overrides: list[str] = (), world_size: Optional[int] = None) -> Config:
     """Read YAML + overrides and validate for `world_size` processes (default: this launch's WORLD_SIZE)."""
+    cfg = build_config(path, overrides)
+    validate(cfg, world_size)
+    return cfg
+
+
+def build_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
+    """Read YAML + overrides into typed sections (per-key checks only; `validate` does the cross-section ones)."""
     tree: dict = {}
     if path:
         p = Path(path)
@@ -208,9 +215,7 @@ def load_config(path: Optional[str] = None, overrides: list[str] = (), world_siz
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), _Raw(raw))
-    cfg = _build(Config, tree, "")
-    validate(cfg, world_size)
-    return cfg
+    return _build(Config, tree, "")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
@@ -235,6 +240,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         check_sizes(cfg.parallel, world)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    from .models.hf_config import arch_from_hf, check_parallel_sizes, load_hf_config
+
+    try:  # the model must fit the parallel layout before any process starts
+        check_parallel_sizes(arch_from_hf(load_hf_config(cfg.model.path)), cfg.parallel.tensor_model_parallel_size,
+                             cfg.parallel.pipeline_model_parallel_size)
+    except ValueError as e:
+        raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
     dp = world // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
     responses = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     if responses % cfg.actor.global_batch_size:

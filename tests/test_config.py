@@ -50,6 +50,11 @@ def test_errors_name_the_key(base, override, message):
         load_config(None, [*base, override], world_size=2)
 
 
+def test_model_must_fit_the_parallel_layout(base):
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=3 must divide num_hidden_layers=4"):
+        load_config(None, [*base, "parallel.pipeline_model_parallel_size=3"], world_size=3)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*/config.yaml")), ids=lambda p: p.parent.name)
 def test_example_configs_use_valid_keys(path):
     cfg = _build(Config, yaml.safe_load(path.read_text()), "")
