@@ -53,6 +53,7 @@ class RolloutStage:
         self.buffer = DynamicSamplingBuffer(cfg.sampling(), self.dataset, self._generate_group, self.scorer,
                                             cfg.overlong_buffer, r.max_response_length)
         self.step = 0
+        self._eval_items = None
 
     def _make_weight_sync(self):
         from ..rollout.weight_sync import make_weight_sync
@@ -113,9 +114,11 @@ class RolloutStage:
 
     def evaluate(self, tokenizer) -> dict:
         e = self.cfg.eval
-        data = PromptDataset(e.path, tokenizer, template=self.cfg.data.template,
-                             apply_chat_template=self.cfg.data.apply_chat_template, shuffle=False)
-        items = [data[i] for i in range(min(len(data), e.max_prompts or len(data)))]
+        if self._eval_items is None:  # read and tokenise the held-out file once per run
+            data = PromptDataset(e.path, tokenizer, template=self.cfg.data.template,
+                                 apply_chat_template=self.cfg.data.apply_chat_template, shuffle=False)
+            self._eval_items = [data[i] for i in range(min(len(data), e.max_prompts or len(data)))]
+        items = self._eval_items
         params = self.sampling_params(e.temperature, e.top_p, e.max_response_length)
         params["sampling_seed"] = 0
 
