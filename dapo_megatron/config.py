@@ -32,6 +32,16 @@ class AlgorithmConfig(PolicyLossConfig):
     leave_one_out: bool = False  # baseline = mean of the other responses of the group
     adv_eps: float = 1e-6
 
+    def __post_init__(self):
+        # loss_scale_factor defaults to rollout.max_response_length (Dr. GRPO); validate() fills it in, so the
+        # section alone must not refuse it as missing.
+        deferred = self.loss_scale_factor is None
+        if deferred:
+            self.loss_scale_factor = 1
+        super().__post_init__()
+        if deferred:
+            self.loss_scale_factor = None
+
 
 @dataclass
 class DataConfig:
@@ -105,7 +115,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dynamic_sampling: dict = field(default_factory=dict)  # DynamicSamplingConfig fields (built by .sampling())
     reward: RewardConfig = field(default_factory=RewardConfig)
-    overlong_buffer: OverlongConfig = field(default_factory=lambda: OverlongConfig(enable=False))
+    overlong_buffer: OverlongConfig = field(default_factory=OverlongConfig)  # off unless enable: true
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -219,8 +229,12 @@ def build_config(path: Optional[str] = None, overrides: list[str] = ()) -> Confi
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Cross-section checks that no single section can make."""
-    from .parallel import check_sizes, world_size_from_env
+    """Cross-section checks that no single section can make (and defaults that come from another section).
+
+    Runs before any process starts (the CLI calls it with the world it is about to launch); each rule raises one
+    ConfigError line naming the key and the fix.
+    """
+    from .parallel import check_sizes, check_supported, data_parallel_size, world_size_from_env
 
     try:
         cfg.sampling()
@@ -235,31 +249,66 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"model.path={cfg.model.path} has no config.json; point it at a Hugging Face model folder")
     if not cfg.data.path or not Path(cfg.data.path).is_file():
         raise ConfigError(f"data.path={cfg.data.path!r} is not a file; give a JSONL or Parquet prompt file")
+    from .models.hf_config import arch_from_hf, check_parallel_sizes, load_hf_config
+
+    try:
+        arch = arch_from_hf(load_hf_config(cfg.model.path))
+    except ValueError as e:
+        raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
     world = world_size or world_size_from_env()
     try:
         check_sizes(cfg.parallel, world)
+        check_supported(cfg.parallel, num_experts=getattr(arch, "num_experts", 0) or 0)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    from .models.hf_config import arch_from_hf, check_parallel_sizes, load_hf_config
-
     try:  # the model must fit the parallel layout before any process starts
-        check_parallel_sizes(arch_from_hf(load_hf_config(cfg.model.path)), cfg.parallel.tensor_model_parallel_size,
-                             cfg.parallel.pipeline_model_parallel_size)
+        check_parallel_sizes(arch, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     except ValueError as e:
         raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
-    dp = world // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
-    responses = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
-    if responses % cfg.actor.global_batch_size:
-        raise ConfigError(
-            f"rollout.rollout_batch_size x rollout.n_samples_per_prompt = {responses} responses per step is not a "
-            f"multiple of actor.global_batch_size={cfg.actor.global_batch_size}")
-    if cfg.actor.global_batch_size % (cfg.actor.micro_batch_size * dp):
-        raise ConfigError(
-            f"actor.global_batch_size={cfg.actor.global_batch_size} must be a multiple of actor.micro_batch_size "
-            f"({cfg.actor.micro_batch_size}) x data-parallel size ({dp})")
+    _check_batch_sizes(cfg, data_parallel_size(cfg.parallel, world))
+    _check_lengths(cfg, arch.max_position_embeddings)
+    if cfg.algorithm.loss_scale_factor is None:  # Dr. GRPO's constant divisor is the generation budget
+        cfg.algorithm.loss_scale_factor = cfg.rollout.max_response_length
     if cfg.trainer.load:
         load = Path(cfg.trainer.load)
         if not ((load / "latest").is_file() or (load / "model").is_dir()):
             raise ConfigError(f"trainer.load={load} holds no checkpoint (no `latest` file or model/ folder)")
     if cfg.eval.path and not Path(cfg.eval.path).is_file():
         raise ConfigError(f"eval.path={cfg.eval.path} is not a file")
+
+
+def _check_batch_sizes(cfg: Config, dp: int) -> None:
+    r, a = cfg.rollout, cfg.actor
+    for key, value in (("rollout.rollout_batch_size", r.rollout_batch_size),
+                       ("rollout.n_samples_per_prompt", r.n_samples_per_prompt),
+                       ("actor.global_batch_size", a.global_batch_size), ("actor.micro_batch_size", a.micro_batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    responses = r.rollout_batch_size * r.n_samples_per_prompt
+    if responses % a.global_batch_size:
+        raise ConfigError(
+            f"rollout.rollout_batch_size x rollout.n_samples_per_prompt = {responses} responses per step is not a "
+            f"multiple of actor.global_batch_size={a.global_batch_size}")
+    if a.global_batch_size % (a.micro_batch_size * dp):
+        raise ConfigError(
+            f"actor.global_batch_size={a.global_batch_size} must be a multiple of actor.micro_batch_size "
+            f"({a.micro_batch_size}) x data-parallel size ({dp})")
+
+
+def _check_lengths(cfg: Config, max_positions: int) -> None:
+    r, e, o = cfg.rollout, cfg.eval, cfg.overlong_buffer
+    prompt = cfg.data.max_prompt_length or 0
+    for key, value in (("rollout.max_response_length", r.max_response_length),
+                       ("eval.max_response_length", e.max_response_length)):
+        if value is None:
+            continue
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+        if prompt + value > max_positions:
+            raise ConfigError(f"data.max_prompt_length ({prompt}) + {key} ({value}) exceeds the model's "
+                              f"max_position_embeddings={max_positions}; shorten one of them")
+    if e.n_samples < 1:
+        raise ConfigError(f"eval.n_samples={e.n_samples} must be >= 1")
+    if o.enable and o.len > r.max_response_length:
+        raise ConfigError(f"overlong_buffer.len={o.len} exceeds rollout.max_response_length={r.max_response_length}: "
+                          f"the buffer lies inside the response budget; lower overlong_buffer.len")

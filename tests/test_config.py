@@ -63,11 +63,24 @@ def test_example_configs_use_valid_keys(path):
     assert responses % cfg.actor.global_batch_size == 0
 
 
+def _optimizer_steps_per_rollout_step(cfg) -> int:
+    return cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt // cfg.actor.global_batch_size \
+        * cfg.actor.ppo_epochs
+
+
 def test_paper_recipe_values():
     cfg = _build(Config, yaml.safe_load((REPO / "examples/dapo_qwen2.5_32b/config.yaml").read_text()), "")
     assert (cfg.algorithm.clip_ratio_low, cfg.algorithm.clip_ratio_high, cfg.algorithm.kl_coef) == (0.2, 0.28, 0.0)
     assert (cfg.rollout.rollout_batch_size, cfg.rollout.n_samples_per_prompt, cfg.actor.global_batch_size) == \
         (512, 16, 512)
-    assert (cfg.rollout.max_response_length, cfg.overlong_buffer.len, cfg.actor.lr, cfg.actor.lr_warmup_steps) == \
-        (20480, 4096, 1e-6, 20)
-    assert cfg.algorithm.loss_agg_mode == "token-mean" and cfg.sampling().enable
+    assert (cfg.rollout.max_response_length, cfg.overlong_buffer.len, cfg.actor.lr) == (20480, 4096, 1e-6)
+    assert cfg.overlong_buffer.enable and cfg.algorithm.loss_agg_mode == "token-mean" and cfg.sampling().enable
+    # The scheduler counts optimizer steps (one per mini-batch): the paper's warmup is 20 *rollout* steps.
+    assert _optimizer_steps_per_rollout_step(cfg) == 16
+    assert cfg.actor.lr_warmup_steps == 20 * 16
+
+
+@pytest.mark.parametrize("name", ["dapo_qwen2.5_32b", "dapo_qwen2.5_7b"])
+def test_recipe_warmup_is_twenty_rollout_steps(name):
+    cfg = _build(Config, yaml.safe_load((REPO / "examples" / name / "config.yaml").read_text()), "")
+    assert cfg.actor.lr_warmup_steps / _optimizer_steps_per_rollout_step(cfg) == 20

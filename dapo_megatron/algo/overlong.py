@@ -10,7 +10,7 @@ import torch
 class OverlongConfig:
     """`overlong_buffer` section (verl names): `len` is L_cache, the buffer before max_response_length."""
 
-    enable: bool = True  # add the soft punishment to the reward
+    enable: bool = False  # add the soft punishment to the reward (DAPO: true; off unless asked for)
     len: int = 4096
     penalty_factor: float = 1.0
     mask_truncated: bool = False  # overlong filtering: finish_reason == "length" -> zero loss mask

@@ -1,5 +1,6 @@
 """Process groups: torch.distributed + megatron-core parallel_state in one call, and a clean teardown."""
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -9,12 +10,14 @@ import torch.distributed as dist
 
 @dataclass
 class ParallelConfig:
+    """`parallel` section (Megatron names). Data parallel is what is left: world / (TP x PP x CP)."""
+
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    sequence_parallel: bool = False
+    context_parallel_size: int = 1  # refused > 1 (see check_supported)
+    expert_model_parallel_size: int = 1  # MoE models only; carved out of data parallel (world / PP / TP / EP)
+    virtual_pipeline_model_parallel_size: int | None = None  # refused (one model chunk per pipeline stage)
+    sequence_parallel: bool = False  # refused when true (see check_supported)
     distributed_timeout_minutes: int = 30
 
 
@@ -22,21 +25,79 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def planned_world_size(cfg: ParallelConfig) -> int:
+    """The smallest world these sizes tile (data parallel = 1): the process count `dapo-megatron train` starts alone.
+
+    Every size that multiplies the world counts: TP x PP x CP, and expert parallel, which megatron carves out of the
+    data-parallel x context-parallel ranks (expert TP = TP), so CP x DP must be a multiple of EP.
+    """
+    cp, ep = cfg.context_parallel_size, cfg.expert_model_parallel_size
+    return cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * math.lcm(cp, ep)
+
+
+def data_parallel_size(cfg: ParallelConfig, world_size: int) -> int:
+    return world_size // (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
+                          * cfg.context_parallel_size)
+
+
 def check_sizes(cfg: ParallelConfig, world_size: int) -> None:
     """Raise a one-line actionable error when the parallel sizes cannot tile the world."""
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                "expert_model_parallel_size", "distributed_timeout_minutes"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"parallel.{key}={value!r} must be an integer >= 1")
+    vpp = cfg.virtual_pipeline_model_parallel_size
+    if vpp is not None and (not isinstance(vpp, int) or vpp < 1):
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={vpp!r} must be null or an integer >= 1")
     model_parallel = (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
                       * cfg.context_parallel_size)
-    if model_parallel <= 0 or world_size % model_parallel:
+    if world_size % model_parallel:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor_model_parallel_size "
             f"({cfg.tensor_model_parallel_size}) x pipeline_model_parallel_size ({cfg.pipeline_model_parallel_size})"
             f" x context_parallel_size ({cfg.context_parallel_size}); change the sizes or --nproc_per_node")
+    ep = cfg.expert_model_parallel_size
+    if (world_size // model_parallel * cfg.context_parallel_size) % ep:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={ep} must divide data-parallel x context-parallel size "
+            f"{world_size // model_parallel * cfg.context_parallel_size} (world {world_size}); lower it or start "
+            f"a multiple of {planned_world_size(cfg)} processes")
+
+
+def check_supported(cfg: ParallelConfig, num_experts: int = 0) -> None:
+    """Refuse, in one line naming the key, every size the trainer cannot run correctly (before any process starts).
+
+    `num_experts`: the model's routed experts (0 or None for a dense model).
+    """
+    if cfg.context_parallel_size > 1:
+        raise ValueError(
+            f"parallel.context_parallel_size={cfg.context_parallel_size} is not supported: megatron-core's local "
+            "attention (CPU) has no context parallelism and the trainer does not split sequences or loss counts "
+            "over CP ranks (megatron DDP would scale gradients by CP); set parallel.context_parallel_size=1")
+    if cfg.expert_model_parallel_size > 1 and not num_experts:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={cfg.expert_model_parallel_size} needs a mixture-of-experts model; "
+            "model.path is dense (no experts), where EP would only act as data parallel: set it to 1")
+    if num_experts and num_experts % cfg.expert_model_parallel_size:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={cfg.expert_model_parallel_size} must divide the model's "
+            f"num_experts={num_experts}; pick a divisor of {num_experts}")
+    if cfg.virtual_pipeline_model_parallel_size is not None:
+        raise ValueError(
+            f"parallel.virtual_pipeline_model_parallel_size={cfg.virtual_pipeline_model_parallel_size} is not "
+            "supported: the actor builds one model chunk per pipeline stage (no interleaved schedule); set it to null")
+    if cfg.sequence_parallel:
+        raise ValueError(
+            "parallel.sequence_parallel=true is not supported yet: the actor does not shard activations along the "
+            "sequence (it would run as plain TP); set parallel.sequence_parallel=false")
 
 
 def initialize(cfg: ParallelConfig | None = None, seed: int = 1234) -> None:
     """Initialise torch.distributed (nccl on GPU, gloo on CPU), megatron parallel_state and its RNG tracker.
 
-    Works without torchrun too (a world of one process on a free local port).
+    Works without torchrun too (a world of one process on a free local port). Unsupported sizes are refused
+    earlier, by `check_supported` in config.validate.
     """
     from megatron.core import parallel_state
 

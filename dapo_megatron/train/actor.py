@@ -25,7 +25,8 @@ class ActorConfig:
     ppo_epochs: int = 1
     lr: float = 1e-6
     min_lr: float = 0.0
-    lr_warmup_steps: int = 0  # optimizer steps of linear warmup, then constant (DAPO)
+    lr_warmup_steps: int = 0  # OPTIMIZER steps of linear warmup, then constant (DAPO: 20 rollout steps = 20 x
+    # rollout_batch_size x n_samples_per_prompt / global_batch_size x ppo_epochs optimizer steps)
     lr_decay_style: str = "constant"
     lr_decay_steps: int = 1_000_000
     weight_decay: float = 0.1
