@@ -140,8 +140,8 @@ class Actor:
         return 512 if logits.is_cuda else max(1, 2 ** 24 // (4 * logits.shape[-1]))
 
     def _local_slice(self, samples: list[Sample]) -> list[Sample]:
-        per = len(samples) // self.dp_size
-        return samples[self.dp_rank * per:(self.dp_rank + 1) * per]
+        start, end = dp_bounds(len(samples), self.dp_size)[self.dp_rank]
+        return samples[start:end]
 
     def _microbatches(self, samples, old_key="old_logprobs"):
         cfg = self.cfg
@@ -177,14 +177,14 @@ class Actor:
         from megatron.core import parallel_state as ps
 
         self.model.eval()
-        local = self._local_slice(samples)
-        mbs = self._microbatches(local)
+        local = self._local_slice(samples)  # a batch not divisible by DP: the first ranks take one more sample
 
         def loss_fn(logits, mb):
             logp, _ = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits))
             return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp.detach().cpu()}
 
-        out = self._run(mbs, loss_fn, forward_only=True)
+        # Forward only: no collective spans DP ranks, so a replica with no sample (batch < DP) skips the pass.
+        out = self._run(self._microbatches(local), loss_fn, forward_only=True) if local else []
         # The last pipeline stage holds the values (identical on its TP ranks): TP rank 0 of each DP rank sends
         # its samples' response log-probs, and every rank receives all of them.
         sent = []
@@ -192,9 +192,9 @@ class Actor:
             rows = [row for rec in out for row in rec["logp"]]  # one row per local sample, in order
             sent = [(self.dp_rank, [_response_span(row, s).tolist() for row, s in zip(rows, local)])]
         by_dp = dict(_gather_objects(sent))
-        per = len(samples) // self.dp_size
-        for d in range(self.dp_size):
-            for s, values in zip(samples[d * per:(d + 1) * per], by_dp[d]):
+        for d, (start, end) in enumerate(dp_bounds(len(samples), self.dp_size)):
+            assert len(by_dp[d]) == end - start, f"DP rank {d} returned {len(by_dp[d])} of {end - start} log-probs"
+            for s, values in zip(samples[start:end], by_dp[d]):
                 s.metadata[key] = values
         self.model.train()
 
@@ -202,6 +202,9 @@ class Actor:
         """One optimizer step on `samples` (the global mini-batch, identical on every rank)."""
         from megatron.core import parallel_state as ps
 
+        if len(samples) % self.dp_size:
+            raise ValueError(f"train_step got {len(samples)} samples, not a multiple of the data-parallel size "
+                             f"{self.dp_size} (train_on_batch trims mini-batches to one)")
         self.model.train()
         local = self._local_slice(samples)
         mbs = self._microbatches(local)
@@ -258,6 +261,13 @@ class Actor:
     def hf_weights(self):
         """(hf_name, tensor) pairs of this pipeline stage, full (TP-gathered) tensors."""
         return iter_hf_weights(self.model.module, self.arch)
+
+
+def dp_bounds(n: int, dp_size: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) of each data-parallel rank's share of `n` samples; the first n % dp ranks get one more."""
+    per, extra = divmod(n, dp_size)
+    starts = [d * per + min(d, extra) for d in range(dp_size + 1)]
+    return list(zip(starts[:-1], starts[1:]))
 
 
 def _response_span(row, s: Sample):
