@@ -1,8 +1,16 @@
-"""`dapo-megatron train | eval | serve | convert` console entry."""
+"""`dapo-megatron train | eval | serve | convert` console entry.
+
+Every command registered in COMMANDS runs inside one error boundary (`run_command`): a user error (config, data,
+checkpoint, model, an unreachable server, a full disk) prints one line naming the thing and the fix and exits 2;
+`--debug` or DAPO_DEBUG=1 shows the traceback instead. Ranks that `train` launches under torchrun print their one
+line the same way, and the launching process exits with their code, without torchrun's report.
+"""
 import argparse
+import errno
 import os
-import subprocess
 import sys
+
+EXIT_USER_ERROR = 2
 
 
 def _train(argv):
@@ -11,24 +19,39 @@ def _train(argv):
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.clip_ratio_high=0.28")
     args = p.parse_args(argv)
-    from .config import ConfigError, build_config, validate
+    from .config import build_config, validate
     from .parallel import planned_world_size
 
-    try:
-        cfg = build_config(args.config, args.overrides)
-        nproc = planned_world_size(cfg.parallel)
-        # Under torchrun: this launch's world. Alone: the TP x PP (x CP, EP) processes this command is about to start.
-        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else nproc)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = build_config(args.config, args.overrides)
+    nproc = planned_world_size(cfg.parallel)
+    # Under torchrun: this launch's world. Alone: the TP x PP (x CP, EP) processes this command is about to start.
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else nproc)
     if "RANK" not in os.environ and nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "dapo_megatron.cli", "train", *argv]
-        print(f"launching {nproc} processes: {' '.join(cmd)}", flush=True)
-        sys.exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
+        sys.exit(_launch_ranks(nproc, ["train", *argv]))
     from .train.loop import run
 
     run(cfg)
+
+
+def _launch_ranks(nproc: int, argv: list) -> int:
+    """Run this CLI on `nproc` local ranks through torchrun's agent, in this process; the ranks' exit code."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["DAPO_PREFLIGHT_DONE"] = "1"  # the data file was checked here: ranks need not read it again
+    print(f"launching {nproc} processes: torchrun --standalone --nproc_per_node={nproc} -m dapo_megatron.cli "
+          f"{' '.join(argv)}", flush=True)
+    if not _debug():
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its report repeats the rank's
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "dapo_megatron.cli", *argv])
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c > 0), 1)
+    return 0
 
 
 def _eval(argv):
@@ -38,12 +61,12 @@ def _eval(argv):
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .train.stages import RolloutStage
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.eval.path:
-        sys.exit("config error: eval.path is required for dapo-megatron eval")
+        raise ConfigError("eval.path is required for dapo-megatron eval: give a held-out JSONL/Parquet file")
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     stage = RolloutStage(cfg, tok)
     try:
@@ -67,13 +90,83 @@ def _convert(argv):
 
 
 COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert}
+HELP = {"train": "DAPO training from a YAML config and dotted overrides",
+        "eval": "avg@k accuracy of model.path on eval.path",
+        "serve": "serve an HF model with the embedded engine (SGLang's HTTP API)",
+        "convert": "checkpoint conversion: hf-to-megatron | megatron-to-hf"}
+
+
+def _debug() -> bool:
+    return os.environ.get("DAPO_DEBUG", "") not in ("", "0")
+
+
+def user_errors() -> tuple:
+    """Exception types that are the user's to fix (their message names the thing); everything else is a bug."""
+    from .config import ConfigError
+    from .data.dataset import DataError
+    from .models.hf_config import UnsupportedModelError
+    from .models.hf_io import CheckpointError
+    from .rollout.client import RolloutError
+
+    errors = [ConfigError, DataError, CheckpointError, UnsupportedModelError, RolloutError, OSError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientConnectionError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def describe(e: BaseException) -> str:
+    """One line for a user error: what failed and, where the message does not say it, the fix."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"disk full{where}: free space or write elsewhere (trainer.run_dir / trainer.save), then resume"
+    if isinstance(e, OSError) and not isinstance(e, ConnectionError) and e.filename:
+        return f"{e.strerror or e}: {e.filename}"
+    if isinstance(e, ConnectionError) or type(e).__module__.startswith("aiohttp"):
+        return f"server unreachable ({e}); check rollout.urls and that the server is up"
+    kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
+            "CheckpointDamaged": "checkpoint error", "UnsupportedModelError": "model error"}
+    label = kind.get(type(e).__name__, "error")
+    return f"{label}: {' '.join(str(e).split())}"
+
+
+def run_command(name: str, argv: list) -> int:
+    """The error boundary of one command: 0, the command's own exit code, or EXIT_USER_ERROR after one line."""
+    if _debug():
+        COMMANDS[name](argv)
+        return 0
+    try:
+        COMMANDS[name](argv)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(str(e.code), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as e:
+        print(f"dapo-megatron {name}: {describe(e)} (DAPO_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        sys.exit(f"usage: dapo-megatron {{{'|'.join(COMMANDS)}}} ...")
-    COMMANDS[argv[0]](argv[1:])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["DAPO_DEBUG"] = "1"  # ranks launched by `train` inherit it
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        lines = [f"  {name:<9} {HELP.get(name, '')}" for name in COMMANDS]
+        print("usage: dapo-megatron [--debug] {" + "|".join(COMMANDS) + "} ...\n\ncommands:\n" + "\n".join(lines)
+              + "\n\n--debug (or DAPO_DEBUG=1): show tracebacks instead of one-line errors")
+        sys.exit(0 if argv else EXIT_USER_ERROR)
+    if argv[0] not in COMMANDS:
+        sys.exit(f"dapo-megatron: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)} (see --help)")
+    sys.exit(run_command(argv[0], argv[1:]))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ rollout.buffer.DynamicSamplingConfig, ...), so a key means the same thing everyw
 before any process group starts, with messages naming the key and the fix.
 """
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +160,25 @@ def _build(cls, data: dict, prefix: str):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: `1e-6`, `5e-7` and `1E3` are floats (YAML 1.1 wants `1.0e-6`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """The one YAML reader of the config system (files and override values alike)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 class _Raw(str):
     """A command-line override value, parsed as YAML unless its field is a string."""
 
@@ -182,7 +202,7 @@ def _coerce(value, hint, key):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     target = args[0] if origin in (typing.Union, types.UnionType) and args else hint
     if isinstance(value, _Raw):
-        value = str(value) if target is str and value not in ("null", "~", "") else yaml.safe_load(value)
+        value = str(value) if target is str and value not in ("null", "~", "") else _parse_raw(value, key)
     if value is None:
         return None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
@@ -190,6 +210,13 @@ def _coerce(value, hint, key):
     if target in (int, float, str, bool) and not isinstance(value, target):
         raise ConfigError(f"{key}={value!r} must be of type {target.__name__}")
     return value
+
+
+def _parse_raw(value: str, key: str):
+    try:
+        return load_yaml(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={value}: not a valid value ({str(e).splitlines()[0]})") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -217,9 +244,11 @@ def build_config(path: Optional[str] = None, overrides: list[str] = ()) -> Confi
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+            raise ConfigError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not UTF-8 text; give a YAML config file") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -269,12 +298,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check_lengths(cfg, arch.max_position_embeddings)
     if cfg.algorithm.loss_scale_factor is None:  # Dr. GRPO's constant divisor is the generation budget
         cfg.algorithm.loss_scale_factor = cfg.rollout.max_response_length
-    if cfg.trainer.load:
-        load = Path(cfg.trainer.load)
-        if not ((load / "latest").is_file() or (load / "model").is_dir()):
-            raise ConfigError(f"trainer.load={load} holds no checkpoint (no `latest` file or model/ folder)")
     if cfg.eval.path and not Path(cfg.eval.path).is_file():
         raise ConfigError(f"eval.path={cfg.eval.path} is not a file")
+    from .preflight import check_checkpoint, check_data
+
+    check_data(cfg)  # DataError naming the file and the first bad line
+    check_checkpoint(cfg)  # CheckpointError: damaged pin, wrong architecture, an occupied save folder
 
 
 def _check_batch_sizes(cfg: Config, dp: int) -> None:

@@ -68,7 +68,48 @@ def detect_layout(row: dict, where: str) -> str:
         return "plain"
     raise DataError(f"{where}: cannot tell the dataset layout: expected a 'prompt' chat list with "
                     f"'reward_model.ground_truth' (DAPO-Math-17k layout) or 'question' + 'answer'; "
-                    f"found fields {sorted(row)}. Pass prompt_key=/label_key= for other layouts.")
+                    f"found fields {sorted(row)}; convert the file with tools/prepare_data.py or rename its fields "
+                    "(data.path must hold one of these two layouts)")
+
+
+def check_row(row: dict, where: str, layout: str, prompt_key=None, label_key=None) -> tuple:
+    """(prompt key, label key, prompt, label) of a row, or a DataError naming the row and the field."""
+    p_key = prompt_key or LAYOUT_KEYS[layout][0]
+    l_key = label_key or LAYOUT_KEYS[layout][1]
+    prompt, label = get_field(row, p_key), get_field(row, l_key)
+    if prompt is None or prompt == "" or prompt == []:
+        raise DataError(f"{where}: missing field '{p_key}' ({layout} layout)")
+    if label is None:
+        raise DataError(f"{where}: missing field '{l_key}' ({layout} layout); every row needs the reference answer")
+    if not str(label).strip():
+        raise DataError(f"{where}: field '{l_key}' is empty; every row needs a non-empty reference answer")
+    if not isinstance(prompt, (str, list)):
+        raise DataError(f"{where}: field '{p_key}' must be a question string or a list of chat messages")
+    return p_key, l_key, prompt, label
+
+
+def check_file(path) -> int:
+    """Read and check a prompt file without tokenising it (run before any process starts); returns its row count."""
+    path, layout, n = Path(path), None, 0
+    if not path.is_file():
+        raise DataError(f"{path}: no such dataset file")
+    try:
+        for where, row in read_rows(path):
+            where = f"{path}, {where}"
+            layout = layout or detect_layout(row, where)
+            check_row(row, where, layout)
+            n += 1
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSONL or Parquet file") from None
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow's errors for a broken parquet file
+        if path.suffix != ".parquet":
+            raise
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    if n == 0:
+        raise DataError(f"{path}: the file has no rows")
+    return n
 
 
 class PromptDataset:
@@ -108,14 +149,7 @@ class PromptDataset:
         return items
 
     def _make_item(self, row, where, layout, prompt_key, label_key) -> PromptItem:
-        p_key = prompt_key or LAYOUT_KEYS[layout][0]
-        l_key = label_key or LAYOUT_KEYS[layout][1]
-        prompt, label = get_field(row, p_key), get_field(row, l_key)
-        if prompt is None or prompt == "" or prompt == []:
-            raise DataError(f"{where}: missing field '{p_key}' ({layout} layout)")
-        if label is None:
-            raise DataError(f"{where}: missing field '{l_key}' ({layout} layout); pass label_key= if the "
-                            "answer is stored elsewhere")
+        p_key, l_key, prompt, label = check_row(row, where, layout, prompt_key, label_key)
         messages = self._messages(prompt, where, p_key)
         text, templated = render_messages(self.tokenizer, messages, self.apply_chat_template)
         ids = list(self.tokenizer.encode(text, add_special_tokens=not templated))

@@ -1,6 +1,6 @@
 """Hugging Face safetensors <-> Megatron dist_checkpointing (torch_dist) conversion, streaming, one process.
 
-Checkpoint layout (shared with train/checkpoint.py):
+Checkpoint layout (defined in train/ckpt_layout.py, with the manifest that seals a folder):
     DIR/latest                 name of the newest complete iteration folder, e.g. `iter_0000000`
     DIR/iter_{N:07d}/model/    dist_checkpointing of `GPTModel.sharded_state_dict()` (loads at any TP/PP)
     DIR/hf_config/             config.json, generation_config.json, tokenizer files
@@ -36,15 +36,16 @@ from .hf_io import (
 )
 from .weights import expected_hf_shapes, hf_names_for, to_hf, to_megatron
 
-LATEST_FILE = "latest"
-HF_CONFIG_DIR = "hf_config"
-MODEL_DIR = "model"
+from ..train import ckpt_layout  # the checkpoint folder layout, shared with the trainer
+
+LATEST_FILE = ckpt_layout.LATEST
+HF_CONFIG_DIR = ckpt_layout.HF_CONFIG_DIR
+MODEL_DIR = ckpt_layout.MODEL_DIR
 _IGNORED_HF_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")  # buffers some old Llama checkpoints carry
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+iteration_dir_name = ckpt_layout.iter_name
 
 
 # ---------------------------------------------------------------- checks on the inputs
@@ -88,9 +89,16 @@ def resolve_checkpoint(load_dir, iteration: Optional[int] = None) -> Path:
         if not latest.is_file():
             raise CheckpointError(f"{root} is not a checkpoint: it has no `{LATEST_FILE}` file (pass --iteration N "
                                   "to pick an iteration folder)")
-        name = latest.read_text().strip()
+        name = ckpt_layout.read_latest(root)
+        if name is None:
+            raise CheckpointError(f"{latest} does not name an iter_* folder; pass --iteration N")
     else:
         name = iteration_dir_name(iteration)
+    if (root / name / ckpt_layout.MANIFEST).is_file():  # folders from before manifests: metadata.json check only
+        try:
+            ckpt_layout.read_manifest(root / name)
+        except ckpt_layout.CheckpointDamaged as e:
+            raise CheckpointError(f"{root}: {e}; pass --iteration N to export another one") from None
     model_dir = root / name / MODEL_DIR
     if not check_is_distributed_checkpoint(model_dir):
         raise CheckpointError(f"{model_dir} is not a complete dist checkpoint (no metadata.json): the save was "
@@ -316,7 +324,9 @@ def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pip
             save_lazy_dist_checkpoint(meta_model(arch, dtype_of), full_param, tmp / iter_name / MODEL_DIR, log)
             (tmp / HF_CONFIG_DIR).mkdir()
             copy_hf_metadata_files(hf_dir, tmp / HF_CONFIG_DIR)
-            (tmp / LATEST_FILE).write_text(iter_name + "\n")
+            ckpt_layout.write_manifest(tmp / iter_name, ckpt_layout.KIND_MODEL, 0,
+                                       arch=ckpt_layout.arch_summary(tmp / HF_CONFIG_DIR))  # last: seals the folder
+            ckpt_layout.write_latest(tmp, iter_name)
     log(f"wrote {save_dir} ({arch.family}, {arch.num_layers} layers); it loads at any TP/PP")
     return save_dir
 

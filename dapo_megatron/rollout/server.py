@@ -202,23 +202,66 @@ for _path in ("/init_weights_update_group", "/update_weights_from_distributed", 
 
 
 # --------------------------------------------------------------------------- aiohttp app
-def build_app(engine: Engine):
+MAX_JSON_DEPTH = 64  # SGLang payloads nest 3-4 levels; a deeper body is refused (400), never a 500
+DEFAULT_MAX_N = 1024
+DEFAULT_MAX_BODY_BYTES = 256 << 20
+
+
+def parse_body(raw: bytes, max_n: int = DEFAULT_MAX_N):
+    """The JSON object of a request body, or ApiError (HTTP 400) for anything malformed or over the caps."""
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; RecursionError: deep nesting
+        raise ApiError(f"the request body is not valid JSON ({str(e)[:200]})") from None
+    _check_strings(payload)
+    if isinstance(payload, dict):
+        sps = payload.get("sampling_params")
+        for sp in (sps if isinstance(sps, list) else [sps]):
+            n = sp.get("n", 1) if isinstance(sp, dict) else 1
+            if isinstance(n, int) and n > max_n:
+                raise ApiError(f"sampling_params.n={n} exceeds this server's cap of {max_n} (--max-n)")
+    return payload
+
+
+def _check_strings(payload) -> None:
+    """Lone surrogates (legal in JSON, not in UTF-8) and nesting deeper than any API payload are refused."""
+    stack = [(payload, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError("the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), not text") from None
+        elif isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in (*v.keys(), *v.values()))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+
+
+def build_app(engine: Engine, max_n: int = DEFAULT_MAX_N, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     from aiohttp import web
 
     async def handle(request):
         payload = None
         if request.can_read_body:
             try:
-                payload = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                status, body = _error(400, f"{request.path}: the request body is not valid JSON ({e})")
+                payload = parse_body(await request.read(), max_n)
+            except web.HTTPRequestEntityTooLarge:
+                status, body = _error(413, f"{request.path}: the request body exceeds {max_body_bytes} bytes "
+                                           "(--max-body-bytes)")
+                return web.json_response(body, status=status)
+            except ApiError as e:
+                status, body = _error(400, f"{request.path}: {e}")
                 return web.json_response(body, status=status)
         status, body = await dispatch(engine, request.path, payload)
         if isinstance(body, str):
             return web.Response(text=body, status=status)
         return web.json_response(body, status=status)
 
-    app = web.Application(client_max_size=1 << 30)
+    app = web.Application(client_max_size=max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
@@ -364,6 +407,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="largest sampling_params.n accepted (400 above)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body accepted (413 above)")
     return p.parse_args(argv)
 
 
@@ -375,7 +421,8 @@ def main(argv=None):
     engine = Engine(args.model_path, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                     seed=args.seed, tokenizer_path=args.tokenizer_path)
     try:
-        web.run_app(build_app(engine), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
+        web.run_app(build_app(engine, args.max_n, args.max_body_bytes), host=args.host, port=args.port,
+                    handler_cancellation=True, access_log=None,
                     print=lambda *_: print(f"rollout server ready on http://{args.host}:{args.port}", flush=True))
     finally:
         engine.shutdown()

@@ -1,10 +1,10 @@
 """Checkpoints: megatron dist_checkpointing of model + optimizer, trainer state, RNG; atomic folders; `latest`.
 
-Layout (shared with tools/convert_*): ROOT/latest names the newest complete ROOT/iter_{N:07d}/, which holds
-model/ (torch_dist), optim/ (torch_dist), trainer_state.json and rng/rank{r}.pt. A folder is written as
-iter_N.tmp and renamed only after every rank has finished, so a crash never leaves a half checkpoint behind a name
-that `latest` or `find_latest` would pick.
+The folder layout and the integrity rules (manifest written last, kinds, lineage) live in `ckpt_layout`. A save is
+written as ROOT/iter_N.tmp, sealed with its manifest, renamed to iter_N, and only then named by `latest`. A failed
+save (a full disk, say) removes its .tmp and raises one line; the previous checkpoint stays as it was.
 """
+import errno
 import json
 import os
 import shutil
@@ -14,30 +14,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-LATEST = "latest"
+from . import ckpt_layout as layout
+from .ckpt_layout import CheckpointDamaged, CheckpointError  # noqa: F401  (re-exported)
+from .faults import fault
 
-
-def iter_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+LATEST = layout.LATEST
+iter_name = layout.iter_name
 
 
 def find_latest(root) -> Optional[Path]:
-    """The newest complete checkpoint folder under `root`, or None when there is none."""
-    root = Path(root)
-    marker = root / LATEST
-    if marker.is_file():
-        path = root / marker.read_text().strip()
-        if (path / "model").is_dir():
-            return path
-        raise FileNotFoundError(f"{marker} names {path.name}, which is missing or incomplete; "
-                                f"point `latest` at a complete iter_* folder or remove it")
-    return None
+    """The newest complete checkpoint folder under `root`, or None when there is none (see ckpt_layout)."""
+    if not layout.iteration_dirs(root):
+        return None
+    return layout.newest_complete(root)[0]
 
 
 def _rng_state() -> dict:
@@ -57,48 +46,65 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root, iteration: int, actor, trainer_state: dict, hf_config_dir=None, keep_last: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
-    from megatron.core import dist_checkpointing
-
+    """Collective: every rank calls it. Returns the final folder. Its parent in the run's lineage is `latest`."""
     root = Path(root)
     final = root / iter_name(iteration)
     tmp = root / (iter_name(iteration) + ".tmp")
     rank = dist.get_rank()
+    try:
+        _write(root, tmp, iteration, actor, trainer_state, hf_config_dir, rank)
+    except OSError as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(root, iteration, e)) from e
+    if rank == 0:
+        if final.exists():  # only a folder that a resume already moved aside could be here: never overwrite
+            raise CheckpointError(f"{final} already exists; move it away (it is not from this run's lineage)")
+        os.rename(tmp, final)
+        fault("save_latest", iteration)
+        layout.write_latest(root, final.name)
+        if keep_last > 0:
+            layout.prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _save_failure(root: Path, iteration: int, e: OSError) -> str:
+    what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    prev = layout.read_latest(root)
+    kept = f"; the previous checkpoint {prev} is intact" if prev else ""
+    return (f"saving checkpoint {iter_name(iteration)} under {root} failed: {what}{kept}; free space there or set "
+            "trainer.save to another folder, then resume with trainer.load")
+
+
+def _write(root: Path, tmp: Path, iteration: int, actor, trainer_state: dict, hf_config_dir, rank: int) -> None:
+    from megatron.core import dist_checkpointing
+
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "model").mkdir(parents=True)
-        (tmp / "optim").mkdir()
-        (tmp / "rng").mkdir()
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died before its manifest: never a checkpoint
+        for part in (layout.MODEL_DIR, layout.OPTIM_DIR, layout.RNG_DIR):
+            (tmp / part).mkdir(parents=True)
     dist.barrier()
     module = actor.model.module
     # Build both before saving: save() rewrites the state dict it is given in place.
     model_sd = module.sharded_state_dict()
     optim_sd = actor.optimizer.sharded_state_dict(module.sharded_state_dict())
-    dist_checkpointing.save(model_sd, str(tmp / "model"))
-    dist_checkpointing.save(optim_sd, str(tmp / "optim"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    dist_checkpointing.save(model_sd, str(tmp / layout.MODEL_DIR))
+    fault("save_model", iteration)
+    dist_checkpointing.save(optim_sd, str(tmp / layout.OPTIM_DIR))
+    torch.save(_rng_state(), tmp / layout.RNG_DIR / f"rank{rank}.pt")
     dist.barrier()
     if rank == 0:
         state = {**trainer_state, "iteration": iteration, "scheduler": actor.scheduler.state_dict(),
                  "world_size": dist.get_world_size()}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=float))
-        if hf_config_dir is not None and not (root / "hf_config").exists():
-            _copy_hf_config(hf_config_dir, root / "hf_config")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _write_text_atomic(root / LATEST, final.name)
-        if keep_last > 0:
-            _prune(root, keep_last)
-    dist.barrier()
-    return final
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        (tmp / layout.TRAINER_STATE).write_text(json.dumps(state, indent=1, default=float))
+        if hf_config_dir is not None and not (root / layout.HF_CONFIG_DIR).exists():
+            _copy_hf_config(hf_config_dir, root / layout.HF_CONFIG_DIR)
+        arch = layout.arch_summary(hf_config_dir) if hf_config_dir is not None else None
+        fault("save_manifest", iteration)
+        layout.write_manifest(tmp, layout.KIND_TRAIN, iteration, parent=layout.read_latest(root), arch=arch,
+                              world_size=dist.get_world_size())
 
 
 def _copy_hf_config(src, dst: Path) -> None:
@@ -111,27 +117,28 @@ def _copy_hf_config(src, dst: Path) -> None:
     os.rename(tmp, dst)
 
 
-def load_checkpoint(path, actor, load_optim: bool = True) -> dict:
-    """Collective. Loads the model (any TP/PP it was saved at), the optimizer and RNG when present.
-
-    Returns the trainer state ({} for a model-only checkpoint such as one written by the conversion tool).
-    """
+def load_checkpoint(path, actor, manifest: Optional[dict] = None) -> dict:
+    """Collective. Loads a verified checkpoint: the model (any TP/PP it was saved at) and, for kind "train", the
+    optimizer, scheduler and RNG. Returns the trainer state ({} for a model-only checkpoint from the converter)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    if not (path / "model").is_dir():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no model/ inside)")
+    manifest = manifest or layout.read_manifest(path)
     module = actor.model.module
-    module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), str(path / "model")), strict=True)
-    state_file = path / "trainer_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if load_optim and (path / "optim").is_dir() and state:
+    module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), str(path / layout.MODEL_DIR)),
+                           strict=True)
+    state = {}
+    if manifest["kind"] == layout.KIND_TRAIN:
+        state = json.loads((path / layout.TRAINER_STATE).read_text())
         optim_sd = actor.optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True)
-        actor.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / "optim")))
+        actor.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / layout.OPTIM_DIR)))
         actor.scheduler.load_state_dict(state["scheduler"])
-        rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
+        rng_file = path / layout.RNG_DIR / f"rank{dist.get_rank()}.pt"
         if state.get("world_size") == dist.get_world_size() and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
+        elif dist.get_rank() == 0:
+            print(f"note: {path.name} was saved by {state.get('world_size')} ranks, this run has "
+                  f"{dist.get_world_size()}: RNG streams restart from trainer.seed", flush=True)
     if hasattr(actor.optimizer, "reload_model_params"):
         actor.optimizer.reload_model_params()  # bf16 params from the fp32 main copy (no-op for fp32)
     return state

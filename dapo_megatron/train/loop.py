@@ -11,7 +11,9 @@ import torch.distributed as dist
 from .. import parallel
 from ..config import Config
 from .actor import Actor, train_on_batch
-from .checkpoint import find_latest, load_checkpoint, save_checkpoint
+from . import ckpt_layout
+from .checkpoint import load_checkpoint, save_checkpoint
+from .faults import fault
 from .metrics import MetricsLogger
 from .stages import RolloutStage, assign_advantages, broadcast_from_rank0, sync_weights
 
@@ -48,17 +50,17 @@ def run(cfg: Config) -> dict:
                     train_metrics.update(_mean(train_on_batch(actor, batch)))
             with _timer(times, "sync"):
                 train_metrics.update(sync_weights(actor, stage, version=step + 1))
-        if _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
-            with _timer(times, "save"):
-                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
-                                keep_last=cfg.trainer.keep_last)
         eval_metrics = {}
         if cfg.eval.path and cfg.trainer.eval_interval and (step + 1) % cfg.trainer.eval_interval == 0:
             eval_metrics = stage.evaluate(tokenizer) if rank0 else {}
             dist.barrier()
         last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
-        logger.log(step + 1, last)
+        logger.log(step + 1, last)  # before the save: a checkpoint's steps are always in metrics.jsonl
+        if _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+            with _timer(times, "save"):
+                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
+                                keep_last=cfg.trainer.keep_last)
     logger.close()
     if stage is not None:
         stage.close()
@@ -67,16 +69,23 @@ def run(cfg: Config) -> dict:
 
 
 def _resume(cfg: Config, actor: Actor, stage) -> int:
+    """Load trainer.load (verified by its manifest; see ckpt_layout) and claim the save folder for this lineage."""
     if not cfg.trainer.load:
         return 0
-    root = Path(cfg.trainer.load)
-    path = root if (root / "model").is_dir() else find_latest(root)
-    if path is None:
-        raise FileNotFoundError(f"trainer.load={root}: no complete checkpoint (no `latest` file)")
-    state = load_checkpoint(path, actor)
+    rank0 = dist.get_rank() == 0
+    say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
+    path, manifest = ckpt_layout.resolve(cfg.trainer.load, log=say)
+    if manifest["kind"] == ckpt_layout.KIND_MODEL:
+        say(f"{path} is a model-only checkpoint: loading it as initial weights (step 0, fresh optimizer)")
+    state = load_checkpoint(path, actor, manifest)
     if stage is not None and state.get("rollout"):
         stage.load_state_dict(state["rollout"])
-    return int(state.get("iteration", 0))
+    start = int(state.get("iteration", 0))
+    if rank0:
+        ckpt_layout.claim_for_resume(Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints"), path,
+                                     manifest, log=say)
+    dist.barrier()
+    return start
 
 
 @contextmanager
@@ -95,6 +104,7 @@ def _inject_fault(step: int) -> None:
     # Fault injection for the resume tests: DAPO_FAULT_AT_STEP=N kills this process with SIGKILL mid-step N.
     if os.environ.get("DAPO_FAULT_AT_STEP") == str(step + 1):
         os.kill(os.getpid(), signal.SIGKILL)
+    fault("train", step + 1)  # DAPO_FAULT=train@N (see faults.py)
 
 
 def _trainer_state(iteration: int, stage) -> dict:
