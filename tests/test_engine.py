@@ -2,13 +2,13 @@
 import asyncio
 import concurrent.futures
 import math
-import time
 
 import pytest
 import torch
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.rollout.engine import Engine, SamplingParams, sample_tokens
+from waiting import held, result
 
 
 @pytest.fixture(scope="session")
@@ -174,29 +174,58 @@ def test_eos_from_the_model_config_stops_unless_ignore_eos(tiny_models, engine, 
 def test_continuous_batching_short_request_overtakes_long_one(tiny_models):
     e = Engine(tiny_models["qwen2.5"], max_batch_size=2)
     try:
+        e.hold(steps=1)
         long = e.submit([5, 6], {"max_new_tokens": 400, "ignore_eos": True})
-        time.sleep(0.2)
+        held(e)  # long is admitted and generating
         short = e.submit([7, 8], {"max_new_tokens": 3, "ignore_eos": True})
         queued = e.submit([9], {"max_new_tokens": 3, "ignore_eos": True})  # over max_batch_size: waits its turn
-        assert len(short.result(timeout=30)[0]["output_ids"]) == 3
-        assert len(queued.result(timeout=30)[0]["output_ids"]) == 3
+        e.hold(steps=20)  # enough for short and then queued (2 steps each), far too few for long's 400 tokens
+        assert len(result(short, "the short request")[0]["output_ids"]) == 3
+        assert len(result(queued, "the queued request")[0]["output_ids"]) == 3
+        held(e)
         assert not long.done()
-        assert len(long.result(timeout=60)[0]["output_ids"]) == 400
+        e.release()
+        assert len(result(long, "the long request after release", 120)[0]["output_ids"]) == 400
     finally:
         e.shutdown()
 
 
 def test_abort_returns_partial_output(engine):
-    fut = engine.submit([5, 6], {"max_new_tokens": 1000, "ignore_eos": True, "n": 2}, rid="to-abort")
-    waiting_fut = engine.submit([5, 6], {"max_new_tokens": 0})  # resolves at once
-    assert waiting_fut.result()[0]["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
-    time.sleep(0.3)
-    assert engine.abort_request("to-abort") == 1
-    outs = fut.result(timeout=10)
+    engine.hold(steps=1)  # one step: prefill (1 token) and one decode (2 tokens), then held mid-generation
+    try:
+        fut = engine.submit([5, 6], {"max_new_tokens": 1000, "ignore_eos": True, "n": 2}, rid="to-abort")
+        waiting_fut = engine.submit([5, 6], {"max_new_tokens": 0})  # resolves at once
+        assert waiting_fut.result()[0]["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+        held(engine)
+        assert engine.abort_request("to-abort") == 1
+        outs = result(fut, "the aborted request", 30)
+    finally:
+        engine.release()
     for out in outs:
         assert out["meta_info"]["finish_reason"]["type"] == "abort"
-        assert 0 < len(out["output_ids"]) < 1000
+        assert len(out["output_ids"]) == 2
         assert len(out["meta_info"]["output_token_logprobs"]) == len(out["output_ids"])
+
+
+def test_hold_runs_exactly_the_allowed_steps_and_release_resumes(engine):
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        engine.hold(steps=-1)
+    engine.hold(steps=3)
+    try:
+        assert not engine.wait_held(0.2)  # no request yet: the 3 steps are not spent
+        fut = engine.submit([5, 6], {"max_new_tokens": 50, "ignore_eos": True}, rid="held")
+        held(engine)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            fut.result(timeout=0.3)  # held: not one more token
+        engine.abort_request("held")
+        assert len(result(fut, "the held request's abort")[0]["output_ids"]) == 4  # 1 + 1 + 1 + 1
+        engine.hold()
+        fut = engine.submit([5, 6], {"max_new_tokens": 50, "ignore_eos": True})
+        assert engine.wait_held(5) and engine.num_requests == 1
+        engine.release()
+        assert len(result(fut, "the released request")[0]["output_ids"]) == 50
+    finally:
+        engine.release()
 
 
 def test_pause_in_place_then_continue(engine):

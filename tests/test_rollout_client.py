@@ -1,7 +1,11 @@
 """RolloutClient against the embedded server over HTTP (and in-process), and against scripted fake servers."""
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +14,10 @@ from dapo_megatron.rollout.client import (RolloutClient, RolloutRequestError, Ro
                                           RolloutTimeoutError, run_sync)
 from dapo_megatron.rollout.engine import Engine
 from dapo_megatron.rollout.sample import Sample
-from dapo_megatron.rollout.server import free_port, launch_embedded_server
+from dapo_megatron.rollout.server import EmbeddedServer, free_port, launch_embedded_server, wait_for_health
+from waiting import async_wait_until, held
 
-LONG = {"max_new_tokens": 900, "ignore_eos": True}  # runs for seconds on the tiny model
+LONG = {"max_new_tokens": 900, "ignore_eos": True}  # never finishes in these tests: the engine is held
 
 
 @pytest.fixture(scope="module")
@@ -67,48 +72,77 @@ def test_bad_request_raises_with_the_server_message(server):
 
 
 def test_abort_all_returns_in_flight_and_queued_requests_promptly(server):
-    client = RolloutClient([server.url], max_concurrency=2)
+    client, engine = RolloutClient([server.url], max_concurrency=2), server.engine
+    engine.hold()  # requests reach the server and wait there until the test lets them run
 
     async def run():
         tasks = [asyncio.ensure_future(client.generate([5, 6], LONG)) for _ in range(4)]
-        await asyncio.sleep(1.0)
-        started = time.monotonic()
+        await async_wait_until(lambda: _requests_on(engine, 2), "the 2 requests holding a concurrency slot to reach "
+                               "the server")
+        engine.hold(steps=1)  # one step: both admitted, prefilled (1 token) and decoded once (2 tokens)
+        await asyncio.to_thread(held, engine)
         await client.abort_all()
-        outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-        return outs, time.monotonic() - started
+        return await _bounded(asyncio.gather(*tasks), 30, "the 4 aborted requests to return")
 
-    outs, seconds = asyncio.run(run())
-    assert seconds < 10  # 900 tokens would take far longer (and end with "length")
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.release()
     reasons = [o[0]["meta_info"]["finish_reason"]["type"] for o in outs]
     assert reasons == ["abort"] * 4
     lengths = sorted(len(o[0]["output_ids"]) for o in outs)
-    assert lengths[:2] == [0, 0] and lengths[2] > 0  # two waited for a slot, two were generating
+    assert lengths == [0, 0, 2, 2]  # two waited for a slot, two were generating
     assert len(asyncio.run(client.generate([5], {"max_new_tokens": 2}))[0]["output_ids"]) >= 1  # usable after
 
 
 def test_request_timeout_raises_and_aborts_on_the_server(server):
     client = RolloutClient([server.url], request_timeout_s=0.5)
-    started = time.monotonic()
-    with pytest.raises(RolloutTimeoutError, match=server.url):
-        asyncio.run(client.generate([5, 6], LONG))
-    assert time.monotonic() - started < 10
-    deadline = time.monotonic() + 5
-    while server.engine.num_requests and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.engine.num_requests == 0
+    server.engine.hold()  # the request cannot finish before its timeout, however fast the machine is
+    try:
+        with pytest.raises(RolloutTimeoutError, match=server.url):
+            asyncio.run(client.generate([5, 6], LONG))
+        asyncio.run(async_wait_until(lambda: _requests_on(server.engine, 0), "the timed-out request to be aborted "
+                                     "on the server", timeout_s=10))
+    finally:
+        server.engine.release()
+
+
+# A server whose engine holds every request in flight: it is still generating when the test kills it.
+HELD_SERVER = r'''
+import sys
+from aiohttp import web
+from dapo_megatron.rollout.engine import Engine
+from dapo_megatron.rollout.server import build_app
+
+engine = Engine(sys.argv[1])
+engine.hold()
+web.run_app(build_app(engine), host="127.0.0.1", port=int(sys.argv[2]), handler_cancellation=True, print=None)
+'''
+
+
+def launch_held_server(model_path) -> EmbeddedServer:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", HELD_SERVER, str(model_path), str(port)], env=env)
+    server = EmbeddedServer(f"http://127.0.0.1:{port}", process=proc)
+    try:
+        wait_for_health(server.url, 120, process=proc)
+    except Exception:
+        server.shutdown()
+        raise
+    return server
 
 
 def test_server_killed_mid_request_fails_over_then_errors_clearly(model_path, server):
-    dying = launch_embedded_server(model_path, 0, mode="subprocess")
+    dying = launch_held_server(model_path)
     try:
         client = RolloutClient([dying.url, server.url], backoff_s=0.05)  # first pick: dying (round-robin start)
 
         async def run():
             task = asyncio.ensure_future(client.generate([5, 6], {"max_new_tokens": 60, "ignore_eos": True}))
-            while not await _running_on(client, dying.url):
-                await asyncio.sleep(0.05)
+            await async_wait_until(lambda: _running_on(client, dying.url), f"the request to reach {dying.url}")
             dying.kill()
-            return await asyncio.wait_for(task, timeout=60)
+            return await _bounded(task, 60, "the request to fail over to the live server and finish")
 
         out = asyncio.run(run())[0]
         assert len(out["output_ids"]) == 60 and out["meta_info"]["finish_reason"]["type"] == "length"
@@ -124,6 +158,17 @@ def test_server_killed_mid_request_fails_over_then_errors_clearly(model_path, se
 async def _running_on(client, url) -> bool:
     status, info = await client._call(url, "/get_server_info", method="GET", timeout_s=5)
     return status == 200 and info["num_requests"] > 0
+
+
+async def _requests_on(engine, n: int) -> bool:
+    return engine.num_requests == n
+
+
+async def _bounded(awaitable, timeout_s: float, what: str):
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}") from None
 
 
 def test_wait_healthy_names_the_dead_server(server):
@@ -144,13 +189,16 @@ def test_in_process_engine_has_the_same_interface(model_path):
             asyncio.run(client.generate([5], {"top_p": 2.0}))
 
         async def abort():
+            engine.hold(steps=1)  # admitted, prefilled and decoded once, then held mid-generation
             task = asyncio.ensure_future(client.generate([5, 6], LONG))
-            await asyncio.sleep(0.5)
+            await asyncio.to_thread(held, engine)
             await client.abort_all()
-            return await asyncio.wait_for(task, 10)
+            return await _bounded(task, 30, "the aborted in-process request to return")
 
-        assert asyncio.run(abort())[0]["meta_info"]["finish_reason"]["type"] == "abort"
+        out = asyncio.run(abort())[0]
+        assert out["meta_info"]["finish_reason"]["type"] == "abort" and len(out["output_ids"]) == 2
     finally:
+        engine.release()
         engine.shutdown()
 
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from dapo_megatron.rollout.sample import Sample
 from dapo_megatron.rollout.server import free_port, launch_embedded_server, wait_for_health
 from dapo_megatron.rollout.weight_sync import (DistributedWeightSync, TensorWeightSync,
                                                iter_buckets, make_weight_sync, write_hf_checkpoint)
+from waiting import held, result, wait_until
 
 PROMPT = [5, 6, 7, 8]
 
@@ -127,10 +127,10 @@ def test_update_waits_for_running_requests(models):
     engine = Engine(models["A"])
     try:
         named, order = hf_tensors(models["B"]), []
+        engine.hold(steps=1)  # admitted and generating (a waiting request would get the new weights), then held
         running = engine.submit(PROMPT, {"max_new_tokens": 300, "ignore_eos": True})
         running.add_done_callback(lambda _: order.append("request done"))
-        while not engine._num_active:  # admitted and generating (a waiting request would get the new weights)
-            time.sleep(0.001)
+        held(engine)
 
         def update():
             order.append("update called" if not running.done() else "request already done")
@@ -139,8 +139,11 @@ def test_update_waits_for_running_requests(models):
 
         updater = threading.Thread(target=update)
         updater.start()
-        out = running.result(timeout=60)[0]
+        wait_until(lambda: engine._updates_pending, "the weight update to start waiting for the running request")
+        engine.release()
+        out = result(running, "the running request")[0]
         updater.join(timeout=60)
+        assert not updater.is_alive(), "the weight update did not return within 60 s of the request finishing"
         assert order == ["update called", "request done", "update applied"] and engine.weight_version == 1
         # the whole response came from the old weights, and says so
         sample = Sample(prompt_ids=list(PROMPT), response_ids=out["output_ids"],
@@ -207,9 +210,8 @@ def test_distributed_sync_protocol_with_a_fake_sglang_worker(models, tmp_path):
                                      master_port=free_port(), backend="gloo", device="cpu", bucket_size_mb=0.05)
         assert sync.sync(named) == 1
         sync.close()
-        deadline = time.monotonic() + 20
-        while not out_path.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(out_path.exists, f"the fake worker to write {out_path.name} on /destroy_weights_update_group",
+                   timeout_s=20, interval_s=0.1)
         got = torch.load(out_path)
     finally:
         proc.terminate()

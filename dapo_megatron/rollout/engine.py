@@ -15,6 +15,9 @@ distribution, i.e. before top-p / top-k renormalisation, as SGLang returns it. G
 Weight updates wait for running requests to finish (new requests are held back meanwhile), so every response is
 produced by one weight version, reported as `meta_info.weight_version`. While paused in place (`pause_generation(
 mode="in_place")`) an update applies at once and the frozen requests continue with the new weights.
+
+`hold(steps)` / `release()` / `wait_held()` let a test keep a request in flight for as long as it needs (the scheduler
+stops after `steps` more steps; aborts are still answered), instead of racing the machine's generation speed.
 """
 import asyncio
 import concurrent.futures
@@ -160,6 +163,8 @@ class Engine:
         self._batch: Optional[_Batch] = None
         self._paused = self._stopped = self._wake = False
         self._updates_pending = 0
+        self._step_budget: Optional[int] = None  # scheduler steps left before a hold; None: not held
+        self._stepping = False
         self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
         self._thread.start()
 
@@ -256,6 +261,26 @@ class Engine:
             self._paused = False
             self._cv.notify_all()
 
+    def hold(self, steps: int = 0):
+        """Let the scheduler run at most `steps` more steps (one step: admit + prefill, and one decode), then hold
+        the requests in flight where they are until `release()`. Aborts and pauses are still served while held."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        with self._cv:
+            self._step_budget = int(steps)
+            self._cv.notify_all()
+
+    def release(self):
+        """End a `hold`: generation continues at full speed."""
+        with self._cv:
+            self._step_budget = None
+            self._cv.notify_all()
+
+    def wait_held(self, timeout_s: float) -> bool:
+        """Block until a `hold`'s steps are spent and no step is running; False if that takes over `timeout_s`."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._step_budget == 0 and not self._stepping, timeout_s)
+
     def flush_cache(self) -> bool:
         return True  # no prefix cache is kept across requests: nothing to flush
 
@@ -341,22 +366,30 @@ class Engine:
                 if self._stopped:
                     return
                 self._wake = False
-                admitted = self._admit()
+                allowed = self._step_budget != 0  # False while held: only aborted rows are dropped and answered
+                admitted = self._admit() if allowed else []
+                forward = bool(admitted) or (self._batch is not None and not self._paused)
+                if allowed and forward and self._step_budget is not None:
+                    self._step_budget -= 1
+                self._stepping = True
             try:
                 with self._step_lock, torch.inference_mode():
                     if admitted:
                         self._prefill(admitted)
                     done = self._drop_finished()
-                    if self._batch is not None and not self._paused:
+                    if self._batch is not None and allowed and not self._paused:
                         self._decode()
                         done += self._drop_finished()
             except Exception as e:  # keep serving: fail what was running, report the cause to each caller
                 log.exception("rollout engine step failed")
                 done = self._fail_running(admitted, e)
             self._resolve(done)
+            with self._cv:
+                self._stepping = False
+                self._cv.notify_all()
 
     def _has_work(self) -> bool:
-        if self._paused:
+        if self._paused or self._step_budget == 0:
             return False
         return (self._batch is not None) or (bool(self._waiting) and not self._updates_pending)
 
