@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AlgorithmConfig(PolicyLossConfig):
+    """Loss (loss_mode, clips, agg, KL, rollout_correction: see algo/loss.py) plus the advantage estimator."""
     norm_adv_by_std: bool = True  # False: Dr. GRPO (no std normalisation)
     leave_one_out: bool = False  # baseline = mean of the other responses of the group
     adv_eps: float = 1e-6
@@ -269,9 +270,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         cfg.sampling()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"dynamic_sampling: {e}") from e
-    if cfg.algorithm.kl_coef != 0.0:
-        raise ConfigError("algorithm.kl_coef != 0 needs reference-policy log-probs, which the trainer does not compute "
-                          "yet; DAPO trains without KL: set algorithm.kl_coef=0")
+    if cfg.algorithm.rollout_correction.enabled and not cfg.actor.recompute_old_logprobs:
+        raise ConfigError("algorithm.rollout_correction (or tis_cap) weighs trainer vs engine log-probs; with "
+                          "actor.recompute_old_logprobs=false they are the same: set it true or turn the correction off")
     if not cfg.model.path:
         raise ConfigError("model.path is required: a Hugging Face model folder (config.json + safetensors)")
     if not (Path(cfg.model.path) / "config.json").is_file():

@@ -43,7 +43,8 @@ def test_yaml_and_overrides(base, tmp_path):
     ("model.path=/nonexistent", "model.path=/nonexistent has no config.json"),
     ("rollout.backend=vllm", "rollout.backend='vllm'"),
     ("nokey", "must look like key.sub=value"),
-    ("algorithm.kl_coef=0.001", "algorithm.kl_coef != 0 needs reference-policy log-probs"),
+    ("algorithm.use_kl_in_reward=true", "use_kl_in_reward=true needs kl_coef > 0"),
+    ("algorithm.loss_mode=gspo", "set clip_ratio_c: null"),
 ])
 def test_errors_name_the_key(base, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

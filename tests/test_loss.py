@@ -246,7 +246,8 @@ def test_truncated_importance_sampling():
     assert loss.item() == pytest.approx(-3.5, abs=1e-6)
     torch.testing.assert_close(logp.grad, torch.tensor([[-1.5, -2.0]]))
     assert rollout.grad is None  # the weight is a constant
-    assert m["tis_weight"].item() == pytest.approx(1.75, abs=1e-6)
+    assert m["rollout_corr_weight"].item() == pytest.approx(1.75, abs=1e-6)
+    assert m["rollout_corr_truncated_token_frac"].item() == 0.5
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -1,4 +1,5 @@
-"""DAPO policy loss: token-level PPO objective with Clip-Higher, dual-clip, KL, entropy bonus and TIS.
+"""Policy losses (vanilla PPO with Clip-Higher and dual-clip, GSPO, CISPO), aggregation modes, KL, entropy bonus
+and rollout correction (TIS / MIS, see rollout_correction.py).
 
 Normalisation contract ("global-sum normalised"): `policy_loss` returns one micro-batch's *share* of the loss of
 the whole optimizer step. Summing the returned losses over all micro-batches and all data-parallel ranks gives
@@ -10,11 +11,13 @@ exactly the loss of the global batch, hence the same gradient as one big batch, 
     multiplies the loss by `dp_size` before backward (or configures DDP to sum).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from .rollout_correction import RolloutCorrectionConfig, rollout_correction_weights
 
 # exp() of a float32 log-ratio overflows above ~88; clamping at 20 only touches tokens whose ratio is far outside
 # any clip range (their clip binds anyway, or the run has already diverged).
@@ -102,23 +105,33 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, mode: str, global_token_count=
 @dataclass
 class PolicyLossConfig:
     """Policy loss options (verl names). Ratios r = exp(logprobs - old_logprobs)."""
-    clip_ratio_low: float = 0.2  # clip r below 1 - clip_ratio_low when A < 0
-    clip_ratio_high: float = 0.28  # DAPO Clip-Higher: clip r above 1 + clip_ratio_high when A > 0
-    clip_ratio_c: Optional[float] = 3.0  # dual-clip: for A < 0 the token loss is capped at -clip_ratio_c * A
+    loss_mode: str = "vanilla"  # vanilla (PPO clip, DAPO) | gspo (sequence ratio) | cispo (clipped IS weight)
+    clip_ratio_low: float = 0.2  # clip r below 1 - clip_ratio_low (GSPO paper: 3e-4)
+    clip_ratio_high: float = 0.28  # DAPO Clip-Higher: clip r above 1 + clip_ratio_high (GSPO paper: 4e-4)
+    clip_ratio_c: Optional[float] = 3.0  # dual-clip (vanilla only; null with gspo/cispo): A < 0 loss capped at -c A
     loss_agg_mode: str = "token-mean"
     loss_scale_factor: Optional[int] = None  # Dr. GRPO's constant length for seq-mean-token-sum-norm
-    kl_coef: float = 0.0  # KL to the reference policy (DAPO: off)
+    kl_coef: float = 0.0  # KL to the frozen reference policy (DAPO: off); > 0 builds the reference model
     kl_estimator: str = "k3"  # k1 | k2 | k3 (alias: low_var_kl)
+    use_kl_in_reward: bool = False  # True: kl_coef * sum_t KL goes into each response's reward, not the loss
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * agg(entropy)
-    tis_cap: Optional[float] = None  # truncated importance sampling between trainer and engine log-probs
+    tis_cap: Optional[float] = None  # shorthand for rollout_correction {level: token, mode: truncate, threshold}
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def __post_init__(self):
+        if isinstance(self.rollout_correction, dict):
+            self.rollout_correction = RolloutCorrectionConfig(**self.rollout_correction)
+        if self.loss_mode not in POLICY_LOSS_MODES:
+            raise ValueError(f"loss_mode must be one of {sorted(POLICY_LOSS_MODES)}, got {self.loss_mode!r}")
         if not 0.0 <= self.clip_ratio_low < 1.0:
             raise ValueError(f"clip_ratio_low must be in [0, 1), got {self.clip_ratio_low}")
         if not self.clip_ratio_high >= 0.0:
             raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
             raise ValueError(f"clip_ratio_c must be > 1 (or null to disable dual-clip), got {self.clip_ratio_c}")
+        if self.clip_ratio_c is not None and self.loss_mode != "vanilla":
+            raise ValueError(f"clip_ratio_c (dual-clip) applies to loss_mode=vanilla only; with "
+                             f"loss_mode={self.loss_mode} set clip_ratio_c: null")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {sorted(LOSS_AGG_MODES)}, got {self.loss_agg_mode!r}")
         if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
@@ -130,10 +143,27 @@ class PolicyLossConfig:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.use_kl_in_reward and self.kl_coef == 0.0:
+            raise ValueError("use_kl_in_reward=true needs kl_coef > 0 (the KL penalty's weight in the reward)")
         if not math.isfinite(self.entropy_coef):
             raise ValueError(f"entropy_coef must be a finite number, got {self.entropy_coef}")
-        if self.tis_cap is not None and not self.tis_cap > 0.0:
-            raise ValueError(f"tis_cap must be > 0 (or null to disable TIS), got {self.tis_cap}")
+        if self.tis_cap is not None:
+            if not self.tis_cap > 0.0:
+                raise ValueError(f"tis_cap must be > 0 (or null to disable TIS), got {self.tis_cap}")
+            tis = RolloutCorrectionConfig(level="token", mode="truncate", threshold=self.tis_cap)
+            if self.rollout_correction.enabled and self.rollout_correction != tis:
+                raise ValueError("tis_cap and rollout_correction are both set; tis_cap=C means rollout_correction "
+                                 "{level: token, mode: truncate, threshold: C}: keep one")
+            self.rollout_correction = tis
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_coef != 0.0 and not self.use_kl_in_reward
+
+    @property
+    def needs_reference(self) -> bool:
+        """A reference policy is built only when some term uses its log-probs."""
+        return self.kl_coef != 0.0
 
 
 # --------------------------------------------------------------------------------------------- token losses
@@ -163,6 +193,59 @@ def clipped_pg_loss(ratio: Tensor, advantages: Tensor, cfg: PolicyLossConfig) ->
     return loss, {"clip_high": clip_high, "clip_low": clip_low, "dual": dual}
 
 
+# ----------------------------------------------------------------------------------------------- loss modes
+
+PolicyLossFn = Callable[[Tensor, Tensor, Tensor, Tensor, "PolicyLossConfig"], tuple[Tensor, dict[str, Tensor]]]
+POLICY_LOSS_MODES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register `fn(logprobs, old_logprobs, advantages, mask, cfg) -> (per-token loss [N, T], clip masks)`.
+
+    The clip masks are booleans named clip_high / clip_low / dual (where the respective clip binds).
+    """
+    def decorate(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSS_MODES[name] = fn
+        return fn
+    return decorate
+
+
+@register_policy_loss("vanilla")
+def vanilla_pg_loss(logprobs, old_logprobs, advantages, mask, cfg):
+    """PPO / DAPO: token ratio r_t = pi_t / pi_old_t, Clip-Higher and dual-clip (`clipped_pg_loss`)."""
+    return clipped_pg_loss(torch.exp(_log_ratio(logprobs, old_logprobs, mask)), advantages, cfg)
+
+
+@register_policy_loss("gspo")
+def gspo_pg_loss(logprobs, old_logprobs, advantages, mask, cfg):
+    """GSPO (Zheng et al. 2025): one ratio per sequence, s_i = exp(mean_t log(pi_t / pi_old_t)) over loss tokens.
+
+    Token form s_{i,t} = sg[s_i] * pi_t / sg[pi_t]: its value is s_i on every token and d s_{i,t} / d log pi_t =
+    s_i, so per-token advantages and masks work; with one advantage per sequence and seq-mean-token-mean this is
+    the paper's sequence objective. Clipped to [1 - low, 1 + high] like the token ratio (no dual-clip): where the
+    clip binds, the whole sequence's gradient is 0.
+    """
+    log_ratio = _log_ratio(logprobs, old_logprobs, mask)
+    seq_log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    live = torch.where(mask > 0, logprobs, torch.zeros_like(logprobs))  # padding log-probs may be garbage
+    return clipped_pg_loss(torch.exp(seq_log_ratio.detach() + live - live.detach()), advantages, cfg)
+
+
+@register_policy_loss("cispo")
+def cispo_pg_loss(logprobs, old_logprobs, advantages, mask, cfg):
+    """CISPO (MiniMax-M1): loss_t = -sg[clip(r_t, 1 - low, 1 + high)] * A_t * log pi_t.
+
+    Every token keeps a gradient (-A * clipped weight); the clip only bounds the weight. clip_high / clip_low
+    count the tokens whose weight was clipped (r > 1 + high, r < 1 - low), whatever the sign of A.
+    """
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask)).detach()
+    weight = ratio.clamp(1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+    live = torch.where(mask > 0, logprobs, torch.zeros_like(logprobs))
+    clip_high, clip_low = ratio > 1.0 + cfg.clip_ratio_high, ratio < 1.0 - cfg.clip_ratio_low
+    return -advantages * weight * live, {"clip_high": clip_high, "clip_low": clip_low,
+                                         "dual": torch.zeros_like(clip_high)}
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Tensor) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
     log_ratio = _log_ratio(logprobs, ref_logprobs, mask)  # log pi - log pi_ref
@@ -173,14 +256,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Ten
     if estimator in ("k3", "low_var_kl"):
         return torch.exp(-log_ratio) + log_ratio - 1.0
     raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
-
-
-def tis_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float, mask: Tensor) -> Tensor:
-    """Truncated importance weights min(pi_old_trainer / pi_rollout_engine, cap), detached.
-
-    The engine samples with slightly different numerics than the trainer; the weight corrects the off-policy gap.
-    """
-    return torch.exp(_log_ratio(old_logprobs, rollout_logprobs, mask)).clamp(max=cap).detach()
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -202,19 +277,21 @@ def policy_loss(
     entropy: Optional[Tensor] = None,
     rollout_logprobs: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """This micro-batch's share of the DAPO loss, and detached metrics.
+    """This micro-batch's share of the policy loss (`cfg.loss_mode`), and detached metrics.
 
     All tensors are [num_seqs, T], padded; `loss_mask` is 1 on response tokens that train, 0 elsewhere;
     `advantages` are already per token. `old_logprobs` are the trainer's recomputed log-probs of the policy that
-    generated the batch; `rollout_logprobs` the engine's, used only for TIS (`cfg.tis_cap`), which multiplies each
-    token's policy-gradient loss by min(exp(old - rollout), tis_cap) (detached; KL and entropy terms unweighted).
+    generated the batch; `rollout_logprobs` the engine's, used only by rollout correction (`cfg.rollout_correction`,
+    or its shorthand `cfg.tis_cap`), whose detached weights multiply each token's policy-gradient loss.
 
-    loss = agg(pg_loss * tis) + kl_coef * agg(kl(logprobs, ref_logprobs)) - entropy_coef * agg(entropy),
-    every agg with the same mode and counts. Normalisation: see the module docstring. Summing the returned loss over
-    micro-batches and DP ranks gives the global-batch loss when `global_token_count` (token-mean) or
-    `global_seq_count` (seq-mean-*) are the step's totals; None uses this micro-batch's own counts.
+    loss = agg(pg_loss * w) + kl_coef * agg(kl(logprobs, ref_logprobs)) - entropy_coef * agg(entropy),
+    every agg with the same mode and counts; the KL term is left out with use_kl_in_reward (it is in the reward).
+    Normalisation: see the module docstring. Summing the returned loss over micro-batches and DP ranks gives the
+    global-batch loss when `global_token_count` (token-mean) or `global_seq_count` (seq-mean-*) are the step's
+    totals; None uses this micro-batch's own counts.
 
-    Metrics are means over this micro-batch's unmasked tokens; `num_tokens` lets callers weight them.
+    Metrics are means over this micro-batch's unmasked tokens, except `*_seq_frac` (means over its sequences with
+    a loss token); `num_tokens` / `num_seqs` let callers weight them.
     """
     mask = loss_mask.to(logprobs.dtype)
     _check_inputs(logprobs, old_logprobs, advantages, mask, cfg, ref_logprobs, entropy, rollout_logprobs)
@@ -224,33 +301,35 @@ def policy_loss(
                         cfg.loss_scale_factor)
 
     old_logprobs = old_logprobs.detach()
-    log_ratio = _log_ratio(logprobs, old_logprobs, mask)
-    pg_losses, clipped = clipped_pg_loss(torch.exp(log_ratio), advantages.detach(), cfg)
+    pg_losses, clipped = POLICY_LOSS_MODES[cfg.loss_mode](logprobs, old_logprobs, advantages.detach(), mask, cfg)
     metrics = {}
-    if cfg.tis_cap is not None:
-        weights = tis_weights(old_logprobs, rollout_logprobs, cfg.tis_cap, mask)
+    if cfg.rollout_correction.enabled:
+        weights, corr_metrics = rollout_correction_weights(old_logprobs, rollout_logprobs, mask,
+                                                           cfg.rollout_correction)
         pg_losses = pg_losses * weights
-        metrics["tis_weight"] = _masked_mean(weights, mask)
+        metrics.update(corr_metrics)
     pg_loss = agg(pg_losses)
     loss = pg_loss
 
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs.detach(), cfg.kl_estimator, mask)
         metrics["kl"] = _masked_mean(kl.detach(), mask)
-        if cfg.kl_coef != 0.0:
+        if cfg.kl_in_loss:
             loss = loss + cfg.kl_coef * agg(kl)
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy.detach(), mask)
         if cfg.entropy_coef != 0.0:
             loss = loss - cfg.entropy_coef * agg(entropy)
 
+    log_ratio = _log_ratio(logprobs.detach(), old_logprobs, mask)
     metrics.update({
         "pg_loss": pg_loss.detach(),
         "pg_clipfrac_high": _masked_mean(clipped["clip_high"].to(mask.dtype), mask),
         "pg_clipfrac_low": _masked_mean(clipped["clip_low"].to(mask.dtype), mask),
         "pg_clipfrac_dual": _masked_mean(clipped["dual"].to(mask.dtype), mask),
-        "ppo_kl": _masked_mean(-log_ratio.detach(), mask),
+        "ppo_kl": _masked_mean(-log_ratio, mask),
         "num_tokens": mask.sum().detach(),
+        "num_seqs": count_loss_seqs(mask).to(mask.dtype),
     })
     return loss, metrics
 
@@ -262,10 +341,11 @@ def _check_inputs(logprobs, old_logprobs, advantages, mask, cfg, ref_logprobs, e
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logprobs.shape)} like logprobs "
                              "(advantages must be per token: see broadcast_to_tokens)")
-    if cfg.kl_coef != 0.0 and ref_logprobs is None:
+    if cfg.kl_in_loss and ref_logprobs is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs ref_logprobs (set kl_coef: 0.0 to train without a reference)")
     if cfg.entropy_coef != 0.0 and entropy is None:
         raise ValueError(f"entropy_coef={cfg.entropy_coef} needs the per-token entropy "
                          "(compute_entropy=True in vocab_parallel_logprobs)")
-    if cfg.tis_cap is not None and rollout_logprobs is None:
-        raise ValueError(f"tis_cap={cfg.tis_cap} needs rollout_logprobs from the engine (set tis_cap: null to disable)")
+    if cfg.rollout_correction.enabled and rollout_logprobs is None:
+        raise ValueError("rollout_correction (or tis_cap) needs rollout_logprobs from the engine "
+                         "(set rollout_correction.level: null and tis_cap: null to disable)")

@@ -89,8 +89,14 @@ def pack_microbatch(samples: list[Sample], pad_id: int, multiple: int, old_key: 
         olds = s.metadata.get(old_key)
         old[i, span] = torch.tensor(olds if olds is not None else s.rollout_logprobs[:r], dtype=torch.float)
     pos = torch.arange(seq).unsqueeze(0).expand(B, -1).contiguous()
-    return dict(tokens=tokens, position_ids=pos, targets=targets, loss_mask=mask, advantages=adv,
-                old_logprobs=old, rollout_logprobs=rollout, lengths=lengths)
+    out = dict(tokens=tokens, position_ids=pos, targets=targets, loss_mask=mask, advantages=adv,
+               old_logprobs=old, rollout_logprobs=rollout, lengths=lengths)
+    if all("ref_logprobs" in s.metadata for s in samples):  # the reference policy's (train/reference.py)
+        out["ref_logprobs"] = torch.zeros(B, seq)
+        for i, s in enumerate(samples):
+            p = len(s.prompt_ids)
+            out["ref_logprobs"][i, p - 1:p - 1 + len(s.response_ids)] = torch.tensor(s.metadata["ref_logprobs"])
+    return out
 
 
 class Actor:
@@ -221,8 +227,8 @@ class Actor:
             loss, metrics = policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], self.loss_cfg,
                 global_token_count=global_tokens, global_seq_count=global_seqs,
-                entropy=ent if need_entropy else None,
-                rollout_logprobs=mb["rollout_logprobs"] if self.loss_cfg.tis_cap else None)
+                entropy=ent if need_entropy else None, ref_logprobs=mb.get("ref_logprobs"),
+                rollout_logprobs=mb["rollout_logprobs"] if self.loss_cfg.rollout_correction.enabled else None)
             n = mb["loss_mask"].sum()
             metrics = {k: float(v) for k, v in metrics.items()}
             metrics["entropy"] = float((ent.detach() * mb["loss_mask"]).sum() / n.clamp(min=1))
@@ -238,21 +244,23 @@ class Actor:
         return self._reduce_metrics(out if ps.is_pipeline_last_stage() else [], grad_norm, ok)
 
     def _reduce_metrics(self, records, grad_norm, ok) -> dict:
-        keys = ["pg_clipfrac_high", "pg_clipfrac_low", "pg_clipfrac_dual", "ppo_kl", "entropy"]
-        vals = torch.zeros(len(keys) + 2, dtype=torch.float64)
-        for r in records:
-            n = r["num_tokens"]
-            vals[:len(keys)] += torch.tensor([r.get(k, 0.0) * n for k in keys], dtype=torch.float64)
-            vals[len(keys)] += n
-            vals[len(keys) + 1] += r["loss"]
-        dist.all_reduce(vals)  # non-last stages add zeros; TP ranks repeat the same values
+        # Every metric policy_loss returns, weighted by the micro-batch's loss tokens (`*_seq_frac`: sequences).
+        # Non-last pipeline stages have no records: the key set is agreed on by all ranks first.
         from megatron.core import parallel_state as ps
 
-        tp = ps.get_tensor_model_parallel_world_size()
-        vals /= tp
-        n = max(float(vals[len(keys)]), 1.0)
-        m = {f"actor/{k}": float(vals[i]) / n for i, k in enumerate(keys)}
-        m["actor/pg_loss"] = float(vals[len(keys) + 1])
+        local = sorted(set().union(*records) - {"num_tokens", "num_seqs", "loss", "pg_loss"})
+        keys = sorted(set().union(*_gather_objects([local])))
+        vals = torch.zeros(len(keys) + 3, dtype=torch.float64)
+        for r in records:
+            n, nseq = r["num_tokens"], r.get("num_seqs", 0.0)
+            vals[:len(keys)] += torch.tensor([r.get(k, 0.0) * (nseq if k.endswith("_seq_frac") else n)
+                                              for k in keys], dtype=torch.float64)
+            vals[len(keys):] += torch.tensor([n, nseq, r["loss"]], dtype=torch.float64)
+        dist.all_reduce(vals)  # non-last stages add zeros; TP ranks repeat the same values
+        vals /= ps.get_tensor_model_parallel_world_size()
+        n, nseq = max(float(vals[len(keys)]), 1.0), max(float(vals[len(keys) + 1]), 1.0)
+        m = {f"actor/{k}": float(vals[i]) / (nseq if k.endswith("_seq_frac") else n) for i, k in enumerate(keys)}
+        m["actor/pg_loss"] = float(vals[len(keys) + 2])
         m["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         m["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         m["actor/update_ok"] = float(bool(ok))

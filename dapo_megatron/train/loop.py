@@ -15,6 +15,7 @@ from . import ckpt_layout
 from .checkpoint import load_checkpoint, save_checkpoint
 from .faults import fault
 from .metrics import MetricsLogger
+from .reference import build_reference
 from .stages import RolloutStage, assign_advantages, broadcast_from_rank0, sync_weights
 
 
@@ -23,6 +24,7 @@ def run(cfg: Config) -> dict:
     rank0 = dist.get_rank() == 0
     tokenizer = _tokenizer(cfg.model.path)
     actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
+    reference = build_reference(cfg, pad_id=tokenizer.pad_token_id or 0)  # None unless algorithm.kl_coef > 0
     stage = RolloutStage(cfg, tokenizer) if rank0 else None
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
     start = _resume(cfg, actor, stage)
@@ -45,6 +47,9 @@ def run(cfg: Config) -> dict:
                     with _timer(times, "old_logprobs"):
                         actor.compute_logprobs(batch)
                     train_metrics["rollout/train_infer_logprob_diff_max"] = _logprob_gap(batch)
+                if reference is not None:
+                    with _timer(times, "ref_logprobs"):
+                        train_metrics.update(reference.step(batch, cfg.algorithm))
                 _inject_fault(step)
                 with _timer(times, "train"):
                     train_metrics.update(_mean(train_on_batch(actor, batch)))
