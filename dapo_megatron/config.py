@@ -69,7 +69,8 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     engine_max_batch_size: int = 64  # embedded engine
     deterministic: bool = False  # embedded engine: batch-invariant generation (bitwise-reproducible runs, slower)
-    weight_sync: str = "auto"  # auto | tensor | disk | distributed
+    weight_sync: str = "auto"  # auto | tensor | disk (needs a filesystem shared with the engines) | distributed
+    weight_sync_bucket_mb: float = 512  # each pipeline stage sends its weights in buckets of this size
     sglang_num_servers: int = 1
     sglang_tp_size: int = 1
     sglang_mem_fraction_static: float = 0.7
@@ -84,6 +85,8 @@ class RolloutConfig:
             raise ConfigError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
         if self.weight_sync not in ("auto", "tensor", "disk", "distributed"):
             raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use auto, tensor, disk or distributed")
+        if not self.weight_sync_bucket_mb > 0:
+            raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
 
 
 @dataclass

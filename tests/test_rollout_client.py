@@ -305,7 +305,7 @@ def test_control_calls_fan_out_to_every_worker(fakes):
     for f in (a, b):
         assert f.payloads[-1] == ("/update_weights_from_disk", {"model_path": "/ckpt/v4", "weight_version": "4",
                                                                 "abort_all_requests": False})
-    assert router.payloads == [] and client.weight_version == 4
+    assert router.payloads == [] and client.weight_version == 0  # the backend owns the version
     asyncio.run(client.pause_generation())
     assert a.payloads[-1] == ("/pause_generation", {"mode": "abort"})
     dead = f"http://127.0.0.1:{free_port()}"

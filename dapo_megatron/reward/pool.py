@@ -9,22 +9,14 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Optional, Sequence
 
 from dapo_megatron.reward.config import default_start_method
+from dapo_megatron.types import VerifyResult  # noqa: F401 (re-exported)
 from dapo_megatron.reward.registry import PRELOAD_MODULES, as_correct, get_verifier, warm_up
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VerifyResult:
-    correct: bool
-    status: str = "ok"  # ok | timeout | error
-    error: str = ""
-    score: Optional[float] = None  # a raw number from the verifier, when it gave one
 
 
 def verify_one(fn, response: str, ground_truth) -> VerifyResult:

@@ -6,7 +6,7 @@ from typing import Sequence
 from dapo_megatron.reward.config import RewardConfig
 from dapo_megatron.reward.pool import VerifierPool, VerifyResult
 from dapo_megatron.reward.remote import RemoteRewardClient
-from dapo_megatron.rollout.sample import Sample
+from dapo_megatron.types import Sample
 
 
 class RewardScorer:

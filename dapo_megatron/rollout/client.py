@@ -31,6 +31,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Optional
 
+from ..types import WeightVersion
+
 log = logging.getLogger(__name__)
 
 _DOWN_FOR_S = 5.0  # a server that failed a connection is skipped this long while others are up
@@ -85,7 +87,8 @@ def _error_message(body) -> str:
 class RolloutClient:
     def __init__(self, urls: Optional[list] = None, *, engine=None, worker_urls: Optional[list] = None,
                  max_concurrency: int = 64, request_timeout_s: float = 600.0, max_retries: int = 3,
-                 backoff_s: float = 0.5, connect_timeout_s: float = 10.0):
+                 backoff_s: float = 0.5, connect_timeout_s: float = 10.0, weight_version=None,
+                 api_key: Optional[str] = None):
         if (not urls) == (engine is None):
             raise ValueError("RolloutClient needs either urls (SGLang / embedded HTTP servers) or engine= "
                              "(in-process), not both")
@@ -95,7 +98,10 @@ class RolloutClient:
         self._servers = {u: _Server(u) for u in self.urls}
         self.max_concurrency, self.request_timeout_s = max_concurrency, request_timeout_s
         self.max_retries, self.backoff_s, self.connect_timeout_s = max_retries, backoff_s, connect_timeout_s
-        self.weight_version = 0
+        # Read-only here: the rollout backend owns the version (a samples' default when a server reports none).
+        self.version = weight_version if weight_version is not None else WeightVersion()
+        # SGLang's --api-key: sent as `Authorization: Bearer <key>` on every request (never logged).
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._abort_epoch = 0
         self._rr = itertools.count()
         self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
@@ -113,7 +119,7 @@ class RolloutClient:
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout_s)
         # A session per call: the client stays usable from any event loop (the trainer may run several).
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.request(method, url + path, json=payload) as resp:
+            async with session.request(method, url + path, json=payload, headers=self._headers) as resp:
                 if resp.content_type == "application/json":
                     return resp.status, await resp.json()
                 return resp.status, await resp.text()
@@ -263,9 +269,7 @@ class RolloutClient:
         payload = {"model_path": str(model_path), "abort_all_requests": abort_all_requests}
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
-        out = await self._fan_out("/update_weights_from_disk", payload)
-        self._set_version(weight_version)
-        return out
+        return await self._fan_out("/update_weights_from_disk", payload)
 
     async def flush_cache(self) -> list:
         return await self._fan_out("/flush_cache")
@@ -286,15 +290,14 @@ class RolloutClient:
         return await self._fan_out("/init_weights_update_group", payloads)
 
     async def update_weights_from_distributed(self, payload: dict) -> list:
-        out = await self._fan_out("/update_weights_from_distributed", payload)
-        self._set_version(payload.get("weight_version"))
-        return out
+        return await self._fan_out("/update_weights_from_distributed", payload)
 
     async def destroy_weights_update_group(self, group_name: str) -> list:
         return await self._fan_out("/destroy_weights_update_group", {"group_name": group_name}, strict=False)
 
-    def _set_version(self, weight_version):
-        self.weight_version = _version(weight_version, self.weight_version + 1)
+    @property
+    def weight_version(self) -> int:
+        return self.version.value
 
     async def close(self):
         """Nothing is held between calls (a session per request); kept for symmetry with other clients."""

@@ -22,6 +22,7 @@ stops after `steps` more steps; aborts are still answered), instead of racing th
 import asyncio
 import concurrent.futures
 import inspect
+import json
 import logging
 import random
 import threading
@@ -29,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -291,8 +292,6 @@ class Engine:
 
     def update_weights_from_tensor(self, named_tensors, *, weight_version=None, abort_all_requests=False) -> dict:
         """Copy HF-named tensors into the model (all-or-nothing: names and shapes are checked first)."""
-        from .weight_sync import copy_hf_tensors, check_hf_update
-
         named_tensors = list(named_tensors)
         check_hf_update(self.model, [(n, tuple(t.shape)) for n, t in named_tensors], "update_weights_from_tensor")
         paused = self._exclusive(lambda: copy_hf_tensors(self.model, named_tensors), weight_version,
@@ -303,7 +302,6 @@ class Engine:
     def update_weights_from_disk(self, model_path, *, weight_version=None, abort_all_requests=False) -> dict:
         """Load the safetensors of `model_path` (an HF folder of the same architecture) into the model."""
         from ..models.hf_io import HFCheckpointReader
-        from .weight_sync import check_hf_update, check_same_architecture, copy_hf_tensors
 
         check_same_architecture(self.model.config, model_path)
         reader = HFCheckpointReader(model_path)  # checks index, shards and truncation before anything is copied
@@ -311,6 +309,24 @@ class Engine:
         paused = self._exclusive(lambda: copy_hf_tensors(self.model, ((n, reader.get(n)) for n in reader.names)),
                                  weight_version, abort_all_requests)
         return {"success": True, "message": f"loaded {model_path}; weight_version {self.weight_version}",
+                "num_paused_requests": paused}
+
+    def update_weights_from_buckets(self, buckets, *, weight_version=None, abort_all_requests=False) -> dict:
+        """Copy a stream of buckets (lists of HF-named tensors) into the model, one bucket in memory at a time.
+
+        Generation waits for the whole stream, so no request sees a partial update; each bucket's names and shapes
+        are checked before it is copied, and the stream must cover every parameter of the model."""
+        seen = []
+
+        def apply():
+            for bucket in buckets:
+                check_hf_update(self.model, [(n, tuple(t.shape)) for n, t in bucket], "weight sync bucket")
+                copy_hf_tensors(self.model, bucket)
+                seen.extend((n, tuple(t.shape)) for n, t in bucket)
+            check_hf_update(self.model, seen, "weight sync", require_all=True)
+
+        paused = self._exclusive(apply, weight_version, abort_all_requests)
+        return {"success": True, "message": f"updated {len(seen)} tensors; weight_version {self.weight_version}",
                 "num_paused_requests": paused}
 
     def _exclusive(self, apply, weight_version, abort_all_requests) -> int:
@@ -530,3 +546,44 @@ class Engine:
                      else [None] * len(s.output_ids))
             meta["output_token_logprobs"] = [[lp, t, x] for lp, t, x in zip(s.logprobs, s.output_ids, texts)]
         return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
+
+
+# --------------------------------------------------------------------------- receiving weight updates
+_ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "intermediate_size")
+
+
+def check_same_architecture(config, folder):
+    """Refuse a weight folder whose config.json describes a different architecture than `config`."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        return
+    new = json.loads(cfg_file.read_text())
+    for key in _ARCH_KEYS:
+        if key in new and new[key] != getattr(config, key, new[key]):
+            raise ValueError(f"{cfg_file}: {key}={new[key]} differs from the served model's "
+                             f"{getattr(config, key)}; a weight update cannot change the architecture")
+
+
+def check_hf_update(model, named_shapes: Iterable, source: str, *, require_all: bool = False):
+    """Check names and shapes of an update against `model` before anything is copied (all-or-nothing)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    covered = set()
+    for name, shape in named_shapes:
+        if name not in params:
+            raise ValueError(f"{source}: unknown parameter {name!r}; expected Hugging Face names such as "
+                             f"{next(iter(params))!r}")
+        if tuple(params[name].shape) != tuple(shape):
+            raise ValueError(f"{source}: {name!r} has shape {tuple(shape)}, the served model has "
+                             f"{tuple(params[name].shape)}")
+        covered.add(id(params[name]))
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if require_all and missing:
+        raise ValueError(f"{source} lacks {len(missing)} parameters of the served model, e.g. {missing[:3]}")
+
+
+def copy_hf_tensors(model, named_tensors: Iterable):
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, tensor in named_tensors:
+            params[name].copy_(tensor)

@@ -35,7 +35,8 @@ class SGLangServers:
                  base_port: int = 30000, enable_memory_saver: bool = False, router: bool = False, *,
                  host: str = "127.0.0.1", router_port: Optional[int] = None, router_policy: str = "cache_aware",
                  base_gpu_id: int = 0, dtype: Optional[str] = None, seed: int = 0, extra_args=(),
-                 log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable):
+                 log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable,
+                 api_key: Optional[str] = None):
         if num_servers < 1 or tp_size < 1:
             raise ValueError(f"num_servers and tp_size must be >= 1, got {num_servers} and {tp_size}")
         if not 0 < mem_fraction_static < 1:
@@ -47,6 +48,7 @@ class SGLangServers:
         self.router_policy, self.base_gpu_id, self.dtype, self.seed = router_policy, base_gpu_id, dtype, seed
         self.extra_args, self.python, self.startup_timeout_s = list(extra_args), python, startup_timeout_s
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="sglang-logs-"))
+        self.api_key = api_key  # SGLang's --api-key (servers and router); `Authorization: Bearer` on every call
         self.processes: dict = {}  # name -> (Popen, log path)
         self._atexit_registered = False
 
@@ -78,11 +80,14 @@ class SGLangServers:
             cmd += ["--dtype", self.dtype]
         if self.enable_memory_saver:
             cmd.append("--enable-memory-saver")
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
         return cmd + [str(a) for a in self.extra_args]
 
     def router_command(self) -> list:
         return [self.python, "-m", "sglang_router.launch_router", "--worker-urls", *self.worker_urls,
-                "--host", self.host, "--port", str(self.router_port), "--policy", self.router_policy]
+                "--host", self.host, "--port", str(self.router_port), "--policy", self.router_policy,
+                *(["--api-key", self.api_key] if self.api_key else [])]
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "SGLangServers":
@@ -161,17 +166,21 @@ class SGLangServers:
     def _post_all(self, path: str, payload: dict, timeout_s: float = 300.0):
         for url in self.worker_urls:
             req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", **self._auth()})
             try:
                 with urllib.request.urlopen(req, timeout=timeout_s) as r:
                     r.read()
             except OSError as e:
                 raise RuntimeError(f"{url}{path} failed: {e}") from None
 
+    def _auth(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def client(self, **kwargs):
         """A RolloutClient for these servers (generation through the router if any; control calls to workers)."""
         from .client import RolloutClient
 
+        kwargs.setdefault("api_key", self.api_key)
         return RolloutClient(self.generate_urls, worker_urls=self.worker_urls, **kwargs)
 
 

@@ -9,65 +9,27 @@ conversion lives in `dapo_megatron.models`. Three modes, chosen by a string (`ma
 - `distributed`: SGLang's `/init_weights_update_group` + `/update_weights_from_distributed`, broadcasting bucketed
   tensors from this process (rank 0 of a dedicated NCCL group), generation paused and the cache flushed around it.
 
-Each `sync()` increases `weight_version` by one and passes it to the engines, which report it with every sample.
-Call `sync()` from one trainer process (the one holding the gathered HF tensors).
+Each sync sets the backend's `WeightVersion` (the trainer side's one owner) and passes it to the engines, which
+report it with every sample. The trainer streams each pipeline stage's tensors in buckets
+(`dapo_megatron.train.weight_stream`): `tensor` and `disk` consume them on the rank that hosts the engine or writes the
+folder; `distributed` broadcasts from every stage's source rank over that stage's own group.
 
-The receiving side of the embedded engine (name/shape checks, safetensors reading, in-place copy) is here too.
+The receiving side of the embedded engine (name/shape checks, in-place copy) is in `engine.py`.
 """
 import concurrent.futures
-import json
 import logging
 import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
 from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
+from ..types import WeightVersion
 
 log = logging.getLogger(__name__)
-
-_ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-              "intermediate_size")
-
-
-# --------------------------------------------------------------------------- HF checkpoint I/O
-def check_same_architecture(config, folder):
-    """Refuse a weight folder whose config.json describes a different architecture than `config`."""
-    cfg_file = Path(folder) / "config.json"
-    if not cfg_file.is_file():
-        return
-    new = json.loads(cfg_file.read_text())
-    for key in _ARCH_KEYS:
-        if key in new and new[key] != getattr(config, key, new[key]):
-            raise ValueError(f"{cfg_file}: {key}={new[key]} differs from the served model's "
-                             f"{getattr(config, key)}; a weight update cannot change the architecture")
-
-
-def check_hf_update(model, named_shapes: Iterable, source: str, *, require_all: bool = False):
-    """Check names and shapes of an update against `model` before anything is copied (all-or-nothing)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    covered = set()
-    for name, shape in named_shapes:
-        if name not in params:
-            raise ValueError(f"{source}: unknown parameter {name!r}; expected Hugging Face names such as "
-                             f"{next(iter(params))!r}")
-        if tuple(params[name].shape) != tuple(shape):
-            raise ValueError(f"{source}: {name!r} has shape {tuple(shape)}, the served model has "
-                             f"{tuple(params[name].shape)}")
-        covered.add(id(params[name]))
-    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
-    if require_all and missing:
-        raise ValueError(f"{source} lacks {len(missing)} parameters of the served model, e.g. {missing[:3]}")
-
-
-def copy_hf_tensors(model, named_tensors: Iterable):
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, tensor in named_tensors:
-            params[name].copy_(tensor)
 
 
 def iter_buckets(named_tensors: Iterable, bucket_bytes: int):
@@ -86,77 +48,95 @@ def iter_buckets(named_tensors: Iterable, bucket_bytes: int):
 
 # --------------------------------------------------------------------------- sync modes
 class WeightSync:
-    """Base: `sync(named_tensors) -> new weight_version`; `last_sync` holds seconds and bytes of the last call."""
+    """Base: `sync_buckets(buckets, version)` pushes one weight version; `last_sync` holds seconds and bytes.
+
+    `weight_version` is the backend's `WeightVersion` (the trainer side's one owner); a sync sets it once the
+    engines hold the new weights. `sync(named_tensors)` is the same for a flat iterable of (name, tensor).
+    """
     mode = ""
 
-    def __init__(self, weight_version: int = 0):
-        self.weight_version = weight_version
+    def __init__(self, weight_version=None, bucket_size_mb: float = 512):
+        self.version = weight_version if isinstance(weight_version, WeightVersion) else WeightVersion(weight_version or 0)
+        self.bucket_bytes = int(bucket_size_mb * 2 ** 20)
         self.last_sync: dict = {}
 
+    @property
+    def weight_version(self) -> int:
+        return self.version.value
+
     def sync(self, named_tensors: Iterable) -> int:
-        raise NotImplementedError
+        return self.sync_buckets(iter_buckets(named_tensors, self.bucket_bytes))
 
-    def close(self):
-        pass
-
-    def _done(self, version: int, started: float, nbytes: int) -> int:
-        self.weight_version = version
+    def sync_buckets(self, buckets: Iterable[list], version: Optional[int] = None) -> int:
+        started = time.perf_counter()
+        version = self.version.value + 1 if version is None else int(version)
+        nbytes = self._push(buckets, version)
+        self.version.set(version)
         self.last_sync = {"seconds": time.perf_counter() - started, "bytes": nbytes, "weight_version": version}
         log.info("weight sync (%s) v%d: %.2f GB in %.2f s", self.mode, version, nbytes / 1e9,
                  self.last_sync["seconds"])
         return version
 
+    def _push(self, buckets: Iterable[list], version: int) -> int:
+        raise NotImplementedError
 
-class _ByteCounter:
-    def __init__(self, named_tensors):
-        self.named, self.nbytes = named_tensors, 0
+    def close(self):
+        pass
 
-    def __iter__(self):
-        for name, tensor in self.named:
-            self.nbytes += tensor.numel() * tensor.element_size()
-            yield name, tensor
+
+def _count(buckets, counter: list):
+    for bucket in buckets:
+        counter[0] += sum(t.numel() * t.element_size() for _, t in bucket)
+        yield from bucket
 
 
 class DiskWeightSync(WeightSync):
-    """Write HF safetensors under `out_dir/weights_v{N}` and have every server load them."""
+    """Write HF safetensors under `out_dir/weights_v{N}` and have every server load them.
+
+    For engines that share a filesystem with the writing rank (the only mode that needs one)."""
     mode = "disk"
 
     def __init__(self, client, base_model_path, out_dir, *, max_shard_size_mb: float = 2048, keep_last: int = 1,
-                 weight_version: int = 0):
-        super().__init__(weight_version)
+                 weight_version=None, bucket_size_mb: float = 512):
+        super().__init__(weight_version, bucket_size_mb)
         self.client, self.base_model_path, self.out_dir = client, Path(base_model_path), Path(out_dir)
         self.max_shard_bytes, self.keep_last = int(max_shard_size_mb * 2 ** 20), max(1, keep_last)
 
-    def sync(self, named_tensors: Iterable) -> int:
+    def _push(self, buckets, version: int) -> int:
         from .client import run_sync
 
-        started, version = time.perf_counter(), self.weight_version + 1
-        counter = _ByteCounter(named_tensors)
-        path = write_hf_checkpoint(counter, self.out_dir / f"weights_v{version:06d}", hf_config_dir=self.base_model_path,
-                                   max_shard_bytes=self.max_shard_bytes, overwrite=True)
+        nbytes = [0]
+        path = write_hf_checkpoint(_count(buckets, nbytes), self.out_dir / f"weights_v{version:06d}",
+                                   hf_config_dir=self.base_model_path, max_shard_bytes=self.max_shard_bytes,
+                                   overwrite=True)
         run_sync(self.client.update_weights_from_disk(str(path), weight_version=version))
         for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        return self._done(version, started, counter.nbytes)
+        return nbytes[0]
 
 
 class TensorWeightSync(WeightSync):
-    """Copy into an in-process embedded engine. Takes the Engine or a RolloutClient built with `engine=`."""
+    """Copy into an in-process embedded engine, bucket by bucket. Takes the Engine or a RolloutClient(engine=)."""
     mode = "tensor"
 
-    def __init__(self, engine, *, weight_version: int = 0):
-        super().__init__(weight_version)
+    def __init__(self, engine, *, weight_version=None, bucket_size_mb: float = 512):
+        super().__init__(weight_version, bucket_size_mb)
         self.engine = getattr(engine, "engine", None) or engine
-        if not hasattr(self.engine, "update_weights_from_tensor"):
+        if not hasattr(self.engine, "update_weights_from_buckets"):
             raise ValueError("tensor weight sync needs the in-process Engine (or RolloutClient(engine=...)); "
                              "for HTTP servers use mode 'disk' or 'distributed'")
 
-    def sync(self, named_tensors: Iterable) -> int:
-        # One call with every tensor: a partial update must never serve requests (this holds references, not copies).
-        started, version = time.perf_counter(), self.weight_version + 1
-        named = list(named_tensors)
-        self.engine.update_weights_from_tensor(named, weight_version=version)
-        return self._done(version, started, sum(t.numel() * t.element_size() for _, t in named))
+    def _push(self, buckets, version: int) -> int:
+        nbytes = [0]
+
+        def counted():
+            for bucket in buckets:
+                nbytes[0] += sum(t.numel() * t.element_size() for _, t in bucket)
+                yield bucket
+
+        # The engine holds generation for the whole stream: a partial update never serves requests.
+        self.engine.update_weights_from_buckets(counted(), weight_version=version)
+        return nbytes[0]
 
 
 def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
@@ -182,21 +162,23 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
 class DistributedWeightSync(WeightSync):
     """Broadcast from this process (rank 0) to every SGLang worker over a dedicated NCCL group.
 
-    `engine_ranks`: GPU ranks per worker (its tp_size), in the order of `client.worker_urls`.
+    `engine_ranks`: GPU ranks per worker (its tp_size), in the order of `client.worker_urls`. With pipeline
+    parallelism every stage's source rank owns one of these, with its own `group_name` and `master_port`, and
+    sends only its stage; `manage_generation=False` then leaves pause / flush / continue to the caller (rank 0).
     """
     mode = "distributed"
 
     def __init__(self, client, *, master_address: str, master_port: int, engine_ranks=1,
                  bucket_size_mb: float = 512, group_name: str = "dapo_weight_sync", backend: str = "nccl",
-                 device: str = "cuda", weight_version: int = 0):
-        super().__init__(weight_version)
+                 device: str = "cuda", weight_version=None, manage_generation: bool = True):
+        super().__init__(weight_version, bucket_size_mb)
+        self.manage_generation = manage_generation
         self.client, self.group_name, self.backend, self.device = client, group_name, backend, device
         self.master_address, self.master_port = master_address, master_port
         urls = client.worker_urls
         self.engine_ranks = [engine_ranks] * len(urls) if isinstance(engine_ranks, int) else list(engine_ranks)
         if len(self.engine_ranks) != len(urls):
             raise ValueError(f"engine_ranks has {len(self.engine_ranks)} entries for {len(urls)} worker urls")
-        self.bucket_bytes = int(bucket_size_mb * 2 ** 20)
         self.group = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-http")
 
@@ -214,20 +196,23 @@ class DistributedWeightSync(WeightSync):
                                               self.group_name, self.backend)
         pending.result()
 
-    def sync(self, named_tensors: Iterable) -> int:
+    def _push(self, buckets, version: int) -> int:
         from .client import run_sync
 
         if self.group is None:
             self.init_group()
-        started, version, nbytes = time.perf_counter(), self.weight_version + 1, 0
-        run_sync(self.client.pause_generation())
+        nbytes = 0
+        if self.manage_generation:
+            run_sync(self.client.pause_generation())
         try:
-            for bucket in iter_buckets(named_tensors, self.bucket_bytes):
+            for bucket in buckets:
                 nbytes += self._send_bucket(bucket, version)
-            run_sync(self.client.flush_cache())
+            if self.manage_generation:
+                run_sync(self.client.flush_cache())
         finally:
-            run_sync(self.client.continue_generation())
-        return self._done(version, started, nbytes)
+            if self.manage_generation:
+                run_sync(self.client.continue_generation())
+        return nbytes
 
     def _send_bucket(self, bucket: list, version: int) -> int:
         from .client import run_sync

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from ..algo.loss import PolicyLossConfig, policy_loss
 from ..models import ModelConfig, build_model
 from ..models.weights import iter_hf_weights, load_hf_weights, safetensors_getter
-from ..rollout.sample import Sample
+from ..types import Sample
 from .logprobs import vocab_parallel_logprobs
+from .weight_stream import share_response_values
 
 
 @dataclass
@@ -193,15 +194,16 @@ class Actor:
         out = self._run(self._microbatches(local), loss_fn, forward_only=True) if local else []
         # The last pipeline stage holds the values (identical on its TP ranks): TP rank 0 of each DP rank sends
         # its samples' response log-probs, and every rank receives all of them.
-        sent = []
+        values, sender = None, None
         if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
             rows = [row for rec in out for row in rec["logp"]]  # one row per local sample, in order
-            sent = [(self.dp_rank, [_response_span(row, s).tolist() for row, s in zip(rows, local)])]
-        by_dp = dict(_gather_objects(sent))
-        for d, (start, end) in enumerate(dp_bounds(len(samples), self.dp_size)):
-            assert len(by_dp[d]) == end - start, f"DP rank {d} returned {len(by_dp[d])} of {end - start} log-probs"
-            for s, values in zip(samples[start:end], by_dp[d]):
-                s.metadata[key] = values
+            spans = [_response_span(row, s) for row, s in zip(rows, local)]
+            values, sender = (torch.cat(spans) if spans else torch.empty(0)), self.dp_rank
+        slices = [samples[start:end] for start, end in dp_bounds(len(samples), self.dp_size)]
+        by_dp = share_response_values(values, [[len(s.response_ids) for s in sl] for sl in slices], sender)
+        for sl, parts in zip(slices, by_dp):
+            for s, part in zip(sl, parts):
+                s.metadata[key] = part
         self.model.train()
 
     def train_step(self, samples: list[Sample]) -> dict:
@@ -281,12 +283,6 @@ def dp_bounds(n: int, dp_size: int) -> list[tuple[int, int]]:
 def _response_span(row, s: Sample):
     """The positions of a packed row whose logits predict the response tokens of `s`."""
     return row[len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)]
-
-
-def _gather_objects(obj):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return [x for part in out for x in part]
 
 
 def train_on_batch(actor: Actor, samples: list[Sample]) -> list[dict]:

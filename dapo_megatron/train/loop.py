@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .faults import fault
 from .metrics import MetricsLogger
 from .reference import build_reference
-from .stages import RolloutStage, assign_advantages, broadcast_from_rank0, sync_weights
+from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch
 
 
 def run(cfg: Config) -> dict:
@@ -27,19 +27,20 @@ def run(cfg: Config) -> dict:
     reference = build_reference(cfg, pad_id=tokenizer.pad_token_id or 0)  # None unless algorithm.kl_coef > 0
     stage = RolloutStage(cfg, tokenizer) if rank0 else None
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
+    syncer = WeightSyncer(cfg, stage)
     start = _resume(cfg, actor, stage)
     logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard, start_step=start)
     if rank0:
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if cfg.trainer.load:
-        sync_weights(actor, stage, version=start)  # the engine starts from model.path's weights: catch it up
+        syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
     last = {}
     for step in range(start, cfg.trainer.num_steps):
         times = {}
         with _timer(times, "rollout"):
             groups, rollout_metrics = stage.collect() if rank0 else (None, None)
-            batch = broadcast_from_rank0(assign_advantages(groups, cfg) if rank0 else None)
+            batch = broadcast_batch(assign_advantages(groups, cfg) if rank0 else None)
         train_metrics = {}
         if batch:  # an empty batch means the dynamic-sampling bound was hit with on_exhausted=skip
             with colocated(stage):  # colocated SGLang engines release GPU memory while the actor works
@@ -54,7 +55,7 @@ def run(cfg: Config) -> dict:
                 with _timer(times, "train"):
                     train_metrics.update(_mean(train_on_batch(actor, batch)))
             with _timer(times, "sync"):
-                train_metrics.update(sync_weights(actor, stage, version=step + 1))
+                train_metrics.update(syncer.sync(actor, version=step + 1))
         eval_metrics = {}
         if cfg.eval.path and cfg.trainer.eval_interval and (step + 1) % cfg.trainer.eval_interval == 0:
             eval_metrics = stage.evaluate(tokenizer) if rank0 else {}
@@ -67,6 +68,7 @@ def run(cfg: Config) -> dict:
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
     logger.close()
+    syncer.close()
     if stage is not None:
         stage.close()
     parallel.destroy()

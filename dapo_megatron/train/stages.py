@@ -1,13 +1,12 @@
 """The pieces the loop strings together: the rollout stage (rank 0), batch assembly and weight sync.
 
-The rollout stage owns the engine client, the reward scorer, the prompt sampler and the dynamic-sampling buffer.
-It lives on global rank 0; the other ranks receive the finished batch by broadcast.
+The rollout stage owns the rollout backend (rollout/backends.py: client, weight version, memory release), the reward
+scorer, the prompt sampler and the dynamic-sampling buffer. It lives on global rank 0; the other ranks receive the
+finished batch as tensors, and every pipeline stage sends its own weights (WeightSyncer).
 """
 import asyncio
 import os
-import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,35 +16,22 @@ from ..config import Config
 from ..data.dataset import PromptDataset
 from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
-from ..rollout.client import RolloutClient
-from ..rollout.sample import Sample
+from ..rollout.backends import make_backend
+from ..types import Sample
+from .weight_stream import broadcast_samples
 
 
 class RolloutStage:
     """generate -> reward + overlong shaping -> dynamic sampling, behind one `collect()` call."""
 
-    def __init__(self, cfg: Config, tokenizer):
+    def __init__(self, cfg: Config, tokenizer, api_key=None):
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
-        self.engine = self.servers = None
         r = cfg.rollout
-        client_kw = dict(max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s)
-        if r.backend == "embedded":
-            from ..rollout.engine import Engine
-
-            self.engine = Engine(cfg.model.path, max_batch_size=r.engine_max_batch_size, seed=cfg.trainer.seed,
-                                 deterministic=r.deterministic)
-            self.client = RolloutClient(engine=self.engine, **client_kw)
-        elif r.backend == "sglang":
-            from ..rollout.sglang_launcher import SGLangServers
-
-            self.servers = SGLangServers(cfg.model.path, r.sglang_num_servers, r.sglang_tp_size,
-                                         r.sglang_mem_fraction_static, r.sglang_base_port,
-                                         enable_memory_saver=r.colocate, router=r.sglang_router).start()
-            self.client = self.servers.client(**client_kw)
-        else:
-            self.client = RolloutClient(list(r.urls), **client_kw)
-        self.weight_sync = self._make_weight_sync()
+        self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
+                                    api_key=api_key)
+        self.client = self.backend.client
+        self.weight_sync = self.backend.make_weight_sync()  # None in distributed mode (each stage sends its own)
         d = cfg.data
         self.dataset = PromptDataset(d.path, tokenizer, template=d.template, apply_chat_template=d.apply_chat_template,
                                      max_prompt_length=d.max_prompt_length, seed=d.seed, shuffle=d.shuffle)
@@ -55,28 +41,10 @@ class RolloutStage:
         self.step = 0
         self._eval_items = None
 
-    def _make_weight_sync(self):
-        from ..rollout.weight_sync import make_weight_sync
-
-        mode = self.cfg.rollout.weight_sync
-        if mode == "auto":
-            mode = "tensor" if self.engine is not None else "disk"
-        if mode == "tensor":
-            return make_weight_sync("tensor", self.client)
-        if mode == "disk":
-            return make_weight_sync("disk", self.client, self.cfg.model.path,
-                                    Path(self.cfg.trainer.run_dir) / "weight_sync")
-        return make_weight_sync("distributed", self.client, master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                                master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")),
-                                engine_ranks=self.cfg.rollout.sglang_num_servers * self.cfg.rollout.sglang_tp_size)
-
     @contextmanager
     def engine_memory_released(self):
-        """Colocated SGLang engines give their GPU memory back while the actor trains (no-op otherwise)."""
-        if self.servers is not None and self.cfg.rollout.colocate:
-            with self.servers.memory_released():
-                yield
-        else:
+        """Colocated engines give their GPU memory back while the actor trains (no-op otherwise)."""
+        with self.backend.memory_released():
             yield
 
     def sampling_params(self, temperature=None, top_p=None, max_new_tokens=None) -> dict:
@@ -141,13 +109,11 @@ class RolloutStage:
         self.step = state["step"]
 
     def close(self):
-        self.weight_sync.close()
+        if self.weight_sync is not None:
+            self.weight_sync.close()
         self.loop.run_until_complete(self.client.close())
         self.scorer.close()
-        if self.engine is not None:
-            self.engine.shutdown()
-        if self.servers is not None:
-            self.servers.shutdown()
+        self.backend.shutdown()
 
 
 def assign_advantages(groups: list[list[Sample]], cfg: Config) -> list[Sample]:
@@ -162,42 +128,89 @@ def assign_advantages(groups: list[list[Sample]], cfg: Config) -> list[Sample]:
 
 
 def broadcast_from_rank0(obj):
+    """A small object (config-sized, once per run) from rank 0; the per-step data goes as tensors."""
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def collect_hf_weights(actor) -> list:
-    """Full HF-named tensors of the whole model on global rank 0 (empty list elsewhere). Collective."""
-    from megatron.core import parallel_state as ps
-    from safetensors.torch import load_file, save_file
-
-    mine = []
-    if ps.get_data_parallel_rank() == 0:
-        mine = [(n, t.detach().to("cpu", copy=True)) for n, t in actor.hf_weights()]
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return mine if dist.get_rank() == 0 else []
-    # Pipeline stages hand their tensors to rank 0 through a shared folder (single node).
-    folder = broadcast_from_rank0(tempfile.mkdtemp(prefix="dapo_sync_") if dist.get_rank() == 0 else None)
-    first = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
-    if first and dist.get_rank() != 0:
-        save_file(dict(mine), str(Path(folder) / f"stage{ps.get_pipeline_model_parallel_rank()}.safetensors"))
-    dist.barrier()
-    if dist.get_rank() != 0:
-        return []
-    for f in sorted(Path(folder).glob("stage*.safetensors")):
-        mine.extend(load_file(str(f)).items())
-        f.unlink()
-    Path(folder).rmdir()
-    return mine
+def broadcast_batch(batch):
+    """The step's samples from rank 0 to every rank, as tensors (train/weight_stream.py)."""
+    return broadcast_samples(batch, src=0)
 
 
-def sync_weights(actor, stage: "RolloutStage | None", version: int) -> dict:
-    """Push the actor's weights to the rollout engines (mode: rollout.weight_sync). Collective."""
-    named = collect_hf_weights(actor)
-    if stage is None:
-        return {}
-    stage.weight_sync.weight_version = version - 1  # engines report `version` with every sample from now on
-    stage.weight_sync.sync(named)
-    info = stage.weight_sync.last_sync
-    return {"time/engine_weight_update_s": info.get("seconds", 0.0), "sync/gb": info.get("bytes", 0) / 1e9}
+class WeightSyncer:
+    """Pushes the actor's weights to the engines after each step (mode: rollout.weight_sync). Collective.
+
+    tensor / disk: every pipeline stage streams its own tensors in buckets to global rank 0, which feeds the
+    in-process engine or writes the (shared-filesystem) folder one bucket at a time. distributed: rank 0 pauses the
+    engines; every stage's source rank broadcasts its own buckets over its own group (`dapo_weight_sync_pp{p}`,
+    port `DAPO_WEIGHT_SYNC_PORT + p`) to all engine ranks; rank 0 flushes and resumes."""
+
+    def __init__(self, cfg: Config, stage: "RolloutStage | None"):
+        from megatron.core import parallel_state as ps
+
+        self.cfg, self.stage = cfg, stage
+        self.mode = broadcast_from_rank0(stage.backend.weight_sync_mode() if stage is not None else None)
+        self.bucket_mb = cfg.rollout.weight_sync_bucket_mb
+        self.sender = None
+        if self.mode == "distributed":
+            urls = broadcast_from_rank0(stage.client.worker_urls if stage is not None else None)
+            if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+                self.sender = _stage_sender(cfg, urls, ps.get_pipeline_model_parallel_rank(),
+                                            stage.backend.version if stage is not None else None)
+
+    def sync(self, actor, version: int) -> dict:
+        from .weight_stream import WeightStream
+
+        stream = WeightStream(actor, dst=0, bucket_mb=self.bucket_mb)
+        if self.mode == "distributed":
+            return self._sync_distributed(stream, version)
+        stream.run(lambda buckets: self.stage.weight_sync.sync_buckets(buckets, version)
+                   if self.stage is not None else None)
+        if self.stage is None:
+            return {}
+        info = self.stage.weight_sync.last_sync
+        return {"time/engine_weight_update_s": info.get("seconds", 0.0), "sync/gb": info.get("bytes", 0) / 1e9}
+
+    def _sync_distributed(self, stream, version: int) -> dict:
+        from ..rollout.client import run_sync
+
+        client = self.stage.client if self.stage is not None else None
+        if client is not None:
+            run_sync(client.pause_generation())
+        dist.barrier()
+        nbytes = 0
+        if self.sender is not None:
+            self.sender.sync_buckets(stream._local_buckets(), version)
+            nbytes = self.sender.last_sync["bytes"]
+        else:
+            for _ in stream._local_buckets():  # TP peers of a source take part in its gathers
+                pass
+        dist.barrier()
+        if client is not None:
+            run_sync(client.flush_cache())
+            run_sync(client.continue_generation())
+            self.stage.backend.version.set(version)
+        return {"sync/gb_stage0": nbytes / 1e9} if self.stage is not None else {}
+
+    def close(self):
+        if self.sender is not None:
+            self.sender.close()
+
+
+def _stage_sender(cfg: Config, urls: list, pp_rank: int, version):
+    from ..rollout.backends import make_backend
+    from ..rollout.weight_sync import make_weight_sync
+
+    r = cfg.rollout
+    client = RolloutClient(urls, api_key=_api_key_from_env())
+    return make_weight_sync("distributed", client, master_address=os.environ.get("DAPO_WEIGHT_SYNC_ADDR")
+                            or os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                            master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")) + pp_rank,
+                            engine_ranks=r.sglang_tp_size, group_name=f"dapo_weight_sync_pp{pp_rank}",
+                            bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version, manage_generation=False)
+
+
+def _api_key_from_env():
+    return os.environ.get("DAPO_ROLLOUT_API_KEY") or None

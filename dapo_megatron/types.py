@@ -1,0 +1,63 @@
+"""Types shared by rollout, reward/filter and the trainer (see DESIGN.md). Imports nothing of the package."""
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    # Log-probs of response_ids under the policy that generated them (the engine's "old" policy).
+    rollout_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "stop"  # stop | length | abort
+    group_id: int = 0  # index of the prompt group this response belongs to
+    index: int = 0  # position of the response inside its group
+    label: Any = None  # ground truth passed to the verifier
+    prompt_text: str = ""
+    response_text: str = ""
+    score: float = 0.0  # raw verifier output (e.g. 1.0 / 0.0 correct)
+    reward: float = 0.0  # score mapped to the reward convention, plus overlong shaping
+    correct: Optional[bool] = None
+    loss_mask: Optional[list[int]] = None  # per response token; None means all ones
+    weight_version: int = 0  # version of the engine weights that produced the response
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def response_length(self) -> int:
+        return len(self.response_ids)
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Sample":
+        return cls(**d)
+
+
+@dataclass
+class VerifyResult:
+    """One verifier call's outcome (reward pool, remote verifier)."""
+    correct: bool
+    status: str = "ok"  # ok | timeout | error
+    error: str = ""
+    score: Optional[float] = None  # a raw number from the verifier, when it gave one
+
+
+class WeightVersion:
+    """The trainer side's one count of weight versions pushed to the engines (0 = model.path's weights).
+
+    The rollout backend owns it; the client reads it as the default version of a sample whose server did not
+    report one, weight sync reads it for the version it pushes, and only `advance()` / `set()` change it."""
+
+    def __init__(self, value: int = 0):
+        self.value = int(value)
+
+    def set(self, value: int) -> int:
+        self.value = int(value)
+        return self.value
+
+    def __int__(self) -> int:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"WeightVersion({self.value})"
