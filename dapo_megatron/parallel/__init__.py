@@ -12,7 +12,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1  # MoE only: experts split across this many ranks (carved out of DP)
+    expert_tensor_parallel_size: int | None = None  # MoE only: TP inside each expert; null = tensor_model_parallel_size
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     distributed_timeout_minutes: int = 30
@@ -31,6 +32,13 @@ def check_sizes(cfg: ParallelConfig, world_size: int) -> None:
             f"world size {world_size} is not divisible by tensor_model_parallel_size "
             f"({cfg.tensor_model_parallel_size}) x pipeline_model_parallel_size ({cfg.pipeline_model_parallel_size})"
             f" x context_parallel_size ({cfg.context_parallel_size}); change the sizes or --nproc_per_node")
+    etp = cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
+    expert_parallel = etp * cfg.expert_model_parallel_size * cfg.pipeline_model_parallel_size
+    if world_size % expert_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel_size ({etp}) x "
+            f"expert_model_parallel_size ({cfg.expert_model_parallel_size}) x pipeline_model_parallel_size "
+            f"({cfg.pipeline_model_parallel_size}); change the sizes or --nproc_per_node")
 
 
 def initialize(cfg: ParallelConfig | None = None, seed: int = 1234) -> None:
@@ -62,6 +70,7 @@ def initialize(cfg: ParallelConfig | None = None, seed: int = 1234) -> None:
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
             context_parallel_size=cfg.context_parallel_size,
             expert_model_parallel_size=cfg.expert_model_parallel_size,
+            expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
             distributed_timeout_minutes=cfg.distributed_timeout_minutes,
         )
     seed_all(seed)
