@@ -291,11 +291,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     world = world_size or world_size_from_env()
     try:
         check_sizes(cfg.parallel, world)
-        check_supported(cfg.parallel, num_experts=getattr(arch, "num_experts", 0) or 0)
+        check_supported(cfg.parallel, num_experts=arch.moe.num_experts if arch.moe else 0)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     try:  # the model must fit the parallel layout before any process starts
-        check_parallel_sizes(arch, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+        p = cfg.parallel
+        check_parallel_sizes(arch, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                             p.expert_model_parallel_size, p.expert_tensor_parallel_size)
     except ValueError as e:
         raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
     _check_batch_sizes(cfg, data_parallel_size(cfg.parallel, world))

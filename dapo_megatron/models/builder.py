@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 
+from . import moe as moe_lib
 from .hf_config import ModelArch, arch_from_hf, check_parallel_sizes, load_hf_config, transformer_config_kwargs
 
 
@@ -12,14 +13,26 @@ class ModelConfig:
     path: str = ""  # HF folder (config.json + weights) or a folder holding config.json only
     fp8: Optional[str] = None  # null | e4m3 | hybrid (GPU + Transformer Engine only)
     fp8_recipe: str = "delayed"  # delayed | current
+    # Mixture-of-experts overrides (models/moe.py MoEOptions); null = what the HF config / the device says.
+    moe_aux_loss_coeff: Optional[float] = None  # load-balancing loss weight; default HF router_aux_loss_coef
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    moe_z_loss_coeff: Optional[float] = None  # router z-loss weight; off by default
+    moe_expert_capacity_factor: Optional[float] = None  # null: drop-less; a number drops tokens over capacity
+    moe_token_drop_policy: str = "probs"  # probs | position (with a capacity factor)
+    moe_token_dispatcher_type: Optional[str] = None  # alltoall (default) | allgather
+    moe_grouped_gemm: Optional[bool] = None  # default: TE grouped GEMM on GPU, sequential experts on CPU
+    moe_router_dtype: Optional[str] = None  # null (model dtype) | fp32 | fp64
+    moe_router_score_function: str = "softmax"  # Qwen routers are softmax; anything else is refused
 
 
-def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str]):
+def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str], config=None, vp_stage=None):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    if arch.moe is not None:
+        return moe_lib.decoder_block_spec(config, on_gpu, vp_stage)
     if on_gpu:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, fp8=fp8)
     return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
@@ -27,7 +40,7 @@ def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str]):
 
 def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: bool = True,
                     fp8: Optional[str] = None, fp8_recipe: str = "delayed", on_gpu: Optional[bool] = None,
-                    vp_stage: Optional[int] = None):
+                    vp_stage: Optional[int] = None, moe_options: Optional[moe_lib.MoEOptions] = None):
     """One pipeline stage of the model, sharded for the current tensor-parallel rank."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -36,15 +49,19 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    check_parallel_sizes(arch, tp, pp)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    check_parallel_sizes(arch, tp, pp, ep, etp)
     config = TransformerConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        **transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe),
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        **transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe, moe_options=moe_options),
     )
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, on_gpu, fp8),
+        transformer_layer_spec=layer_spec(arch, on_gpu, fp8, config, vp_stage),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -70,6 +87,7 @@ def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False):
         post_process=parallel_state.is_pipeline_last_stage(),
         fp8=cfg.fp8,
         fp8_recipe=cfg.fp8_recipe,
+        moe_options=moe_lib.options_of(cfg),
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

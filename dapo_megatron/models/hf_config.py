@@ -10,10 +10,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import moe as moe_lib
+
 SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",  # models/moe.py
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 
 # Megatron's RotaryEmbedding(rope_scaling=True) hard-codes these llama3 parameters; only the factor is free.
@@ -43,6 +47,7 @@ class ModelArch:
     qkv_bias: bool
     qk_layernorm: bool
     tie_word_embeddings: bool
+    moe: "moe_lib.MoEArch | None" = None  # experts, router, dense/MoE layer pattern (models/moe.py)
 
     @property
     def query_projection_size(self) -> int:
@@ -89,7 +94,7 @@ def arch_from_hf(cfg: dict) -> ModelArch:
         raise UnsupportedModelError(f"hidden_act={cfg['hidden_act']!r} is not supported (only silu / SwiGLU)")
     if family == "llama" and cfg.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=true is not supported")
-    if family == "qwen2" and cfg.get("use_sliding_window"):
+    if family in ("qwen2", "qwen2_moe") and cfg.get("use_sliding_window"):
         raise UnsupportedModelError("use_sliding_window=true is not supported; set it to false")
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
@@ -97,7 +102,8 @@ def arch_from_hf(cfg: dict) -> ModelArch:
         raise UnsupportedModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     theta, rope_factor = _rope(cfg)
     qkv_bias = {"qwen2": True, "qwen3": bool(cfg.get("attention_bias", False)),
-                "llama": bool(cfg.get("attention_bias", False))}[family]
+                "llama": bool(cfg.get("attention_bias", False)), "qwen2_moe": bool(cfg.get("qkv_bias", True)),
+                "qwen3_moe": bool(cfg.get("attention_bias", False))}[family]
     return ModelArch(
         family=family,
         num_layers=cfg["num_hidden_layers"],
@@ -112,12 +118,13 @@ def arch_from_hf(cfg: dict) -> ModelArch:
         rotary_base=theta,
         rope_scaling_factor=rope_factor,
         qkv_bias=qkv_bias,
-        qk_layernorm=family == "qwen3",
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        moe=moe_lib.moe_arch_from_hf(cfg, family, UnsupportedModelError),
     )
 
 
-def check_parallel_sizes(arch: ModelArch, tp: int, pp: int) -> None:
+def check_parallel_sizes(arch: ModelArch, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
     if arch.num_attention_heads % tp or arch.num_query_groups % tp:
         raise UnsupportedModelError(
             f"tensor_model_parallel_size={tp} must divide num_attention_heads={arch.num_attention_heads} and "
@@ -128,10 +135,11 @@ def check_parallel_sizes(arch: ModelArch, tp: int, pp: int) -> None:
     if arch.num_layers % pp:
         raise UnsupportedModelError(
             f"pipeline_model_parallel_size={pp} must divide num_hidden_layers={arch.num_layers}")
+    moe_lib.check_parallel(arch.moe, tp, ep, etp, UnsupportedModelError)
 
 
 def transformer_config_kwargs(arch: ModelArch, *, on_gpu: bool, fp8: str | None = None,
-                              fp8_recipe: str = "delayed") -> dict:
+                              fp8_recipe: str = "delayed", moe_options=None) -> dict:
     """TransformerConfig fields for `arch`. Fusions without a CPU kernel are chosen by device, not by the user."""
     if fp8 not in (None, "e4m3", "hybrid"):
         raise UnsupportedModelError(f"fp8={fp8!r} is not supported; use null, e4m3 or hybrid")
@@ -174,4 +182,6 @@ def transformer_config_kwargs(arch: ModelArch, *, on_gpu: bool, fp8: str | None 
     )
     if fp8:
         kw.update(fp8=fp8, fp8_recipe=recipe)
+    if arch.moe is not None:
+        kw.update(moe_lib.transformer_config_kwargs(arch.moe, moe_options or moe_lib.MoEOptions(), on_gpu=on_gpu))
     return kw

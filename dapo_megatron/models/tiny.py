@@ -41,6 +41,24 @@ FAMILY_CONFIGS = {
                          "original_max_position_embeddings": 8192},
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
     },
+    "qwen3_moe": {  # Qwen3-30B-A3B style: top-k softmax router, norm_topk_prob, no shared expert, q/k norm;
+        # layer 1 dense (mlp_only_layers) to cover mixed layers
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
+        "hidden_size": 64, "intermediate_size": 160, "moe_intermediate_size": 48, "num_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [1],
+        "router_aux_loss_coef": 0.001, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
+    },
+    "qwen2_moe": {  # Qwen1.5-MoE-A2.7B / Qwen2-57B-A14B style: shared expert with a sigmoid gate, qkv bias,
+        # no top-k renormalisation
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_act": "silu",
+        "hidden_size": 64, "intermediate_size": 160, "moe_intermediate_size": 48, "shared_expert_intermediate_size": 96,
+        "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "router_aux_loss_coef": 0.001, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "qkv_bias": True, "use_sliding_window": False, "attention_dropout": 0.0,
+    },
 }
 
 

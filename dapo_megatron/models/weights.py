@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import moe as moe_lib
 from .hf_config import ModelArch
 
 _TE_ALIASES = {
@@ -48,14 +49,20 @@ def canonical_name(name: str) -> str:
     m = _LAYER_RE.match(name)
     if m and m.group(2) in _TE_ALIASES:
         return f"decoder.layers.{m.group(1)}.{_TE_ALIASES[m.group(2)]}"
-    return name
+    return moe_lib.canonical_moe_name(name)
+
+
+def _layer_suffixes(arch: ModelArch, i: int) -> list[str]:
+    if arch.moe is None or not arch.moe.is_moe_layer(i):
+        return list(_LAYER_MAP)
+    return [s for s in _LAYER_MAP if not s.startswith("mlp.")] + moe_lib.layer_suffixes(arch.moe, i)
 
 
 def megatron_param_names(arch: ModelArch) -> list[str]:
     """All Megatron parameter names (global layer indices, local-spec naming) of a full model."""
     names = ["embedding.word_embeddings.weight"]
     for i in range(arch.num_layers):
-        for suffix in _LAYER_MAP:
+        for suffix in _layer_suffixes(arch, i):
             if suffix.endswith("qkv.bias") and not arch.qkv_bias:
                 continue
             if "_layernorm" in suffix and suffix.startswith("self_attention.") and not arch.qk_layernorm:
@@ -75,16 +82,18 @@ def hf_names_for(name: str, arch: ModelArch) -> tuple[str, ...]:
             return ("model.embed_tokens.weight",)
         return (_GLOBAL_MAP[name][0],)
     m = _LAYER_RE.match(name)
-    if not m or m.group(2) not in _LAYER_MAP:
+    hf = m and (_LAYER_MAP[m.group(2)][0] if m.group(2) in _LAYER_MAP else moe_lib.hf_suffixes(m.group(2)))
+    if not hf:
         raise KeyError(f"no Hugging Face mapping for Megatron parameter {name!r}")
-    return tuple(f"model.layers.{m.group(1)}.{s}" for s in _LAYER_MAP[m.group(2)][0])
+    return tuple(f"model.layers.{m.group(1)}.{s}" for s in hf)
 
 
 def tp_split_dim(name: str):
     name = canonical_name(name)
     if name in _GLOBAL_MAP:
         return _GLOBAL_MAP[name][1]
-    return _LAYER_MAP[_LAYER_RE.match(name).group(2)][1]
+    suffix = _LAYER_RE.match(name).group(2)
+    return _LAYER_MAP[suffix][1] if suffix in _LAYER_MAP else moe_lib.split_dim(suffix)
 
 
 def _qkv_to_megatron(q, k, v, arch: ModelArch):
@@ -168,18 +177,15 @@ def local_to_global_names(model) -> dict[str, str]:
         c = canonical_name(name)
         m = re.match(r"^(decoder\.layers\.\d+)\.(.+)$", c)
         out[name] = canonical_name(f"{offsets[m.group(1)]}.{m.group(2)}") if m else c
-    return out
+    return moe_lib.globalize_expert_names(model, out)  # expert-parallel ranks hold experts [r*n_local, ...)
 
 
 @torch.no_grad()
 def load_hf_weights(model, arch: ModelArch, get_hf: Callable[[str], torch.Tensor]) -> None:
     """Copy HF weights into this rank's Megatron module (any TP/PP stage). `get_hf(name)` returns one HF tensor."""
-    from megatron.core import parallel_state
-
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     params = dict(model.named_parameters())
     for local, global_name in local_to_global_names(model).items():
+        tp_size, tp_rank, _ = moe_lib.shard_coords(global_name)  # expert-TP for experts, TP otherwise
         shard = to_megatron(global_name, tuple(get_hf(n) for n in hf_names_for(global_name, arch)), arch,
                             tp_size, tp_rank)
         p = params[local]
@@ -195,19 +201,23 @@ def iter_hf_weights(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    group = parallel_state.get_tensor_model_parallel_group()
     names = local_to_global_names(model)
     for local, p in model.named_parameters():
         global_name = names[local]
         if global_name == "output_layer.weight" and arch.tie_word_embeddings:
             continue
         data = p.detach()
+        tp_size, _, group = moe_lib.shard_coords(global_name)
         if tp_split_dim(global_name) is None or tp_size == 1:
             shards = [data]
         else:
             shards = [torch.empty_like(data) for _ in range(tp_size)]
             dist.all_gather(shards, data.contiguous(), group=group)
+        if moe_lib.is_expert_param(global_name):  # every rank yields every expert
+            for name, full in moe_lib.gather_experts(global_name, to_hf(global_name, shards, arch),
+                                                          arch.moe.num_experts):
+                yield name, full
+            continue
         yield from to_hf(global_name, shards, arch).items()
 
 
@@ -233,8 +243,10 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    if arch.moe is not None:
+        per_layer.update(moe_lib.hf_shapes(arch.moe, h))
     out = {}
     for name in expected_hf_names(arch):
         m = re.match(r"^model\.layers\.\d+\.(.+)$", name)
-        out[name] = per_layer[m.group(1)] if m else shapes[name]
+        out[name] = per_layer[moe_lib.hf_shape_key(m.group(1))] if m else shapes[name]
     return out

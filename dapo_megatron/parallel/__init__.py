@@ -16,6 +16,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1  # refused > 1 (see check_supported)
     expert_model_parallel_size: int = 1  # MoE models only; carved out of data parallel (world / PP / TP / EP)
+    expert_tensor_parallel_size: int | None = None  # MoE only: TP inside each expert; null = tensor_model_parallel_size
     virtual_pipeline_model_parallel_size: int | None = None  # refused (one model chunk per pipeline stage)
     sequence_parallel: bool = False  # refused when true (see check_supported)
     distributed_timeout_minutes: int = 30
@@ -63,6 +64,13 @@ def check_sizes(cfg: ParallelConfig, world_size: int) -> None:
             f"parallel.expert_model_parallel_size={ep} must divide data-parallel x context-parallel size "
             f"{world_size // model_parallel * cfg.context_parallel_size} (world {world_size}); lower it or start "
             f"a multiple of {planned_world_size(cfg)} processes")
+    etp = cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
+    expert_parallel = etp * cfg.expert_model_parallel_size * cfg.pipeline_model_parallel_size
+    if world_size % expert_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel_size ({etp}) x "
+            f"expert_model_parallel_size ({cfg.expert_model_parallel_size}) x pipeline_model_parallel_size "
+            f"({cfg.pipeline_model_parallel_size}); change the sizes or --nproc_per_node")
 
 
 def check_supported(cfg: ParallelConfig, num_experts: int = 0) -> None:
@@ -79,6 +87,11 @@ def check_supported(cfg: ParallelConfig, num_experts: int = 0) -> None:
         raise ValueError(
             f"parallel.expert_model_parallel_size={cfg.expert_model_parallel_size} needs a mixture-of-experts model; "
             "model.path is dense (no experts), where EP would only act as data parallel: set it to 1")
+    etp = cfg.expert_tensor_parallel_size
+    if etp is not None and etp != cfg.tensor_model_parallel_size and not num_experts:
+        raise ValueError(
+            f"parallel.expert_tensor_parallel_size={etp} needs a mixture-of-experts model; model.path is dense: "
+            "set it to null")
     if num_experts and num_experts % cfg.expert_model_parallel_size:
         raise ValueError(
             f"parallel.expert_model_parallel_size={cfg.expert_model_parallel_size} must divide the model's "
@@ -123,6 +136,7 @@ def initialize(cfg: ParallelConfig | None = None, seed: int = 1234) -> None:
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
             context_parallel_size=cfg.context_parallel_size,
             expert_model_parallel_size=cfg.expert_model_parallel_size,
+            expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
             distributed_timeout_minutes=cfg.distributed_timeout_minutes,
         )
     seed_all(seed)
