@@ -4,7 +4,14 @@ from typing import Optional
 
 import torch
 
-from .hf_config import ModelArch, arch_from_hf, check_parallel_sizes, load_hf_config, transformer_config_kwargs
+from .hf_config import (
+    ModelArch,
+    arch_from_hf,
+    check_parallel_sizes,
+    load_hf_config,
+    padded_vocab_size,
+    transformer_config_kwargs,
+)
 
 
 @dataclass
@@ -12,6 +19,8 @@ class ModelConfig:
     path: str = ""  # HF folder (config.json + weights) or a folder holding config.json only
     fp8: Optional[str] = None  # null | e4m3 | hybrid (GPU + Transformer Engine only)
     fp8_recipe: str = "delayed"  # delayed | current
+    # Megatron-LM's vocabulary padding: the embedding / output layer have ceil(V / (this x TP)) x this x TP rows
+    make_vocab_size_divisible_by: int = 128
 
 
 def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str]):
@@ -27,8 +36,12 @@ def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str]):
 
 def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: bool = True,
                     fp8: Optional[str] = None, fp8_recipe: str = "delayed", on_gpu: Optional[bool] = None,
-                    vp_stage: Optional[int] = None):
-    """One pipeline stage of the model, sharded for the current tensor-parallel rank."""
+                    vp_stage: Optional[int] = None, make_vocab_size_divisible_by: int = 128,
+                    padded_vocab: Optional[int] = None):
+    """One pipeline stage of the model, sharded for the current tensor-parallel rank.
+
+    The vocabulary is padded to `padded_vocab` rows, by default Megatron-LM's size for this TP.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -37,6 +50,11 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     check_parallel_sizes(arch, tp, pp)
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
+    if padded_vocab < arch.vocab_size or padded_vocab % tp:
+        raise ValueError(f"padded vocabulary {padded_vocab} must be >= vocab_size={arch.vocab_size} and divisible "
+                         f"by TP={tp}")
     config = TransformerConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -45,7 +63,7 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, on_gpu, fp8),
-        vocab_size=arch.vocab_size,
+        vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -70,6 +88,7 @@ def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False):
         post_process=parallel_state.is_pipeline_last_stage(),
         fp8=cfg.fp8,
         fp8_recipe=cfg.fp8_recipe,
+        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
