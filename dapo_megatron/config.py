@@ -282,10 +282,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"model.path={cfg.model.path} has no config.json; point it at a Hugging Face model folder")
     if not cfg.data.path or not Path(cfg.data.path).is_file():
         raise ConfigError(f"data.path={cfg.data.path!r} is not a file; give a JSONL or Parquet prompt file")
-    from .models.hf_config import arch_from_hf, check_parallel_sizes, load_hf_config
+    from .models.hf_config import arch_from_hf, check_parallel_sizes, load_hf_config, padded_vocab_size
 
     try:
         arch = arch_from_hf(load_hf_config(cfg.model.path))
+        padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by)
     except ValueError as e:
         raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
     world = world_size or world_size_from_env()

@@ -26,6 +26,7 @@ from dapo_megatron.models.tiny import make_tiny_hf_model
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "dist_scripts"
 FAMILIES = ["qwen2.5", "qwen3", "llama"]
+VOCAB = 101
 
 
 def run_conversions(jobs: list[dict], tmp: Path) -> list[dict]:
@@ -87,7 +88,8 @@ def _bad_hf_inputs(t: Path, q25: Path) -> dict:
 @pytest.fixture(scope="module")
 def conv(tmp_path_factory):
     t = tmp_path_factory.mktemp("convert")
-    hf = {f: make_tiny_hf_model(t / f"hf_{f}", f, seed=11) for f in FAMILIES}
+    # odd vocabulary: padded to 256 rows at TP=2 (make_vocab_size_divisible_by=128), stripped on the way out
+    hf = {f: make_tiny_hf_model(t / f"hf_{f}", f, seed=11, vocab_size=VOCAB) for f in FAMILIES}
     hf["bf16"] = make_tiny_hf_model(t / "hf_bf16", "qwen2.5", seed=12, dtype=torch.bfloat16)
     mg = {k: t / f"mg_{k}" for k in hf}
     bad_hf = _bad_hf_inputs(t, hf["qwen2.5"])
@@ -174,7 +176,7 @@ def test_megatron_logits_at_tp2_pp2_equal_hf(conv, family):
     model = AutoModelForCausalLM.from_pretrained(conv["t"] / f"hf_back_{family}", dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(got["ids"]).logits
-    assert got["logits"].shape == ref.shape == (2, 24, 128)
+    assert got["logits"].shape == ref.shape == (2, 24, VOCAB)
     assert (got["logits"] - ref).abs().max().item() < 1e-4
 
 
@@ -184,6 +186,10 @@ def test_checkpoint_layout_and_bf16(conv):
     assert (root / "latest").read_text().strip() == "iter_0000000"
     assert resolve_checkpoint(root) == root / "iter_0000000" / "model"
     assert (root / "iter_0000000" / "model" / "metadata.json").is_file()
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(str(root / "iter_0000000" / "model"))
+    assert tuple(stored["embedding.word_embeddings.weight"].global_shape) == (256, 64)  # 101 padded for TP=2
     copied = {p.name for p in (root / "hf_config").iterdir()}
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= copied and "model.safetensors" not in copied
     assert conv["results"]["bf16_back"]["rc"] == 0

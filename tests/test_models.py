@@ -67,15 +67,18 @@ def _megatron_logits(torchrun, hf_dir, tp, pp, tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("family, layouts", [
-    ("qwen2.5", [(2, 1), (1, 2), (2, 2)]),  # tied embeddings + qkv bias (shared output layer across PP)
-    ("llama", [(2, 2)]),  # GQA 16/8 heads, llama3 rope scaling, untied
-    ("qwen3", [(2, 1)]),  # q/k norm
+@pytest.mark.parametrize("family, layouts, vocab", [
+    # tied embeddings + qkv bias (shared output layer across PP); odd vocabulary 101 padded to 128 (TP=1) and 256
+    # (TP=2, where rank 1's shard is padding only)
+    ("qwen2.5", [(2, 1), (1, 2), (2, 2)], 101),
+    ("llama", [(2, 2)], 128),  # GQA 16/8 heads, llama3 rope scaling, untied
+    ("qwen3", [(2, 1)], 131),  # q/k norm, odd vocabulary
 ])
-def test_parallel_logits_equal_tp1_and_hf(torchrun, tmp_path, family, layouts):
-    hf_dir = make_tiny_hf_model(tmp_path / family, family, seed=3)
+def test_parallel_logits_equal_tp1_and_hf(torchrun, tmp_path, family, layouts, vocab):
+    hf_dir = make_tiny_hf_model(tmp_path / family, family, seed=3, vocab_size=vocab)
     base = _megatron_logits(torchrun, hf_dir, 1, 1, tmp_path)
     ref = _hf_logits(hf_dir, base["ids"])
+    assert base["logits"].shape[-1] == ref.shape[-1] == vocab
     assert (base["logits"] - ref).abs().max().item() < 1e-4
     for tp, pp in layouts:
         got = _megatron_logits(torchrun, hf_dir, tp, pp, tmp_path)

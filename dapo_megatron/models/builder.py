@@ -5,7 +5,14 @@ from typing import Optional
 import torch
 
 from . import moe as moe_lib
-from .hf_config import ModelArch, arch_from_hf, check_parallel_sizes, load_hf_config, transformer_config_kwargs
+from .hf_config import (
+    ModelArch,
+    arch_from_hf,
+    check_parallel_sizes,
+    load_hf_config,
+    padded_vocab_size,
+    transformer_config_kwargs,
+)
 
 
 @dataclass
@@ -23,6 +30,8 @@ class ModelConfig:
     moe_grouped_gemm: Optional[bool] = None  # default: TE grouped GEMM on GPU, sequential experts on CPU
     moe_router_dtype: Optional[str] = None  # null (model dtype) | fp32 | fp64
     moe_router_score_function: str = "softmax"  # Qwen routers are softmax; anything else is refused
+    # Megatron-LM's vocabulary padding: the embedding / output layer have ceil(V / (this x TP)) x this x TP rows
+    make_vocab_size_divisible_by: int = 128
 
 
 def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str], config=None, vp_stage=None):
@@ -40,8 +49,12 @@ def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str], config=None, v
 
 def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: bool = True,
                     fp8: Optional[str] = None, fp8_recipe: str = "delayed", on_gpu: Optional[bool] = None,
-                    vp_stage: Optional[int] = None, moe_options: Optional[moe_lib.MoEOptions] = None):
-    """One pipeline stage of the model, sharded for the current tensor-parallel rank."""
+                    vp_stage: Optional[int] = None, moe_options: Optional[moe_lib.MoEOptions] = None,
+                    make_vocab_size_divisible_by: int = 128, padded_vocab: Optional[int] = None):
+    """One pipeline stage of the model, sharded for the current tensor-parallel rank.
+
+    The vocabulary is padded to `padded_vocab` rows, by default Megatron-LM's size for this TP.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -52,6 +65,11 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     ep = parallel_state.get_expert_model_parallel_world_size()
     etp = parallel_state.get_expert_tensor_parallel_world_size()
     check_parallel_sizes(arch, tp, pp, ep, etp)
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tp)
+    if padded_vocab < arch.vocab_size or padded_vocab % tp:
+        raise ValueError(f"padded vocabulary {padded_vocab} must be >= vocab_size={arch.vocab_size} and divisible "
+                         f"by TP={tp}")
     config = TransformerConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -62,7 +80,7 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, on_gpu, fp8, config, vp_stage),
-        vocab_size=arch.vocab_size,
+        vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -88,6 +106,7 @@ def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False):
         fp8=cfg.fp8,
         fp8_recipe=cfg.fp8_recipe,
         moe_options=moe_lib.options_of(cfg),
+        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -2,7 +2,8 @@
 
 Checkpoint layout (defined in train/ckpt_layout.py, with the manifest that seals a folder):
     DIR/latest                 name of the newest complete iteration folder, e.g. `iter_0000000`
-    DIR/iter_{N:07d}/model/    dist_checkpointing of `GPTModel.sharded_state_dict()` (loads at any TP/PP)
+    DIR/iter_{N:07d}/model/    dist_checkpointing of `GPTModel.sharded_state_dict()` (loads at any PP, and any
+                               TP with the same padded vocabulary)
     DIR/hf_config/             config.json, generation_config.json, tokenizer files
 Other entries of an iteration folder (`optim/`, `trainer_state.json`) are the trainer's and are ignored here.
 
@@ -23,7 +24,14 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .hf_config import ModelArch, UnsupportedModelError, arch_from_hf, check_parallel_sizes, load_hf_config
+from .hf_config import (
+    ModelArch,
+    UnsupportedModelError,
+    arch_from_hf,
+    check_parallel_sizes,
+    load_hf_config,
+    padded_vocab_size,
+)
 from .hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointError,
@@ -129,12 +137,15 @@ def single_process_megatron():
             parallel.destroy()
 
 
-def meta_model(arch: ModelArch, dtype_of: Callable[[str], torch.dtype]):
-    """The whole model (TP=PP=1) on the meta device, each parameter `name` with dtype `dtype_of(name)`."""
+def meta_model(arch: ModelArch, dtype_of: Callable[[str], torch.dtype], padded_vocab: int):
+    """The whole model (TP=PP=1) on the meta device, each parameter `name` with dtype `dtype_of(name)`.
+
+    `padded_vocab`: rows of the embedding / output layer, the padded size of the TP the checkpoint is made for.
+    """
     from .builder import build_gpt_model
 
     with torch.device("meta"):
-        model = build_gpt_model(arch, on_gpu=False)
+        model = build_gpt_model(arch, on_gpu=False, padded_vocab=padded_vocab)
     for name, p in model.named_parameters():
         p.data = torch.empty(p.shape, dtype=dtype_of(name), device="meta")
     return model
@@ -243,7 +254,11 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
 
     model_dir = Path(model_dir)
     stored = dist_checkpointing.load_tensors_metadata(str(model_dir))
-    model = meta_model(arch, lambda _: torch.float32)
+    embedding = stored.get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise CheckpointError(f"tensor 'embedding.word_embeddings.weight' is missing from {model_dir}")
+    # the padded vocabulary the checkpoint was saved with; to_hf strips the padding rows
+    model = meta_model(arch, lambda _: torch.float32, padded_vocab=embedding.global_shape[0])
     sharded_sd = model.sharded_state_dict()
     _check_stored_tensors(sharded_sd, stored, model_dir)
     entries = {k: v for k, v in sharded_sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
@@ -299,16 +314,18 @@ def _check_stored_tensors(sharded_sd: dict, stored: dict, model_dir: Path) -> No
 
 
 def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                   dtype: Optional[torch.dtype] = None, overwrite: bool = False,
+                   dtype: Optional[torch.dtype] = None, overwrite: bool = False, make_vocab_size_divisible_by: int = 128,
                    log: Callable[[str], None] = print) -> Path:
     """Convert an HF safetensors folder to a Megatron checkpoint root (`iter_0000000`, `latest`, `hf_config/`).
 
-    The TP/PP sizes are only validated against the model: the checkpoint loads at any TP/PP.
+    The vocabulary is padded as the trainer pads it at `tensor_model_parallel_size` (Megatron-LM's
+    make_vocab_size_divisible_by); the checkpoint loads at any PP and at every TP with that padded size.
     """
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     check_output_dir(save_dir, overwrite, source=hf_dir)
     arch = arch_from_hf(load_hf_config(hf_dir))
     check_parallel_sizes(arch, tensor_model_parallel_size, pipeline_model_parallel_size)
+    padded = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tensor_model_parallel_size)
     with HFCheckpointReader(hf_dir) as reader:
         check_hf_tensors(reader, arch)
 
@@ -317,17 +334,18 @@ def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pip
 
         def full_param(name: str) -> torch.Tensor:
             hf = tuple(reader.get(n) for n in hf_names_for(name, arch))
-            return to_megatron(name, hf, arch).to(dtype_of(name))
+            return to_megatron(name, hf, arch, padded_vocab=padded).to(dtype_of(name))
 
         with staging_dir(save_dir, overwrite) as tmp, single_process_megatron():
             iter_name = iteration_dir_name(0)
-            save_lazy_dist_checkpoint(meta_model(arch, dtype_of), full_param, tmp / iter_name / MODEL_DIR, log)
+            save_lazy_dist_checkpoint(meta_model(arch, dtype_of, padded), full_param, tmp / iter_name / MODEL_DIR, log)
             (tmp / HF_CONFIG_DIR).mkdir()
             copy_hf_metadata_files(hf_dir, tmp / HF_CONFIG_DIR)
             ckpt_layout.write_manifest(tmp / iter_name, ckpt_layout.KIND_MODEL, 0,
                                        arch=ckpt_layout.arch_summary(tmp / HF_CONFIG_DIR))  # last: seals the folder
             ckpt_layout.write_latest(tmp, iter_name)
-    log(f"wrote {save_dir} ({arch.family}, {arch.num_layers} layers); it loads at any TP/PP")
+    log(f"wrote {save_dir} ({arch.family}, {arch.num_layers} layers, vocabulary {arch.vocab_size} padded to "
+        f"{padded}); it loads at any PP and at TP={tensor_model_parallel_size}")
     return save_dir
 
 
@@ -373,9 +391,12 @@ def hf_to_megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, help="Hugging Face folder (config.json, safetensors, tokenizer)")
     p.add_argument("--save-dir", required=True, help="Megatron checkpoint root to create")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="checked against the model; the checkpoint itself loads at any TP")
+                   help="the trainer's TP: checked against the model, and sets the vocabulary padding")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="checked against the model; the checkpoint itself loads at any PP")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP, as the trainer does (model.make_vocab_size_"
+                        "divisible_by)")
     _dtype_arg(p)
     return p
 
@@ -410,7 +431,7 @@ def main_hf_to_megatron(argv=None) -> int:
     return _run(lambda: hf_to_megatron(
         a.hf_dir, a.save_dir, tensor_model_parallel_size=a.tensor_model_parallel_size,
         pipeline_model_parallel_size=a.pipeline_model_parallel_size, dtype=DTYPES.get(a.dtype),
-        overwrite=a.overwrite))
+        overwrite=a.overwrite, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by))
 
 
 def main_megatron_to_hf(argv=None) -> int:

@@ -124,14 +124,24 @@ def arch_from_hf(cfg: dict) -> ModelArch:
     )
 
 
+def padded_vocab_size(vocab_size: int, divisor: int = 128, tp: int = 1) -> int:
+    """Megatron-LM's padded vocabulary: the next multiple of `divisor` x TP (every TP rank holds an equal slice).
+
+    The padded rows are zeros that no token id reaches; log-probs mask their logits out (train/logprobs.py) and
+    conversion / weight sync strip them (models/weights.py). It depends on TP, as in Megatron-LM: a checkpoint loads
+    at the TP sizes that give the same padded size.
+    """
+    if not isinstance(divisor, int) or divisor < 1:
+        raise UnsupportedModelError(f"model.make_vocab_size_divisible_by={divisor!r} must be an integer >= 1")
+    multiple = divisor * tp
+    return -(-vocab_size // multiple) * multiple
+
+
 def check_parallel_sizes(arch: ModelArch, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
     if arch.num_attention_heads % tp or arch.num_query_groups % tp:
         raise UnsupportedModelError(
             f"tensor_model_parallel_size={tp} must divide num_attention_heads={arch.num_attention_heads} and "
             f"num_key_value_heads={arch.num_query_groups}; pick a divisor of {arch.num_query_groups}")
-    if arch.vocab_size % tp:
-        raise UnsupportedModelError(
-            f"tensor_model_parallel_size={tp} must divide vocab_size={arch.vocab_size}")
     if arch.num_layers % pp:
         raise UnsupportedModelError(
             f"pipeline_model_parallel_size={pp} must divide num_hidden_layers={arch.num_layers}")

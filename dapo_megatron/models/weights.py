@@ -5,6 +5,8 @@ Megatron layouts handled here:
 - SwiGLU fc1: [gate; up] per tensor-parallel shard (shard r = [gate_r; up_r]);
 - column-parallel weights split on dim 0, row-parallel (linear_proj, linear_fc2) on dim 1, norms replicated;
 - Transformer Engine names fuse the pre-attention/pre-MLP norms into linear_qkv / linear_fc1 (`layer_norm_weight`).
+- vocabulary padding (Megatron-LM's make_vocab_size_divisible_by): the embedding and output layer carry zero rows
+  past the real vocabulary; `to_megatron` appends them, `to_hf` strips them, so HF tensors always have vocab_size rows.
 Names below use *global* layer indices; `local_to_global_names` translates a pipeline stage's module names.
 """
 import re
@@ -20,6 +22,7 @@ _TE_ALIASES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 # Megatron per-layer suffix -> (HF per-layer suffixes, tensor-parallel split dim or None)
 _LAYER_MAP = {
@@ -116,8 +119,11 @@ def _qkv_from_megatron(qkv, arch: ModelArch):
 
 
 def to_megatron(name: str, hf_tensors: tuple[torch.Tensor, ...], arch: ModelArch, tp_size: int = 1,
-                tp_rank: int = 0) -> torch.Tensor:
-    """The tensor-parallel shard `tp_rank` of Megatron parameter `name`, built from its HF tensors."""
+                tp_rank: int = 0, padded_vocab: int | None = None) -> torch.Tensor:
+    """The tensor-parallel shard `tp_rank` of Megatron parameter `name`, built from its HF tensors.
+
+    `padded_vocab`: rows of the (full) embedding / output layer; zero rows are appended past vocab_size.
+    """
     name = canonical_name(name)
     dim = tp_split_dim(name)
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
@@ -127,6 +133,10 @@ def to_megatron(name: str, hf_tensors: tuple[torch.Tensor, ...], arch: ModelArch
         return torch.cat([gate, up], dim=0).contiguous()
     else:
         (full,) = hf_tensors
+    if name in VOCAB_PARAMS and padded_vocab is not None and padded_vocab != full.shape[0]:
+        if padded_vocab < full.shape[0]:
+            raise ValueError(f"{name}: padded vocabulary {padded_vocab} < {full.shape[0]} rows")
+        full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
     if dim is None or tp_size == 1:
         return full.contiguous()
     if full.shape[dim] % tp_size:
@@ -147,6 +157,8 @@ def to_hf(name: str, shards: list[torch.Tensor], arch: ModelArch) -> dict[str, t
         up = _cat([h[1] for h in halves], dim=0)
         return dict(zip(hf_names, (gate, up)))
     full = shards[0] if dim is None else _cat(shards, dim=dim)
+    if name in VOCAB_PARAMS:
+        full = full[:arch.vocab_size]  # strip the padding rows
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         return dict(zip(hf_names, _qkv_from_megatron(full, arch)))
     return {hf_names[0]: full}
@@ -186,9 +198,10 @@ def load_hf_weights(model, arch: ModelArch, get_hf: Callable[[str], torch.Tensor
     params = dict(model.named_parameters())
     for local, global_name in local_to_global_names(model).items():
         tp_size, tp_rank, _ = moe_lib.shard_coords(global_name)  # expert-TP for experts, TP otherwise
-        shard = to_megatron(global_name, tuple(get_hf(n) for n in hf_names_for(global_name, arch)), arch,
-                            tp_size, tp_rank)
         p = params[local]
+        padded = p.shape[0] * tp_size if global_name in VOCAB_PARAMS else None
+        shard = to_megatron(global_name, tuple(get_hf(n) for n in hf_names_for(global_name, arch)), arch,
+                            tp_size, tp_rank, padded_vocab=padded)
         if p.shape != shard.shape:
             raise ValueError(f"shape mismatch for {global_name}: model {tuple(p.shape)} vs checkpoint "
                              f"{tuple(shard.shape)}; is config.json the one the weights were saved with?")

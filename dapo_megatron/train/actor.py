@@ -187,7 +187,8 @@ class Actor:
         local = self._local_slice(samples)  # a batch not divisible by DP: the first ranks take one more sample
 
         def loss_fn(logits, mb):
-            logp, _ = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits))
+            logp, _ = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits),
+                                              vocab_size=self.arch.vocab_size)
             return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp.detach().cpu()}
 
         # Forward only: no collective spans DP ranks, so a replica with no sample (batch < DP) skips the pass.
@@ -225,7 +226,7 @@ class Actor:
 
         def loss_fn(logits, mb):
             logp, ent = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits),
-                                                compute_entropy=True)
+                                                compute_entropy=True, vocab_size=self.arch.vocab_size)
             loss, metrics = policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], self.loss_cfg,
                 global_token_count=global_tokens, global_seq_count=global_seqs,

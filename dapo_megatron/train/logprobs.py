@@ -6,8 +6,10 @@ reduced across the TP group; each rank only ever holds a [chunk_size, V_local] f
 the softmax chunk by chunk from the saved logits and the per-token statistics, so it needs no communication and
 writes the gradient straight into a tensor of the logits' dtype.
 
-The distribution includes megatron's padded vocabulary entries, exactly as megatron's own vocab-parallel cross
-entropy does. A target id outside [0, vocab) (e.g. -100 on padding) yields -logsumexp, never an error: mask it.
+With `vocab_size` (the real vocabulary) the padded columns of megatron's padded vocabulary (make_vocab_size_divisible_by)
+are excluded: their logits count as -inf, so they change no log-prob, entropy or softmax normaliser and get zero
+gradient. Without it every column counts. A target id outside [0, vocab) (e.g. -100 on padding) yields -logsumexp,
+never an error: mask it.
 """
 import sys
 from typing import Optional
@@ -34,7 +36,7 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
-def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_entropy):
+def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_entropy, n_valid):
     """Softmax statistics of one chunk of tokens: (logprob, entropy or None, max + logsumexp) per token.
 
     A function of its own so that the chunk's two [chunk, V_local] fp32 buffers are freed on return, before the next
@@ -43,12 +45,15 @@ def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_en
     x = logits.to(torch.float32, copy=True)
     if temperature != 1.0:
         x.div_(temperature)
-    target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * on_rank
+    x[:, n_valid:] = float("-inf")  # padded vocabulary columns (none without vocab_size)
+    target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(on_rank, target_logit, torch.zeros_like(target_logit))  # not x 0: -inf x 0 is nan
     row_max = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
     x.sub_(row_max.unsqueeze(-1))
     exp_x = torch.exp(x)
     stats = [exp_x.sum(dim=-1), target_logit]
     if compute_entropy:
+        x[:, n_valid:] = 0.0  # -inf x 0 would be nan; exp_x is 0 there
         stats.append(x.mul_(exp_x).sum(dim=-1))  # sum_v exp(x_v) x_v, in x's buffer (x is done with)
     stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
     log_z = torch.log(stats[0])
@@ -56,7 +61,7 @@ def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_en
     return (stats[1] - row_max) - log_z, entropy, row_max + log_z
 
 
-def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, temperature):
+def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, temperature, n_valid):
     """fp32 gradient wrt one chunk of logits, recomputing p from the saved max + logsumexp (no communication).
 
     d logp_t / dx_v = 1[v == t] - p_v ;  dH / dx_v = -p_v (logp_v + H) ;  x = logits / temperature.
@@ -65,7 +70,9 @@ def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, 
     if temperature != 1.0:
         logp.div_(temperature)
     logp.sub_(shift.unsqueeze(-1))
-    p = torch.exp(logp)
+    logp[:, n_valid:] = float("-inf")
+    p = torch.exp(logp)  # 0 on padded columns, so their gradient is 0
+    logp[:, n_valid:] = 0.0
     if g_ent is not None:
         # -p_v (g_lp + g_H (logp_v + H)), built in the logp buffer
         grad = logp.add_(entropy.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1)).add_(g_lp.unsqueeze(-1)).mul_(p).neg_()
@@ -79,9 +86,11 @@ def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group, chunk_size, compute_entropy, temperature):
+    def forward(ctx, logits, target, group, chunk_size, compute_entropy, temperature, vocab_size):
         n, v_local = logits.shape
         vocab_start = dist.get_rank(group) * v_local if group is not None else 0
+        # columns of this shard inside the real vocabulary
+        n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - vocab_start))
         shift = torch.empty(n, dtype=torch.float32, device=logits.device)  # max logit + logsumexp
         logprobs = torch.empty_like(shift)
         entropy = torch.empty_like(shift) if compute_entropy else None
@@ -91,12 +100,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             lp, ent, shift[s:e] = _forward_chunk(logits[s:e], local_target[s:e], on_rank[s:e], group, temperature,
-                                                 compute_entropy)
+                                                 compute_entropy, n_valid)
             logprobs[s:e] = lp
             if compute_entropy:
                 entropy[s:e] = ent
         ctx.save_for_backward(logits, local_target, on_rank, shift, entropy)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.chunk_size, ctx.temperature, ctx.n_valid = chunk_size, temperature, n_valid
         ctx.set_materialize_grads(False)
         if entropy is None:
             entropy = torch.empty(0, device=logits.device)
@@ -117,8 +126,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             grad_logits[s:e] = _backward_chunk(
                 logits[s:e], local_target[s:e], on_rank[s:e], shift[s:e],
                 entropy[s:e] if grad_entropy is not None else None, grad_logprobs[s:e],
-                grad_entropy[s:e] if grad_entropy is not None else None, ctx.temperature)
-        return grad_logits, None, None, None, None, None
+                grad_entropy[s:e] if grad_entropy is not None else None, ctx.temperature, ctx.n_valid)
+        return grad_logits, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -129,6 +138,7 @@ def vocab_parallel_logprobs(
     chunk_size: int = 1024,
     compute_entropy: bool = False,
     temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """log softmax(logits / temperature)[target] and, optionally, the entropy of that distribution.
 
@@ -140,6 +150,7 @@ def vocab_parallel_logprobs(
         compute_entropy: also return the per-token entropy (differentiable).
         temperature: logits are divided by it first, as the rollout engine samples from softmax(logits / T);
             use the engine's sampling temperature so log-probs are comparable to the engine's.
+        vocab_size: the real vocabulary (global ids >= it are megatron's padding and are masked out); None: all.
 
     Returns:
         (logprobs, entropy or None), both fp32 with the shape of `target`.
@@ -152,6 +163,6 @@ def vocab_parallel_logprobs(
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_target = target.reshape(-1).long()
     logprobs, entropy = _VocabParallelLogProbs.apply(
-        flat_logits, flat_target, group, chunk_size, compute_entropy, float(temperature))
+        flat_logits, flat_target, group, chunk_size, compute_entropy, float(temperature), vocab_size)
     logprobs = logprobs.view(target.shape)
     return logprobs, (entropy.view(target.shape) if compute_entropy else None)

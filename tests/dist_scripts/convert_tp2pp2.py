@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-def pipelined_logits(model, ids):
+def pipelined_logits(model, ids, arch):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -20,7 +20,8 @@ def pipelined_logits(model, ids):
 
     def forward_step(_, m):
         def loss_func(output):
-            captured.append(gather_from_tensor_model_parallel_region(output))
+            # the real vocabulary: megatron's padded columns (make_vocab_size_divisible_by) are not HF's
+            captured.append(gather_from_tensor_model_parallel_region(output)[..., :arch.vocab_size])
             return output.sum() * 0, {}
 
         return m(ids, pos, None), loss_func
@@ -62,7 +63,7 @@ def main():
         check_equals_hf(model, arch, job["hf_dir"])
         ids = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            logits = pipelined_logits(model, ids)
+            logits = pipelined_logits(model, ids, arch)
         if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
             torch.save({"ids": ids, "logits": logits}, job["logits"])
         # Re-save at this TP/PP the way the trainer does, with the trainer's extra entries beside the model.

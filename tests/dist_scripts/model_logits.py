@@ -14,11 +14,15 @@ def main():
 
     from dapo_megatron import parallel
     from dapo_megatron.models import ModelConfig, build_model
-    from dapo_megatron.models.weights import load_hf_weights, safetensors_getter
+    from dapo_megatron.models.weights import iter_hf_weights, load_hf_weights, safetensors_getter
 
     parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     model, arch = build_model(ModelConfig(path=hf_dir, fp8=os.environ.get("DAPO_FP8") or None))
     load_hf_weights(model, arch, safetensors_getter(hf_dir))
+    # Weight sync's view (TP-gathered, padding stripped) is the HF checkpoint, bit for bit.
+    get_hf = safetensors_getter(hf_dir)
+    for name, tensor in iter_hf_weights(model, arch):
+        assert tensor.shape == get_hf(name).shape and torch.equal(tensor.cpu(), get_hf(name)), name
     model.eval()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, arch.vocab_size, (2, 32), generator=gen).to(next(model.parameters()).device)
@@ -29,7 +33,8 @@ def main():
         out = m(ids, pos, None)
 
         def loss_func(output):
-            captured.append(gather_from_tensor_model_parallel_region(output))
+            # the real vocabulary: megatron's padded columns (make_vocab_size_divisible_by) are not HF's
+            captured.append(gather_from_tensor_model_parallel_region(output)[..., :arch.vocab_size])
             # log-sum-exp of the vocab-parallel logits: a loss whose gradient reaches every parameter
             return gather_from_tensor_model_parallel_region(output).logsumexp(-1).mean(), {}
 
