@@ -31,6 +31,20 @@ def test_yaml_and_overrides(base, tmp_path):
     assert cfg.actor.lr == 1e-6 and cfg.algorithm.loss_agg_mode == "token-mean"  # DAPO defaults
 
 
+def test_exponent_numbers_are_floats_in_yaml_and_overrides(base, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("actor:\n  lr: 5e-7\n  weight_decay: 1E3\nalgorithm:\n  adv_eps: 1e-8\n")
+    cfg = load_config(str(f), base, world_size=1)
+    assert (cfg.actor.lr, cfg.actor.weight_decay, cfg.algorithm.adv_eps) == (5e-7, 1000.0, 1e-8)
+    cfg = load_config(str(f), [*base, "actor.lr=1e-6", "algorithm.clip_ratio_high=2.8E-1", "actor.weight_decay=-1e-2"],
+                      world_size=1)
+    assert (cfg.actor.lr, cfg.algorithm.clip_ratio_high, cfg.actor.weight_decay) == (1e-6, 0.28, -0.01)
+    assert isinstance(cfg.actor.lr, float)
+    with pytest.raises(ConfigError, match="trainer.num_steps=1000.0 must be of type int"):
+        load_config(None, [*base, "trainer.num_steps=1e3"], world_size=1)  # a float, not silently an int
+    assert load_config(None, [*base, "data.template=1e-6 {question}"], world_size=1).data.template == "1e-6 {question}"
+
+
 @pytest.mark.parametrize("override, message", [
     ("algorithm.clip_ratio_hgh=0.3", "unknown config key algorithm.clip_ratio_hgh"),
     ("algorithm.clip_ratio_high=abc", "algorithm.clip_ratio_high='abc' must be of type float"),
@@ -45,6 +59,7 @@ def test_yaml_and_overrides(base, tmp_path):
     ("nokey", "must look like key.sub=value"),
     ("algorithm.use_kl_in_reward=true", "use_kl_in_reward=true needs kl_coef > 0"),
     ("algorithm.loss_mode=gspo", "set clip_ratio_c: null"),
+    ("actor.lr=[1", "override actor.lr=[1: not a valid value"),
 ])
 def test_errors_name_the_key(base, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

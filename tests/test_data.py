@@ -149,12 +149,36 @@ def test_overlong_prompts_dropped_with_count(tmp_path, caplog):
     ('{"question": "a", "answer": 1}\n{bad json\n', r"line 2: not valid JSON"),
     ('\n\n', "has no rows"),
     ('{"prompt": [{"content": "a"}], "reward_model": {"ground_truth": "1"}}\n', r"line 1: field 'prompt' must be"),
+    ('{"question": "a", "answer": "1"}\n{"question": "b", "answer": ""}\n', r"line 2: field 'answer' is empty"),
+    ('{"question": "a", "answer": "  "}\n', r"line 1: field 'answer' is empty"),
+    ('{"prompt": [{"role": "user", "content": "a"}], "reward_model": {"ground_truth": ""}}\n',
+     r"line 1: field 'reward_model.ground_truth' is empty"),
 ])
 def test_bad_data_errors_name_file_line_field(tmp_path, content, match):
+    from dapo_megatron.data.dataset import check_file
+
     path = tmp_path / "d.jsonl"
     path.write_text(content)
     with pytest.raises(DataError, match=match):
         PromptDataset(path, CharTokenizer())
+    with pytest.raises(DataError, match=match):  # the pre-launch check (no tokenizer) finds the same first bad line
+        check_file(path)
+
+
+def test_layout_hint_names_real_options(tmp_path):
+    from dapo_megatron.data.dataset import check_file
+
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "a", "solution": "1"}])
+    with pytest.raises(DataError) as e:
+        check_file(path)
+    assert "prompt_key" not in str(e.value) and "label_key" not in str(e.value)
+    assert "tools/prepare_data.py" in str(e.value) and (REPO / "tools" / "prepare_data.py").is_file()
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="not UTF-8"):
+        check_file(tmp_path / "bin.jsonl")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        check_file(tmp_path / "bad.parquet")
 
 
 def test_bad_parquet_row_is_named(tmp_path):
@@ -165,5 +189,12 @@ def test_bad_parquet_row_is_named(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"question": "a", "answer": "1"}, {"question": "b", "answer": None}]), path)
     with pytest.raises(DataError, match=r"d\.parquet, row 2: missing field 'answer'"):
         PromptDataset(path, CharTokenizer())
+    from dapo_megatron.data.dataset import check_file
+
+    with pytest.raises(DataError, match=r"d\.parquet, row 2: missing field 'answer'"):
+        check_file(path)
+    pq.write_table(pa.Table.from_pylist([{"problem": "a", "solution": "1"}]), tmp_path / "cols.parquet")
+    with pytest.raises(DataError, match=r"cols\.parquet, row 1: cannot tell the dataset layout"):
+        check_file(tmp_path / "cols.parquet")
     with pytest.raises(DataError, match="no such dataset file"):
         PromptDataset(tmp_path / "missing.jsonl", CharTokenizer())

@@ -146,3 +146,34 @@ def test_sglang_launch_failure_shows_the_log_tail(tmp_path):
     with pytest.raises(RuntimeError, match="(?s)sglang-0.*exited with code 3.*CUDA error: no GPU"):
         s.start()
     assert s.processes == {}
+
+
+def test_malformed_bodies_get_400_not_500(server):
+    surrogate = b'{"text": "2+2=\\ud800", "sampling_params": {"max_new_tokens": 1}}'  # legal JSON, not UTF-8 text
+    status, out = call(server, "/generate", raw=surrogate)
+    assert status == 400 and "lone UTF-16 surrogate" in out["message"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, out = call(server, "/generate", raw=deep)
+    assert status == 400 and "not valid JSON" in out["message"]
+    nested = b'{"input_ids": [5], "rid": ' + b"[" * 70 + b"]" * 70 + b"}"  # parses, deeper than any API body
+    status, out = call(server, "/generate", raw=nested)
+    assert status == 400 and "nests deeper than 64" in out["message"]
+    assert call(server, "/generate", raw=b"\xff\xfe{}")[0] == 400  # not UTF-8
+    status, out = call(server, "/generate", {"input_ids": [5], "sampling_params": {"n": 10000}})
+    assert status == 400 and "n=10000 exceeds this server's cap of 1024" in out["message"]
+    assert call(server, "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}})[0] == 200
+
+
+def test_caps_on_n_and_body_size_are_configurable(tmp_path):
+    path = make_tiny_hf_model(tmp_path / "m", family="qwen2.5")
+    with launch_embedded_server(path, 0, max_batch_size=8, max_n=2, max_body_bytes=4096) as srv:
+        ok = {"input_ids": [5], "sampling_params": {"max_new_tokens": 1, "n": 2}}
+        status, out = call(srv, "/generate", ok)
+        assert status == 200 and len(out) == 2
+        status, out = call(srv, "/generate", {**ok, "sampling_params": [{"n": 3}]})
+        assert status == 400 and "cap of 2 (--max-n)" in out["message"]
+        status, out = call(srv, "/generate", {"input_ids": [5] * 3000})  # ~9 kB body
+        assert status == 413 and "exceeds 4096 bytes" in out["message"]
+        assert call(srv, "/generate", ok)[0] == 200  # still serving
+    args = parse_args(["--model-path", "m", "--max-n", "8", "--max-body-bytes", "1000"])
+    assert (args.max_n, args.max_body_bytes) == (8, 1000)

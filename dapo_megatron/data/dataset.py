@@ -83,8 +83,10 @@ def check_row(row: dict, where: str, layout: str, prompt_key=None, label_key=Non
         raise DataError(f"{where}: missing field '{l_key}' ({layout} layout); every row needs the reference answer")
     if not str(label).strip():
         raise DataError(f"{where}: field '{l_key}' is empty; every row needs a non-empty reference answer")
-    if not isinstance(prompt, (str, list)):
-        raise DataError(f"{where}: field '{p_key}' must be a question string or a list of chat messages")
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in prompt)):
+        raise DataError(f"{where}: field '{p_key}' must be a question string or a list of "
+                        "{'role': ..., 'content': ...} messages")
     return p_key, l_key, prompt, label
 
 

@@ -309,21 +309,22 @@ def launch_embedded_server(model_path, port: int = 0, *, host: str = "127.0.0.1"
                            **engine_kwargs) -> EmbeddedServer:
     """Serve `model_path` on http://host:port (port 0: a free one). mode "thread": in this process, the engine is
     `handle.engine`; mode "subprocess": `python -m dapo_megatron.rollout.server`, killable like a real server."""
-    if mode == "thread":
-        return _launch_thread(engine or Engine(model_path, **engine_kwargs), host, port, startup_timeout_s)
+    if mode == "thread":  # max_n / max_body_bytes are the app's caps; in subprocess mode they become --max-n ...
+        limits = {k: engine_kwargs.pop(k) for k in ("max_n", "max_body_bytes") if k in engine_kwargs}
+        return _launch_thread(engine or Engine(model_path, **engine_kwargs), host, port, startup_timeout_s, limits)
     if mode == "subprocess":
         return _launch_subprocess(model_path, host, port or free_port(host), startup_timeout_s, engine_kwargs)
     raise ValueError(f"mode must be 'thread' or 'subprocess', got {mode!r}")
 
 
-def _launch_thread(engine: Engine, host: str, port: int, timeout_s: float) -> EmbeddedServer:
+def _launch_thread(engine: Engine, host: str, port: int, timeout_s: float, limits=None) -> EmbeddedServer:
     from aiohttp import web
 
     loop, ready, state = asyncio.new_event_loop(), threading.Event(), {}
 
     def run():
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(build_app(engine), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(build_app(engine, **(limits or {})), handler_cancellation=True, access_log=None)
         try:
             loop.run_until_complete(runner.setup())
             loop.run_until_complete(web.TCPSite(runner, host, port).start())

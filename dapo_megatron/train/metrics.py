@@ -84,8 +84,11 @@ def trim_log(log_file: Path, start_step: int, warn=print) -> None:
         with open(log_file.with_name(REPLACED), "ab") as f:
             f.write(b"".join(replaced))
     tmp = log_file.with_name(log_file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(keep))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, log_file)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"".join(keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, log_file)
+    finally:
+        tmp.unlink(missing_ok=True)
