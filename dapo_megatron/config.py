@@ -65,6 +65,9 @@ class RolloutConfig:
     sglang_base_port: int = 30000
     sglang_router: bool = False
     colocate: bool = True  # release engine memory while training (GPU)
+    # Engines and router answer only `Authorization: Bearer <key>` (SGLang's --api-key). Default: env
+    # DAPO_ROLLOUT_API_KEY, else a fresh key per run. Never written to config.json or logs.
+    api_key: Optional[str] = None
 
     def __post_init__(self):
         if self.backend not in ("embedded", "http", "sglang"):
@@ -88,6 +91,7 @@ class TrainerConfig:
     eval_interval: int = 0
     seed: int = 1234
     tensorboard: bool = True
+    progress_interval_s: float = 30.0  # off a terminal: a rollout progress line per round or this often
 
 
 @dataclass
@@ -119,7 +123,10 @@ class Config:
                                      n_samples_per_prompt=self.rollout.n_samples_per_prompt, **self.dynamic_sampling)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["rollout"].get("api_key"):
+            d["rollout"]["api_key"] = "<redacted>"
+        return d
 
 
 # Sections stored as dicts on Config, with the dataclass that types them.

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -13,10 +14,12 @@ from ..config import Config
 from .actor import Actor, train_on_batch
 from .checkpoint import find_latest, load_checkpoint, save_checkpoint
 from .metrics import MetricsLogger
+from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch
 
 
 def run(cfg: Config) -> dict:
+    preemption = Preemption()  # first: a SIGUSR1 during start-up must not kill the trainer
     parallel.initialize(cfg.parallel, seed=cfg.trainer.seed)
     rank0 = dist.get_rank() == 0
     tokenizer = _tokenizer(cfg.model.path)
@@ -31,7 +34,7 @@ def run(cfg: Config) -> dict:
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if cfg.trainer.load:
         syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
-    last = {}
+    last, preempted = {}, False
     for step in range(start, cfg.trainer.num_steps):
         times = {}
         with _timer(times, "rollout"):
@@ -60,11 +63,21 @@ def run(cfg: Config) -> dict:
         last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
         logger.log(step + 1, last)
+        if step + 1 < cfg.trainer.num_steps and preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
+            if not _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
+                                keep_last=cfg.trainer.keep_last)
+            preempted = True
+            break
     logger.close()
     syncer.close()
     if stage is not None:
         stage.close()
     parallel.destroy()
+    preemption.restore()
+    if preempted:
+        print(f"preempted: checkpoint saved at step {step + 1}; exiting with {PREEMPTED_EXIT_CODE}", flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     return last
 
 
