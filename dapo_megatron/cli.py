@@ -65,7 +65,13 @@ def _convert(argv):
     sys.exit((convert.main_hf_to_megatron if argv[0] == "hf-to-megatron" else convert.main_megatron_to_hf)(argv[1:]))
 
 
-COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert}
+def _plan(argv):
+    from .placement import main
+
+    main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert, "plan": _plan}
 
 
 def main(argv=None):

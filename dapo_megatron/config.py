@@ -64,7 +64,8 @@ class RolloutConfig:
     sglang_mem_fraction_static: float = 0.7
     sglang_base_port: int = 30000
     sglang_router: bool = False
-    colocate: bool = True  # release engine memory while training (GPU)
+    colocate: bool = True  # engines share the trainer's GPUs and release memory while it trains (GPU)
+    rollout_nodes: int = 0  # colocate=false: the last N nodes run the engines (`dapo-megatron plan` shows where)
     # Engines and router answer only `Authorization: Bearer <key>` (SGLang's --api-key). Default: env
     # DAPO_ROLLOUT_API_KEY, else a fresh key per run. Never written to config.json or logs.
     api_key: Optional[str] = None
@@ -76,6 +77,8 @@ class RolloutConfig:
             raise ConfigError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
         if self.weight_sync not in ("auto", "tensor", "disk", "distributed"):
             raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use auto, tensor, disk or distributed")
+        if self.rollout_nodes < 0:
+            raise ConfigError(f"rollout.rollout_nodes={self.rollout_nodes}; use 0 or more nodes")
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
 

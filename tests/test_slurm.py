@@ -77,8 +77,11 @@ def test_sbatch_preempted_by_usr1_saves_requeues_and_resumes_exactly(toy, tmp_pa
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     text = job_log.read_text()
-    saved = re.search(r"preempted: checkpoint saved at step (\d+)", text)
-    assert saved and "trainer exited with 75" in text, text[-4000:]
+    trainer_log = "".join(f.read_text() for f in sorted((tmp_path / "logs").glob("*-node*.out")))
+    assert re.search(r"^rollout \d+: kept \d+/4 groups, round \d+, acc ", trainer_log, re.M)  # non-TTY progress
+    assert "died" not in trainer_log  # the signal reached the trainer, not its helper processes
+    saved = re.search(r"preempted: checkpoint saved at step (\d+)", trainer_log)
+    assert saved and "trainer exited with 75" in text, (text + trainer_log)[-4000:]
     k = int(saved.group(1))
     assert 1 <= k < STEPS  # saved at the signal: save_interval=0 would only save at the end
     assert (run / "checkpoints" / f"iter_{k:07d}" / "trainer_state.json").is_file()

@@ -33,7 +33,6 @@ def verify_one(fn, response: str, ground_truth) -> VerifyResult:
 
 def _worker_main(conn, verifier_type: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # so is preemption (SLURM signals every process of the step)
     try:
         fn = get_verifier(verifier_type)
         warm_up(verifier_type, fn)

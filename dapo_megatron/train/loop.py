@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from .. import parallel
 from ..config import Config
+from ..placement import startup_plan
 from .actor import Actor, train_on_batch
 from .checkpoint import find_latest, load_checkpoint, save_checkpoint
 from .metrics import MetricsLogger
@@ -24,12 +25,14 @@ def run(cfg: Config) -> dict:
     rank0 = dist.get_rank() == 0
     tokenizer = _tokenizer(cfg.model.path)
     actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
-    stage = RolloutStage(cfg, tokenizer) if rank0 else None
+    with preemption.shield_children():
+        stage = RolloutStage(cfg, tokenizer) if rank0 else None
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
     syncer = WeightSyncer(cfg, stage)
     start = _resume(cfg, actor, stage)
     logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard, start_step=start)
     if rank0:
+        print(startup_plan(cfg, dist.get_world_size(), _local_world_size()), flush=True)
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if cfg.trainer.load:
@@ -79,6 +82,13 @@ def run(cfg: Config) -> dict:
         print(f"preempted: checkpoint saved at step {step + 1}; exiting with {PREEMPTED_EXIT_CODE}", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
     return last
+
+
+def _local_world_size() -> int:
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return dist.get_world_size()
 
 
 def _resume(cfg: Config, actor: Actor, stage) -> int:

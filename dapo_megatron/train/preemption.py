@@ -6,6 +6,7 @@ All ranks agree (max over the world): a signal that reached only some ranks stil
 The current step is finished, not aborted, so give the job one step plus one checkpoint save of warning time
 (`#SBATCH --signal=B:USR1@<seconds>`).
 """
+import contextlib
 import signal
 import sys
 
@@ -40,6 +41,20 @@ class Preemption:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(int(flag))
+
+    @contextlib.contextmanager
+    def shield_children(self):
+        """Helper processes started inside (reward forkserver, resource tracker, verifier workers) keep SIGTERM and
+        SIGUSR1 blocked: SLURM signals every process of a step, and the step being finished still needs them.
+        (They inherit the mask through fork and exec; they are stopped by closing their pipes or SIGKILL.)"""
+        if not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def restore(self):
         for sig, handler in self._previous.items():
