@@ -89,11 +89,19 @@ def _convert(argv):
     sys.exit((convert.main_hf_to_megatron if argv[0] == "hf-to-megatron" else convert.main_megatron_to_hf)(argv[1:]))
 
 
-COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert}
+def _plan(argv):
+    from .placement import main
+
+    main(argv)
+
+
+
+COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert, "plan": _plan}
 HELP = {"train": "DAPO training from a YAML config and dotted overrides",
         "eval": "avg@k accuracy of model.path on eval.path",
         "serve": "serve an HF model with the embedded engine (SGLang's HTTP API)",
-        "convert": "checkpoint conversion: hf-to-megatron | megatron-to-hf"}
+        "convert": "checkpoint conversion: hf-to-megatron | megatron-to-hf",
+        "plan": "print where every trainer rank and rollout engine runs (--nodes N --gpus-per-node G)"}
 
 
 def _debug() -> bool:

@@ -76,7 +76,11 @@ class RolloutConfig:
     sglang_mem_fraction_static: float = 0.7
     sglang_base_port: int = 30000
     sglang_router: bool = False
-    colocate: bool = True  # release engine memory while training (GPU)
+    colocate: bool = True  # engines share the trainer's GPUs and release memory while it trains (GPU)
+    rollout_nodes: int = 0  # colocate=false: the last N nodes run the engines (`dapo-megatron plan` shows where)
+    # Engines and router answer only `Authorization: Bearer <key>` (SGLang's --api-key). Default: env
+    # DAPO_ROLLOUT_API_KEY, else a fresh key per run. Never written to config.json or logs.
+    api_key: Optional[str] = None
 
     def __post_init__(self):
         if self.backend not in ("embedded", "http", "sglang"):
@@ -85,6 +89,8 @@ class RolloutConfig:
             raise ConfigError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
         if self.weight_sync not in ("auto", "tensor", "disk", "distributed"):
             raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use auto, tensor, disk or distributed")
+        if self.rollout_nodes < 0:
+            raise ConfigError(f"rollout.rollout_nodes={self.rollout_nodes}; use 0 or more nodes")
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
 
@@ -100,6 +106,7 @@ class TrainerConfig:
     eval_interval: int = 0
     seed: int = 1234
     tensorboard: bool = True
+    progress_interval_s: float = 30.0  # off a terminal: a rollout progress line per round or this often
 
 
 @dataclass
@@ -131,7 +138,10 @@ class Config:
                                      n_samples_per_prompt=self.rollout.n_samples_per_prompt, **self.dynamic_sampling)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["rollout"].get("api_key"):
+            d["rollout"]["api_key"] = "<redacted>"
+        return d
 
 
 # Sections stored as dicts on Config, with the dataclass that types them.

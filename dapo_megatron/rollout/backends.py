@@ -109,6 +109,12 @@ class SGLangBackend(RolloutBackend):
         from .sglang_launcher import SGLangServers
 
         r = self.cfg
+        world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        if not r.colocate or (local and world > local):
+            # Not built yet: starting engines from each node's local rank 0 (the plan shows where they belong).
+            raise RuntimeError("rollout.backend=sglang starts its servers on global rank 0's node only; for engines "
+                               "on other nodes (multi-node or colocate=false) start them there and use "
+                               "rollout.backend=http with rollout.urls")
         host = os.environ.get("DAPO_ROLLOUT_HOST", "127.0.0.1")
         self.servers = SGLangServers(self.model_path, r.sglang_num_servers, r.sglang_tp_size,
                                      r.sglang_mem_fraction_static, r.sglang_base_port, enable_memory_saver=r.colocate,

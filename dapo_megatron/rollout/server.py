@@ -39,6 +39,9 @@ class ApiError(ValueError):
     """A request the API rejects (HTTP 400)."""
 
 
+API_KEY_ENV = "DAPO_ROLLOUT_API_KEY"
+
+
 def _error(status: int, message: str):
     return status, {"object": "error", "message": message, "type": "BadRequest" if status == 400 else "Error",
                     "code": status}
@@ -241,10 +244,16 @@ def _check_strings(payload) -> None:
             stack.extend((x, depth + 1) for x in v)
 
 
-def build_app(engine: Engine, max_n: int = DEFAULT_MAX_N, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+def build_app(engine: Engine, max_n: int = DEFAULT_MAX_N, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *,
+              api_key: Optional[str] = None, weights_root=None):
+    """`api_key`: every path but /health needs `Authorization: Bearer <api_key>` (SGLang's --api-key), else 401.
+    `weights_root`: /update_weights_from_disk reads only folders under it, else 403."""
     from aiohttp import web
 
     async def handle(request):
+        refused = _refuse(request, api_key)
+        if refused:
+            return web.json_response(refused[1], status=refused[0])
         payload = None
         if request.can_read_body:
             try:
@@ -256,6 +265,10 @@ def build_app(engine: Engine, max_n: int = DEFAULT_MAX_N, max_body_bytes: int = 
             except ApiError as e:
                 status, body = _error(400, f"{request.path}: {e}")
                 return web.json_response(body, status=status)
+        if request.path == "/update_weights_from_disk" and weights_root is not None \
+                and not _under(payload.get("model_path") if isinstance(payload, dict) else None, weights_root):
+            return web.json_response(_error(403, f"update_weights_from_disk reads only under {weights_root}")[1],
+                                     status=403)
         status, body = await dispatch(engine, request.path, payload)
         if isinstance(body, str):
             return web.Response(text=body, status=status)
@@ -264,6 +277,25 @@ def build_app(engine: Engine, max_n: int = DEFAULT_MAX_N, max_body_bytes: int = 
     app = web.Application(client_max_size=max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def _refuse(request, api_key):
+    import hmac
+
+    if not api_key or request.path == "/health":
+        return None
+    given = request.headers.get("Authorization", "")
+    if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        return None
+    return _error(401, "missing or wrong API key (send Authorization: Bearer <key>)")
+
+
+def _under(path, root) -> bool:
+    if not path:
+        return False
+    root = Path(root).resolve()
+    target = Path(path).resolve()
+    return target == root or root in target.parents
 
 
 class EmbeddedServer:
@@ -306,25 +338,29 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def launch_embedded_server(model_path, port: int = 0, *, host: str = "127.0.0.1", mode: str = "thread",
                            engine: Optional[Engine] = None, startup_timeout_s: float = 120.0,
-                           **engine_kwargs) -> EmbeddedServer:
+                           api_key: Optional[str] = None, weights_root=None, **engine_kwargs) -> EmbeddedServer:
     """Serve `model_path` on http://host:port (port 0: a free one). mode "thread": in this process, the engine is
     `handle.engine`; mode "subprocess": `python -m dapo_megatron.rollout.server`, killable like a real server."""
     if mode == "thread":  # max_n / max_body_bytes are the app's caps; in subprocess mode they become --max-n ...
         limits = {k: engine_kwargs.pop(k) for k in ("max_n", "max_body_bytes") if k in engine_kwargs}
-        return _launch_thread(engine or Engine(model_path, **engine_kwargs), host, port, startup_timeout_s, limits)
+        return _launch_thread(engine or Engine(model_path, **engine_kwargs), host, port, startup_timeout_s, limits,
+                              api_key=api_key, weights_root=weights_root)
     if mode == "subprocess":
-        return _launch_subprocess(model_path, host, port or free_port(host), startup_timeout_s, engine_kwargs)
+        return _launch_subprocess(model_path, host, port or free_port(host), startup_timeout_s, engine_kwargs,
+                                  api_key=api_key, weights_root=weights_root)
     raise ValueError(f"mode must be 'thread' or 'subprocess', got {mode!r}")
 
 
-def _launch_thread(engine: Engine, host: str, port: int, timeout_s: float, limits=None) -> EmbeddedServer:
+def _launch_thread(engine: Engine, host: str, port: int, timeout_s: float, limits=None, api_key=None,
+                   weights_root=None) -> EmbeddedServer:
     from aiohttp import web
 
     loop, ready, state = asyncio.new_event_loop(), threading.Event(), {}
 
     def run():
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(build_app(engine, **(limits or {})), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(build_app(engine, **(limits or {}), api_key=api_key, weights_root=weights_root),
+                               handler_cancellation=True, access_log=None)
         try:
             loop.run_until_complete(runner.setup())
             loop.run_until_complete(web.TCPSite(runner, host, port).start())
@@ -352,13 +388,18 @@ def _launch_thread(engine: Engine, host: str, port: int, timeout_s: float, limit
     return EmbeddedServer(f"http://{host}:{state['port']}", engine=engine, stop=stop)
 
 
-def _launch_subprocess(model_path, host: str, port: int, timeout_s: float, engine_kwargs: dict) -> EmbeddedServer:
+def _launch_subprocess(model_path, host: str, port: int, timeout_s: float, engine_kwargs: dict, api_key=None,
+                       weights_root=None) -> EmbeddedServer:
     cmd = [sys.executable, "-m", "dapo_megatron.rollout.server", "--model-path", str(model_path), "--host", host,
            "--port", str(port)]
+    if weights_root is not None:
+        cmd += ["--weights-root", str(weights_root)]
     for key, value in engine_kwargs.items():
         cmd += [f"--{key.replace('_', '-')}", str(value).replace("torch.", "")]
     repo_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
+    if api_key:
+        env[API_KEY_ENV] = api_key  # the environment, not argv: `ps` shows argv to every user
     log_path = Path(tempfile.mkstemp(prefix=f"rollout-server-{port}-", suffix=".log")[1])
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -411,6 +452,8 @@ def parse_args(argv=None):
     p.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="largest sampling_params.n accepted (400 above)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body accepted (413 above)")
+    p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
+    p.add_argument("--weights-root", default=None, help="update_weights_from_disk reads only under this folder")
     return p.parse_args(argv)
 
 
@@ -422,8 +465,9 @@ def main(argv=None):
     engine = Engine(args.model_path, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                     seed=args.seed, tokenizer_path=args.tokenizer_path)
     try:
-        web.run_app(build_app(engine, args.max_n, args.max_body_bytes), host=args.host, port=args.port,
-                    handler_cancellation=True, access_log=None,
+        app = build_app(engine, args.max_n, args.max_body_bytes, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                        weights_root=args.weights_root)
+        web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None,
                     print=lambda *_: print(f"rollout server ready on http://{args.host}:{args.port}", flush=True))
     finally:
         engine.shutdown()

@@ -286,6 +286,13 @@ def _response_span(row, s: Sample):
     return row[len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)]
 
 
+def _gather_objects(obj: list) -> list:
+    """Every rank's list, concatenated (small Python objects only, e.g. metric names)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return [x for part in out for x in part]
+
+
 def train_on_batch(actor: Actor, samples: list[Sample]) -> list[dict]:
     """`ppo_epochs` passes over the rollout batch in `global_batch_size` mini-batches (one optimizer step each).
 

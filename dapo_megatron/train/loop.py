@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -10,32 +11,37 @@ import torch.distributed as dist
 
 from .. import parallel
 from ..config import Config
+from ..placement import startup_plan
 from .actor import Actor, train_on_batch
 from . import ckpt_layout
 from .checkpoint import load_checkpoint, save_checkpoint
 from .faults import fault
 from .metrics import MetricsLogger
 from .reference import build_reference
+from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch
 
 
 def run(cfg: Config) -> dict:
+    preemption = Preemption()  # first: a SIGUSR1 during start-up must not kill the trainer
     parallel.initialize(cfg.parallel, seed=cfg.trainer.seed)
     rank0 = dist.get_rank() == 0
     tokenizer = _tokenizer(cfg.model.path)
     actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
     reference = build_reference(cfg, pad_id=tokenizer.pad_token_id or 0)  # None unless algorithm.kl_coef > 0
-    stage = RolloutStage(cfg, tokenizer) if rank0 else None
+    with preemption.shield_children():
+        stage = RolloutStage(cfg, tokenizer) if rank0 else None
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
     syncer = WeightSyncer(cfg, stage)
     start = _resume(cfg, actor, stage)
     logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard, start_step=start)
     if rank0:
+        print(startup_plan(cfg, dist.get_world_size(), _local_world_size()), flush=True)
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if cfg.trainer.load:
         syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
-    last = {}
+    last, preempted = {}, False
     for step in range(start, cfg.trainer.num_steps):
         times = {}
         with _timer(times, "rollout"):
@@ -67,12 +73,29 @@ def run(cfg: Config) -> dict:
             with _timer(times, "save"):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
+        if step + 1 < cfg.trainer.num_steps and preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
+            if not _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
+                                keep_last=cfg.trainer.keep_last)
+            preempted = True
+            break
     logger.close()
     syncer.close()
     if stage is not None:
         stage.close()
     parallel.destroy()
+    preemption.restore()
+    if preempted:
+        print(f"preempted: checkpoint saved at step {step + 1}; exiting with {PREEMPTED_EXIT_CODE}", flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     return last
+
+
+def _local_world_size() -> int:
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return dist.get_world_size()
 
 
 def _resume(cfg: Config, actor: Actor, stage) -> int:

@@ -18,18 +18,20 @@ from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
 from ..rollout.backends import make_backend
 from ..types import Sample
+from .progress import RolloutProgress
 from .weight_stream import broadcast_samples
 
 
 class RolloutStage:
     """generate -> reward + overlong shaping -> dynamic sampling, behind one `collect()` call."""
 
-    def __init__(self, cfg: Config, tokenizer, api_key=None):
+    def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         r = cfg.rollout
+        self.api_key = run_api_key(cfg)
         self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
-                                    api_key=api_key)
+                                    api_key=self.api_key)
         self.client = self.backend.client
         self.weight_sync = self.backend.make_weight_sync()  # None in distributed mode (each stage sends its own)
         d = cfg.data
@@ -60,23 +62,15 @@ class RolloutStage:
         return await self.client.generate_group(group, params)
 
     def collect(self) -> tuple[list[list[Sample]], dict]:
-        """One step's batch, with a progress bar of kept groups (and generation rounds) on stderr."""
-        from tqdm import tqdm
-
-        bar = tqdm(total=self.cfg.rollout.rollout_batch_size, desc=f"rollout {self.step + 1}", unit="group",
-                   leave=False, dynamic_ncols=True, disable=None)  # None: only on a terminal
-
-        def progress(kept, stats):
-            bar.n = min(kept, bar.total)
-            rounds = -(-stats["prompts_consumed"] // self.cfg.rollout.rollout_batch_size)
-            bar.set_postfix(generated=stats["groups_generated"], round=rounds,
-                            acc=f"{stats['correct'] / max(1, stats['responses']):.2f}")
-
+        """One step's batch, with progress of kept groups (and generation rounds) on stderr (train/progress.py)."""
+        r = self.cfg.rollout
+        progress = RolloutProgress(self.step + 1, r.rollout_batch_size, r.rollout_batch_size,
+                                   interval_s=self.cfg.trainer.progress_interval_s)
         try:
             groups, metrics = self.loop.run_until_complete(
                 self.buffer.collect(abort=self.client.abort_all, progress=progress))
         finally:
-            bar.close()
+            progress.close()
         self.step += 1
         return groups, metrics
 
@@ -155,9 +149,9 @@ class WeightSyncer:
         self.bucket_mb = cfg.rollout.weight_sync_bucket_mb
         self.sender = None
         if self.mode == "distributed":
-            urls = broadcast_from_rank0(stage.client.worker_urls if stage is not None else None)
+            urls, key = broadcast_from_rank0((stage.client.worker_urls, stage.api_key) if stage is not None else None)
             if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
-                self.sender = _stage_sender(cfg, urls, ps.get_pipeline_model_parallel_rank(),
+                self.sender = _stage_sender(cfg, urls, key, ps.get_pipeline_model_parallel_rank(),
                                             stage.backend.version if stage is not None else None)
 
     def sync(self, actor, version: int) -> dict:
@@ -199,12 +193,12 @@ class WeightSyncer:
             self.sender.close()
 
 
-def _stage_sender(cfg: Config, urls: list, pp_rank: int, version):
+def _stage_sender(cfg: Config, urls: list, api_key, pp_rank: int, version):
     from ..rollout.backends import make_backend
     from ..rollout.weight_sync import make_weight_sync
 
     r = cfg.rollout
-    client = RolloutClient(urls, api_key=_api_key_from_env())
+    client = RolloutClient(urls, api_key=api_key)
     return make_weight_sync("distributed", client, master_address=os.environ.get("DAPO_WEIGHT_SYNC_ADDR")
                             or os.environ.get("MASTER_ADDR", "127.0.0.1"),
                             master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")) + pp_rank,
@@ -212,5 +206,8 @@ def _stage_sender(cfg: Config, urls: list, pp_rank: int, version):
                             bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version, manage_generation=False)
 
 
-def _api_key_from_env():
-    return os.environ.get("DAPO_ROLLOUT_API_KEY") or None
+def run_api_key(cfg: Config) -> str:
+    """rollout.api_key, else $DAPO_ROLLOUT_API_KEY, else a fresh key for this run (never logged or saved)."""
+    import secrets
+
+    return cfg.rollout.api_key or os.environ.get("DAPO_ROLLOUT_API_KEY") or secrets.token_urlsafe(32)

@@ -1,0 +1,183 @@
+"""Placement as data: which node and GPU runs every trainer rank and every rollout engine, validated before launch.
+
+    dapo-megatron plan --config X --nodes N --gpus-per-node G
+
+Three placements, read from the rollout section:
+- colocated (`rollout.colocate: true`): engines share the trainer's GPUs on every node and release their memory while
+  the actor trains; each node's local rank 0 starts that node's `sglang_num_servers / N` servers on its GPUs.
+- disaggregated (`colocate: false`, `rollout.rollout_nodes: K`): the trainer on the first N - K nodes, the engines on
+  the last K nodes (their local rank 0 starts them), each engine `sglang_tp_size` GPUs.
+- external (`backend: http`): engines someone else runs, at `rollout.urls`.
+
+Global trainer ranks follow megatron-core's order (TP fastest, then DP, then PP), node by node. A pipeline stage's
+weight-sync source is its DP-0, TP-0 rank.
+"""
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+PORT_STRIDE = 10  # rollout/sglang_launcher.py: ports per server
+SYNC_PORT_ENV_DEFAULT = 29600  # DAPO_WEIGHT_SYNC_PORT: stage p's group rendezvous on this + p
+
+
+class PlacementError(ValueError):
+    """An impossible placement; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class Engine:
+    index: int
+    node: int
+    gpus: list
+    port: int
+
+
+@dataclass
+class Plan:
+    kind: str  # colocated | disaggregated | external
+    nodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    dp: int
+    trainer_nodes: list
+    engines: list = field(default_factory=list)
+    urls: list = field(default_factory=list)
+    sync_mode: str = "disk"
+    bucket_mb: float = 512
+
+    @property
+    def trainer_world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def stage_sources(self) -> list:
+        return [p * self.tp * self.dp for p in range(self.pp)]
+
+    def describe(self) -> str:
+        g, lines = self.gpus_per_node, []
+        lines.append(f"plan: {self.nodes} node(s) x {g} GPU(s), placement {self.kind}, weight sync {self.sync_mode}"
+                     f" (buckets of {self.bucket_mb:g} MB)")
+        lines.append(f"trainer: {self.trainer_world} ranks = TP {self.tp} x DP {self.dp} x PP {self.pp}")
+        for n in self.trainer_nodes:
+            lo = self.trainer_nodes.index(n) * g
+            ranks = range(lo, min(lo + g, self.trainer_world))
+            stages = sorted({r // (self.tp * self.dp) for r in ranks})
+            lines.append(f"  node {n}: global ranks {ranks.start}-{ranks.stop - 1} on GPUs 0-{len(ranks) - 1}, "
+                         f"PP stage(s) {','.join(map(str, stages))}")
+        if self.kind == "external":
+            lines.append(f"engines: external, {len(self.urls)} URL(s): {' '.join(self.urls)}")
+        else:
+            lines.append(f"engines: {len(self.engines)} x TP {len(self.engines[0].gpus)}, each node's servers "
+                         f"started by its local rank 0, bound to an address the other nodes reach")
+            for e in self.engines:
+                lines.append(f"  engine {e.index}: node {e.node} GPUs {e.gpus[0]}-{e.gpus[-1]} port {e.port}")
+        if self.sync_mode == "distributed":
+            engine_ranks = sum(len(e.gpus) for e in self.engines)
+            for p, src in enumerate(self.stage_sources()):
+                lines.append(f"sync group dapo_weight_sync_pp{p}: trainer rank {src} (stage {p}) -> all "
+                             f"{engine_ranks} engine GPU ranks, rendezvous port {SYNC_PORT_ENV_DEFAULT + p}")
+        elif self.sync_mode == "disk":
+            lines.append("sync: stages stream buckets to rank 0, which writes run_dir/weight_sync; the engines must "
+                         "share that filesystem")
+        else:
+            lines.append("sync: stages stream buckets to rank 0's in-process engine")
+        return "\n".join(lines)
+
+
+def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
+    """The plan of `cfg` on `nodes` x `gpus_per_node`, or PlacementError naming the impossible part."""
+    r, p = cfg.rollout, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if nodes < 1 or gpus_per_node < 1:
+        raise PlacementError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be >= 1")
+    kind = "external" if r.backend == "http" else "colocated" if r.colocate else "disaggregated"
+    k = r.rollout_nodes if kind == "disaggregated" else 0
+    if kind != "disaggregated" and r.rollout_nodes:
+        raise PlacementError(f"rollout.rollout_nodes={r.rollout_nodes} is for disaggregated engines; "
+                             f"set rollout.colocate=false or rollout.rollout_nodes=0")
+    if kind == "disaggregated" and k < 1:
+        raise PlacementError("rollout.colocate=false puts the engines on GPUs of their own, but "
+                             "rollout.rollout_nodes=0 leaves them none: they would overlap the trainer; set "
+                             "rollout.rollout_nodes (nodes for the engines) or rollout.colocate=true")
+    if k >= nodes:
+        raise PlacementError(f"rollout.rollout_nodes={k} leaves no node for the trainer on {nodes} node(s); "
+                             f"use more nodes or fewer rollout nodes")
+    trainer_nodes = list(range(nodes - k))
+    trainer_gpus = len(trainer_nodes) * gpus_per_node
+    if tp > gpus_per_node or gpus_per_node % tp:
+        raise PlacementError(f"parallel.tensor_model_parallel_size={tp} must divide the {gpus_per_node} GPUs of a "
+                             f"node (TP stays inside a node)")
+    if tp * pp > trainer_gpus:
+        raise PlacementError(f"TP {tp} x PP {pp} = {tp * pp} GPUs, more than the trainer's {trainer_gpus} "
+                             f"({len(trainer_nodes)} node(s) x {gpus_per_node}); lower TP/PP or add nodes")
+    if trainer_gpus % (tp * pp):
+        raise PlacementError(f"the trainer's {trainer_gpus} GPUs are not a multiple of TP {tp} x PP {pp}")
+    plan = Plan(kind, nodes, gpus_per_node, tp, pp, trainer_gpus // (tp * pp), trainer_nodes,
+                sync_mode=_sync_mode(r), bucket_mb=r.weight_sync_bucket_mb)
+    if kind == "external":
+        plan.urls = list(r.urls)
+        if plan.sync_mode == "tensor":
+            raise PlacementError("rollout.weight_sync=tensor needs the engine in the trainer's process "
+                                 "(backend embedded); use disk or distributed with rollout.urls")
+        return plan
+    if r.backend == "embedded":  # one in-process engine on global rank 0 (CPU tests, demo)
+        plan.engines = [Engine(0, 0, [0], 0)]
+        if plan.sync_mode == "distributed":
+            raise PlacementError("rollout.weight_sync=distributed needs SGLang engines; the embedded engine uses "
+                                 "tensor (or disk)")
+        return plan
+    etp, count = r.sglang_tp_size, r.sglang_num_servers
+    if etp > gpus_per_node or gpus_per_node % etp:
+        raise PlacementError(f"rollout.sglang_tp_size={etp} must divide the {gpus_per_node} GPUs of a node "
+                             f"(an engine stays inside a node)")
+    engine_nodes = trainer_nodes if kind == "colocated" else list(range(nodes - k, nodes))
+    if count % len(engine_nodes):
+        raise PlacementError(f"rollout.sglang_num_servers={count} must be a multiple of the {len(engine_nodes)} "
+                             f"engine node(s) (each node starts the same number)")
+    per_node = count // len(engine_nodes)
+    if per_node * etp > gpus_per_node:
+        raise PlacementError(f"rollout.sglang_num_servers={count} x sglang_tp_size={etp} needs {count * etp} GPUs, "
+                             f"more than the {len(engine_nodes) * gpus_per_node} of the engine node(s); use at most "
+                             f"{len(engine_nodes) * gpus_per_node // etp} servers")
+    if kind == "colocated" and plan.sync_mode == "distributed":
+        raise PlacementError("rollout.weight_sync=distributed with rollout.colocate=true puts a trainer rank and an "
+                             "engine rank on one GPU in one NCCL group; use weight_sync=disk, or colocate=false "
+                             "with rollout.rollout_nodes")
+    for i in range(count):
+        node, j = engine_nodes[i // per_node], i % per_node
+        plan.engines.append(Engine(i, node, list(range(j * etp, (j + 1) * etp)),
+                                   r.sglang_base_port + PORT_STRIDE * j))
+    return plan
+
+
+def _sync_mode(r) -> str:
+    if r.weight_sync != "auto":
+        return r.weight_sync
+    return "tensor" if r.backend == "embedded" else "disk"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="dapo-megatron plan", description="Print where every trainer rank and rollout "
+                                 "engine runs, and the weight-sync groups; refuse an impossible placement.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    from .config import ConfigError, build_config
+
+    try:
+        plan = make_plan(build_config(args.config, args.overrides), args.nodes, args.gpus_per_node)
+    except (ConfigError, PlacementError) as e:
+        sys.exit(f"placement error: {e}")
+    print(plan.describe())
+
+
+def startup_plan(cfg, world_size: int, local_world_size: int) -> str:
+    """The plan of this launch (printed by rank 0 at start-up); a placement problem is reported, not raised."""
+    nodes = max(1, world_size // max(1, local_world_size)) + (cfg.rollout.rollout_nodes if not cfg.rollout.colocate
+                                                             and cfg.rollout.backend != "http" else 0)
+    try:
+        return make_plan(cfg, nodes, local_world_size).describe()
+    except PlacementError as e:
+        return f"plan: {e}"
