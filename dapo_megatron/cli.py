@@ -11,11 +11,12 @@ def _train(argv):
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.clip_ratio_high=0.28")
     args = p.parse_args(argv)
+    from . import parallel
     from .config import ConfigError, build_config, validate
 
     try:
         cfg = build_config(args.config, args.overrides)
-        nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        nproc = parallel.min_world_size(cfg.parallel)
         # Under torchrun: this launch's world. Alone: the TP x PP processes this command is about to start.
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else nproc)
     except ConfigError as e:

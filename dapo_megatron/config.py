@@ -243,8 +243,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     from .models.hf_config import arch_from_hf, check_parallel_sizes, load_hf_config
 
     try:  # the model must fit the parallel layout before any process starts
-        check_parallel_sizes(arch_from_hf(load_hf_config(cfg.model.path)), cfg.parallel.tensor_model_parallel_size,
-                             cfg.parallel.pipeline_model_parallel_size)
+        arch = arch_from_hf(load_hf_config(cfg.model.path))
+        check_parallel_sizes(arch, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                             cfg.parallel.expert_model_parallel_size, cfg.parallel.expert_tensor_parallel_size)
+        import torch
+
+        from .models import moe
+
+        moe.check_options(moe.options_of(cfg.model), arch.moe, on_gpu=torch.cuda.is_available())
     except ValueError as e:
         raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
     dp = world // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)

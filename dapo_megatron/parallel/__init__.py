@@ -23,6 +23,15 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def min_world_size(cfg: ParallelConfig) -> int:
+    """The smallest world that tiles both the dense (TP x PP x CP) and the expert (ETP x EP x PP) layouts."""
+    import math
+
+    etp = cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
+    return math.lcm(cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size,
+                    etp * cfg.expert_model_parallel_size * cfg.pipeline_model_parallel_size)
+
+
 def check_sizes(cfg: ParallelConfig, world_size: int) -> None:
     """Raise a one-line actionable error when the parallel sizes cannot tile the world."""
     model_parallel = (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
