@@ -309,6 +309,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         p = cfg.parallel
         check_parallel_sizes(arch, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                              p.expert_model_parallel_size, p.expert_tensor_parallel_size)
+        import torch
+
+        from .models import moe
+
+        moe.check_options(moe.options_of(cfg.model), arch.moe, on_gpu=torch.cuda.is_available())
     except ValueError as e:
         raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
     _check_batch_sizes(cfg, data_parallel_size(cfg.parallel, world))

@@ -75,7 +75,8 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
-        **transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe, moe_options=moe_options),
+        **transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe, moe_options=moe_options,
+                                   tp=tp),
     )
     return GPTModel(
         config=config,

@@ -42,6 +42,7 @@ from .hf_io import (
     staging_dir,
     write_hf_checkpoint,
 )
+from .moe import unknown_layout_hint as moe_layout_hint
 from .weights import expected_hf_shapes, hf_names_for, to_hf, to_megatron
 
 from ..train import ckpt_layout  # the checkpoint folder layout, shared with the trainer
@@ -68,6 +69,9 @@ def check_hf_tensors(reader: HFCheckpointReader, arch: ModelArch) -> None:
         raise CheckpointError(f"tensor {missing[0]!r} is missing from {reader.hf_dir}{_more(missing)}; "
                               "the weights do not match config.json")
     extra = sorted(present - expected.keys())
+    hint = moe_layout_hint(extra)
+    if hint:
+        raise CheckpointError(f"{reader.hf_dir}: {hint}")
     if extra == ["lm_head.weight"] and arch.tie_word_embeddings:
         if torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
             extra = []  # a tied model saved with its (identical) output layer spelled out

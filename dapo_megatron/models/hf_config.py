@@ -149,7 +149,7 @@ def check_parallel_sizes(arch: ModelArch, tp: int, pp: int, ep: int = 1, etp: in
 
 
 def transformer_config_kwargs(arch: ModelArch, *, on_gpu: bool, fp8: str | None = None,
-                              fp8_recipe: str = "delayed", moe_options=None) -> dict:
+                              fp8_recipe: str = "delayed", moe_options=None, tp: int = 1) -> dict:
     """TransformerConfig fields for `arch`. Fusions without a CPU kernel are chosen by device, not by the user."""
     if fp8 not in (None, "e4m3", "hybrid"):
         raise UnsupportedModelError(f"fp8={fp8!r} is not supported; use null, e4m3 or hybrid")
@@ -193,5 +193,6 @@ def transformer_config_kwargs(arch: ModelArch, *, on_gpu: bool, fp8: str | None 
     if fp8:
         kw.update(fp8=fp8, fp8_recipe=recipe)
     if arch.moe is not None:
-        kw.update(moe_lib.transformer_config_kwargs(arch.moe, moe_options or moe_lib.MoEOptions(), on_gpu=on_gpu))
+        kw.update(moe_lib.transformer_config_kwargs(arch.moe, moe_options or moe_lib.MoEOptions(), on_gpu=on_gpu,
+                                                  tp=tp))
     return kw

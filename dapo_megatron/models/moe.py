@@ -15,6 +15,7 @@ Routing: HF computes softmax over all experts, takes the top k and renormalises 
 Megatron's `moe_router_pre_softmax=True` is softmax -> top-k (no renormalisation); `False` is top-k -> softmax over
 the k logits, which equals the renormalised top-k probabilities. So `moe_router_pre_softmax = not norm_topk_prob`.
 """
+import dataclasses
 import re
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -151,7 +152,7 @@ def check_parallel(moe: Optional[MoEArch], tp: int, ep: int, etp: Optional[int],
                     f"shared_expert_intermediate_size={moe.shared_expert_size}")
 
 
-def transformer_config_kwargs(moe: MoEArch, opts: MoEOptions, *, on_gpu: bool) -> dict:
+def transformer_config_kwargs(moe: MoEArch, opts: MoEOptions, *, on_gpu: bool, tp: int = 1) -> dict:
     """TransformerConfig moe_* fields: HF router settings, then the user's overrides."""
     check_options(opts, moe, on_gpu)
     lb = opts.moe_router_load_balancing_type
@@ -170,6 +171,7 @@ def transformer_config_kwargs(moe: MoEArch, opts: MoEOptions, *, on_gpu: bool) -
         moe_token_dispatcher_type=opts.moe_token_dispatcher_type or "alltoall",
         moe_grouped_gemm=on_gpu if opts.moe_grouped_gemm is None else opts.moe_grouped_gemm,
         moe_router_dtype=opts.moe_router_dtype,
+        sequence_parallel=tp > 1,  # megatron-core refuses to train an MoE layer at TP > 1 without it
         moe_layer_freq=list(moe.layer_pattern),
         moe_permute_fusion=False,
         moe_router_fusion=False,
@@ -189,8 +191,47 @@ def decoder_block_spec(config, on_gpu: bool, vp_stage=None):
     if not hasattr(moe_utils, "te_general_gemm"):
         # megatron-core 0.16.1 without Transformer Engine never defines it, and the router's gating reads it
         moe_utils.te_general_gemm = None
+    if config.sequence_parallel and not on_gpu:
+        # torch's norm refuses a sequence-parallel config; build it plain and tag its weights so that
+        # finalize_model_grads sums their (sequence-sharded) gradients over the TP group.
+        config = dataclasses.replace(config, sequence_parallel=False)
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                          vp_stage=vp_stage)
+        return dataclasses.replace(spec, layer_norm=_SequenceParallelRMSNorm,
+                                   layer_specs=[_sp_layer_spec(ls) for ls in spec.layer_specs])
     return get_gpt_decoder_block_spec(config, use_transformer_engine=on_gpu, normalization="RMSNorm",
                                       vp_stage=vp_stage)
+
+
+class _TorchRMSNorm:
+    """torch RMSNorm built whatever the config's sequence_parallel says (q/k norms act on heads, not tokens)."""
+
+    tag_sequence_parallel = False
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        import torch
+
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = cls.tag_sequence_parallel
+        return norm
+
+
+class _SequenceParallelRMSNorm(_TorchRMSNorm):
+    """torch RMSNorm over a sequence-parallel shard: weights tagged `sequence_parallel` (grads summed over TP)."""
+
+    tag_sequence_parallel = True
+
+
+def _sp_layer_spec(layer_spec):
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    attn = layer_spec.submodules.self_attention
+    qk = {k: _TorchRMSNorm for k in ("q_layernorm", "k_layernorm") if getattr(attn.submodules, k) is not IdentityOp}
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, **qk))
+    sub = dataclasses.replace(layer_spec.submodules, input_layernorm=_SequenceParallelRMSNorm,
+                              pre_mlp_layernorm=_SequenceParallelRMSNorm, self_attention=attn)
+    return dataclasses.replace(layer_spec, submodules=sub)
 
 
 # ---------------------------------------------------------------- weight names
@@ -335,3 +376,25 @@ def gather_experts(global_name: str, hf_tensors: dict, num_experts: int):
         for r, part in enumerate(parts):
             yield f"model.layers.{hm.group(1)}.mlp.experts.{r * n_local + j}.{hm.group(3)}_proj.weight", part
 
+
+
+def hub_expert_views(model) -> dict:
+    """Hub per-expert names -> views into an in-memory transformers MoE model's fused expert tensors.
+
+    transformers 5 holds experts fused (`mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj` [E, H, F])
+    while checkpoints and our weight sync use `mlp.experts.{e}.{gate,up,down}_proj.weight`.
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$", name)
+        if not m:
+            continue
+        data = p.data
+        for e in range(data.shape[0]):
+            if m.group(2) == "down_proj":
+                out[f"{m.group(1)}.{e}.down_proj.weight"] = data[e]
+            else:
+                gate, up = data[e].chunk(2, dim=0)
+                out[f"{m.group(1)}.{e}.gate_proj.weight"] = gate
+                out[f"{m.group(1)}.{e}.up_proj.weight"] = up
+    return out

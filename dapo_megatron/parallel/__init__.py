@@ -29,11 +29,13 @@ def world_size_from_env() -> int:
 def planned_world_size(cfg: ParallelConfig) -> int:
     """The smallest world these sizes tile (data parallel = 1): the process count `dapo-megatron train` starts alone.
 
-    Every size that multiplies the world counts: TP x PP x CP, and expert parallel, which megatron carves out of the
-    data-parallel x context-parallel ranks (expert TP = TP), so CP x DP must be a multiple of EP.
+    Every size that multiplies the world counts: the dense layout TP x PP x CP and the expert layout
+    ETP x EP x PP (megatron carves expert parallel out of the data-parallel x context-parallel ranks).
     """
-    cp, ep = cfg.context_parallel_size, cfg.expert_model_parallel_size
-    return cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * math.lcm(cp, ep)
+    etp = cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
+    return math.lcm(cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size,
+                    etp * cfg.expert_model_parallel_size * cfg.pipeline_model_parallel_size)
+
 
 
 def data_parallel_size(cfg: ParallelConfig, world_size: int) -> int:
@@ -58,13 +60,12 @@ def check_sizes(cfg: ParallelConfig, world_size: int) -> None:
             f"world size {world_size} is not divisible by tensor_model_parallel_size "
             f"({cfg.tensor_model_parallel_size}) x pipeline_model_parallel_size ({cfg.pipeline_model_parallel_size})"
             f" x context_parallel_size ({cfg.context_parallel_size}); change the sizes or --nproc_per_node")
-    ep = cfg.expert_model_parallel_size
-    if (world_size // model_parallel * cfg.context_parallel_size) % ep:
+    ep, etp = cfg.expert_model_parallel_size, cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
+    if etp == cfg.tensor_model_parallel_size and (world_size // model_parallel * cfg.context_parallel_size) % ep:
         raise ValueError(
             f"parallel.expert_model_parallel_size={ep} must divide data-parallel x context-parallel size "
             f"{world_size // model_parallel * cfg.context_parallel_size} (world {world_size}); lower it or start "
             f"a multiple of {planned_world_size(cfg)} processes")
-    etp = cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
     expert_parallel = etp * cfg.expert_model_parallel_size * cfg.pipeline_model_parallel_size
     if world_size % expert_parallel:
         raise ValueError(

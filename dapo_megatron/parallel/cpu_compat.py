@@ -66,6 +66,39 @@ def _tracker_add(self, name, seed):
     self._is_initialized = True
 
 
+def _split_sizes_to_host(tensor, as_numpy=False, record_stream=False):
+    # MoE alltoall dispatcher: megatron converts split sizes to numpy only when they sit on a GPU; on CPU they stay
+    # tensors, which all_to_all_single's split-size arguments reject.
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def _uneven_collectives(mappings):
+    """gloo's all_gather / reduce_scatter need equal sizes; the MoE dispatcher at TP > 1 splits tokens unevenly."""
+    import torch.distributed as dist
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, output_split_sizes)], dim=0)
+
+    def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return list(torch.split(total, input_split_sizes, dim=0))[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven
+
+
 def enable():
     """Install the CPU shims (idempotent). Only valid when no GPU is present."""
     global _ENABLED
@@ -96,6 +129,12 @@ def enable():
     # Memory statistics queried by logging utilities.
     torch.cuda.memory_allocated = lambda *_, **__: 0
     torch.cuda.max_memory_allocated = lambda *_, **__: 0
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from megatron.core.tensor_parallel import mappings
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+    _uneven_collectives(mappings)
     _CudaToCpu().__enter__()
     _ENABLED = True
 

@@ -565,9 +565,16 @@ def check_same_architecture(config, folder):
                              f"{getattr(config, key)}; a weight update cannot change the architecture")
 
 
+def _hf_targets(model) -> dict:
+    """HF name -> tensor to copy into: the parameters, plus per-expert views of fused MoE experts (models/moe.py)."""
+    from ..models.moe import hub_expert_views
+
+    return {**dict(model.named_parameters(remove_duplicate=False)), **hub_expert_views(model)}
+
+
 def check_hf_update(model, named_shapes: Iterable, source: str, *, require_all: bool = False):
     """Check names and shapes of an update against `model` before anything is copied (all-or-nothing)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _hf_targets(model)
     covered = set()
     for name, shape in named_shapes:
         if name not in params:
@@ -576,14 +583,14 @@ def check_hf_update(model, named_shapes: Iterable, source: str, *, require_all: 
         if tuple(params[name].shape) != tuple(shape):
             raise ValueError(f"{source}: {name!r} has shape {tuple(shape)}, the served model has "
                              f"{tuple(params[name].shape)}")
-        covered.add(id(params[name]))
-    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+        covered.add(params[name].untyped_storage().data_ptr())  # an expert view covers its fused tensor
+    missing = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in covered]
     if require_all and missing:
         raise ValueError(f"{source} lacks {len(missing)} parameters of the served model, e.g. {missing[:3]}")
 
 
 def copy_hf_tensors(model, named_tensors: Iterable):
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _hf_targets(model)
     with torch.no_grad():
         for name, tensor in named_tensors:
             params[name].copy_(tensor)

@@ -1,0 +1,118 @@
+"""MoE policies (Qwen3-MoE, Qwen2-MoE): HF config mapping, refusals, and EP / TP x EP / PP x EP logits equal HF's."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from dapo_megatron.models import moe
+from dapo_megatron.models.hf_config import UnsupportedModelError, arch_from_hf, check_parallel_sizes
+from dapo_megatron.models.tiny import make_tiny_hf_model, tiny_config_dict
+from dapo_megatron.models.weights import expected_hf_names
+
+REPO = Path(__file__).resolve().parents[1]
+LOGITS = REPO / "tests" / "dist_scripts" / "moe_logits.py"
+
+
+def test_qwen3_moe_arch_from_hf():
+    arch = arch_from_hf(tiny_config_dict("qwen3_moe", 128))
+    m = arch.moe
+    assert (arch.qk_layernorm, arch.qkv_bias) == (True, False)
+    assert (m.num_experts, m.topk, m.ffn_hidden_size, m.shared_expert_size, m.norm_topk_prob) == (8, 2, 48, None, True)
+    assert m.layer_pattern == (1, 0, 1, 1)  # mlp_only_layers=[1]
+    kw = moe.transformer_config_kwargs(m, moe.MoEOptions(), on_gpu=False)
+    # norm_topk_prob=True: top-k over logits then softmax over the k (= renormalised top-k probabilities)
+    assert (kw["moe_router_pre_softmax"], kw["moe_aux_loss_coeff"], kw["moe_grouped_gemm"]) == (False, 0.001, False)
+    assert kw["moe_token_dispatcher_type"] == "alltoall" and kw["moe_expert_capacity_factor"] is None
+    assert "moe_shared_expert_intermediate_size" not in kw
+
+
+def test_qwen2_moe_arch_and_sparse_step():
+    arch = arch_from_hf(tiny_config_dict("qwen2_moe", 128, decoder_sparse_step=2))
+    assert (arch.qkv_bias, arch.qk_layernorm, arch.moe.shared_expert_size, arch.moe.shared_expert_gate) == \
+        (True, False, 96, True)
+    assert arch.moe.layer_pattern == (0, 1, 0, 1)  # HF: MoE where (i + 1) % decoder_sparse_step == 0
+    kw = moe.transformer_config_kwargs(arch.moe, moe.MoEOptions(moe_z_loss_coeff=1e-3,
+                                                                moe_expert_capacity_factor=1.5), on_gpu=False)
+    assert kw["moe_router_pre_softmax"] is True  # norm_topk_prob=False: softmax over all experts, no renorm
+    assert (kw["moe_shared_expert_intermediate_size"], kw["moe_shared_expert_gate"]) == (96, True)
+    assert (kw["moe_z_loss_coeff"], kw["moe_expert_capacity_factor"]) == (1e-3, 1.5)
+    names = expected_hf_names(arch)
+    assert "model.layers.1.mlp.shared_expert_gate.weight" in names and "model.layers.1.mlp.experts.3.up_proj.weight" \
+        in names and "model.layers.0.mlp.gate_proj.weight" in names and "model.layers.0.mlp.gate.weight" not in names
+
+
+def test_transformers5_num_local_experts_spelling():
+    cfg = tiny_config_dict("qwen3_moe", 128)
+    cfg["num_local_experts"] = cfg.pop("num_experts")
+    assert arch_from_hf(cfg).moe.num_experts == 8
+
+
+@pytest.mark.parametrize("family, change, match", [
+    ("qwen3_moe", {"num_experts_per_tok": 9}, "num_experts_per_tok=9 must be between 1 and num_experts=8"),
+    ("qwen3_moe", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid' is not supported"),
+    ("qwen3_moe", {"shared_expert_intermediate_size": 64}, "Qwen3-MoE has no shared expert"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "needs a shared expert"),
+    ("qwen2_moe", {"mlp_only_layers": [7]}, "mlp_only_layers"),
+])
+def test_bad_moe_config_is_refused(family, change, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        arch_from_hf(tiny_config_dict(family, 128, **change))
+
+
+def test_expert_parallel_sizes_are_checked():
+    arch = arch_from_hf(tiny_config_dict("qwen3_moe", 128))  # 8 experts, moe_intermediate_size 48
+    check_parallel_sizes(arch, 2, 2, ep=4)
+    with pytest.raises(UnsupportedModelError, match="expert_model_parallel_size=3 must divide num_experts=8"):
+        check_parallel_sizes(arch, 1, 1, ep=3)
+    with pytest.raises(UnsupportedModelError, match="expert_tensor_parallel_size=5 must divide moe_intermediate"):
+        check_parallel_sizes(arch, 1, 1, ep=1, etp=5)
+    dense = arch_from_hf(tiny_config_dict("qwen3", 128))
+    with pytest.raises(UnsupportedModelError, match="expert_model_parallel_size=2 needs a mixture-of-experts"):
+        check_parallel_sizes(dense, 1, 1, ep=2)
+
+
+@pytest.mark.parametrize("opts, match", [
+    (dict(moe_router_score_function="sigmoid"), "moe_router_score_function='sigmoid' is not supported"),
+    (dict(moe_token_dispatcher_type="flex"), "moe_token_dispatcher_type='flex'"),
+    (dict(moe_grouped_gemm=True), "moe_grouped_gemm=true needs a GPU"),
+    (dict(moe_expert_capacity_factor=0.0), "moe_expert_capacity_factor=0.0 must be > 0"),
+    (dict(moe_router_load_balancing_type="sinkhorn"), "moe_router_load_balancing_type='sinkhorn'"),
+])
+def test_bad_moe_options_are_refused(opts, match):
+    arch = arch_from_hf(tiny_config_dict("qwen3_moe", 128))
+    with pytest.raises(ValueError, match=match):
+        moe.check_options(moe.MoEOptions(**opts), arch.moe, on_gpu=False)
+    with pytest.raises(ValueError, match="has no experts"):
+        moe.check_options(moe.MoEOptions(moe_z_loss_coeff=1e-3), None, on_gpu=False)
+
+
+def test_unknown_expert_layouts_are_named():
+    assert "fused in-memory expert layout" in moe.unknown_layout_hint(["model.layers.0.mlp.experts.gate_up_proj"])
+    assert "shared_experts" in moe.unknown_layout_hint(["model.layers.0.mlp.shared_experts.up_proj.weight"])
+    assert moe.unknown_layout_hint(["model.layers.0.mlp.experts.0.up_proj.weight"]) is None
+
+
+def _hf_logits(hf_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("tp, pp, ep, etp, nproc", [
+    (1, 1, 2, 1, 2),  # EP=2 (DP=2)
+    (2, 1, 2, 1, 2),  # TP=2 x EP=2 with expert TP 1 (sequence parallel on, uneven dispatch splits)
+    (2, 1, 2, 2, 4),  # TP=2 x EP=2 with expert TP 2
+    (1, 2, 2, 1, 4),  # PP=2 x EP=2 (DP=2)
+])
+def test_moe_logits_equal_hf(torchrun, tmp_path, family, tp, pp, ep, etp, nproc):
+    """Logits at EP=2, TP=2 x EP=2, PP=2 x EP=2 equal HF's; the weight sync returns every HF tensor bit for bit."""
+    hf_dir = make_tiny_hf_model(tmp_path / family, family, seed=3)
+    out = tmp_path / "logits.pt"
+    torchrun(LOGITS, nproc, hf_dir, tp, pp, ep, etp, out)
+    got = torch.load(out)
+    ref = _hf_logits(hf_dir, got["ids"])
+    assert (got["logits"] - ref).abs().max().item() < 1e-4
