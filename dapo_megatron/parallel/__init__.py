@@ -37,7 +37,6 @@ def planned_world_size(cfg: ParallelConfig) -> int:
                     etp * cfg.expert_model_parallel_size * cfg.pipeline_model_parallel_size)
 
 
-
 def data_parallel_size(cfg: ParallelConfig, world_size: int) -> int:
     return world_size // (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
                           * cfg.context_parallel_size)
