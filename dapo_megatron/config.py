@@ -332,7 +332,8 @@ def _check_batch_sizes(cfg: Config, dp: int) -> None:
     r, a = cfg.rollout, cfg.actor
     for key, value in (("rollout.rollout_batch_size", r.rollout_batch_size),
                        ("rollout.n_samples_per_prompt", r.n_samples_per_prompt),
-                       ("actor.global_batch_size", a.global_batch_size), ("actor.micro_batch_size", a.micro_batch_size)):
+                       ("actor.global_batch_size", a.global_batch_size),
+                       ("actor.micro_batch_size", a.micro_batch_size)):
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
     responses = r.rollout_batch_size * r.n_samples_per_prompt

@@ -150,3 +150,33 @@ def test_cli_refuses_before_launch(base, overrides, message):
     lines = proc.stderr.strip().splitlines()
     assert lines and lines[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "launching" not in proc.stdout
+
+
+def test_make_vocab_size_divisible_by_is_checked(base):
+    _refused(base, ["model.make_vocab_size_divisible_by=0"], 1,
+             r"model.make_vocab_size_divisible_by=0 must be an integer >= 1")
+
+
+def test_distributed_timeout_reaches_the_process_group(monkeypatch):
+    """parallel.distributed_timeout_minutes is the timeout of torch.distributed and of megatron's groups."""
+    import datetime
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from dapo_megatron import parallel
+    from dapo_megatron.parallel import cpu_compat
+
+    seen = {}
+    monkeypatch.setattr(cpu_compat, "enable", lambda: None)  # no process-wide patching in this process
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.update(pg=timeout))
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 1)
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", lambda **kw: seen.update(mp=kw))
+    monkeypatch.setattr(parallel, "seed_all", lambda seed: None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.get(key, "127.0.0.1" if key ==
+                           "MASTER_ADDR" else "29500"))
+    parallel.initialize(ParallelConfig(distributed_timeout_minutes=7))
+    assert seen["pg"] == datetime.timedelta(minutes=7) and seen["mp"]["distributed_timeout_minutes"] == 7

@@ -96,20 +96,24 @@ def test_dapo_steps_sync_and_checkpoint(toy, tmp_path, torchrun, tp, pp):
     from safetensors.torch import load_file
 
     init = load_file(str(toy[0] / "model.safetensors"))
-    emb = final["embedding.word_embeddings.weight"]
-    assert emb.shape == init["model.embed_tokens.weight"].shape
-    assert not torch.equal(emb, init["model.embed_tokens.weight"])  # training moved the weights
+    emb, real = final["embedding.word_embeddings.weight"], init["model.embed_tokens.weight"]
+    # Megatron's vocabulary padding (make_vocab_size_divisible_by=128 x TP): the padded rows never get a gradient
+    assert emb.shape[0] == 128 * tp and emb.shape[1:] == real.shape[1:] and not emb[real.shape[0]:].any()
+    assert not torch.equal(emb[:real.shape[0]], real)  # training moved the weights
     assert json.loads((run / "config.json").read_text())["parallel"]["pipeline_model_parallel_size"] == pp
 
 
 @pytest.mark.dist
 def test_resume_after_sigkill_is_exact(toy, tmp_path, torchrun):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    _train(_args(toy, straight, steps=4))
-    rc = _train(_args(toy, crashed, steps=4), env={"DAPO_FAULT_AT_STEP": "3"}, check=False)
+    # vocabulary 128 padded to a multiple of 64 x TP: the same 128 rows at TP=1 and TP=2, so the TP=2 resume below
+    # loads this TP=1 checkpoint (a checkpoint loads at the TP sizes with its padded vocabulary, as in Megatron-LM)
+    pad = ["model.make_vocab_size_divisible_by=64"]
+    _train(_args(toy, straight, steps=4, extra=pad))
+    rc = _train(_args(toy, crashed, steps=4, extra=pad), env={"DAPO_FAULT_AT_STEP": "3"}, check=False)
     assert rc != 0  # killed in the middle of step 3, after checkpoint iter_0000002
     assert (crashed / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
-    _train(_args(toy, crashed, steps=4, extra=[f"trainer.load={crashed / 'checkpoints'}"]))
+    _train(_args(toy, crashed, steps=4, extra=[*pad, f"trainer.load={crashed / 'checkpoints'}"]))
     a_rows, b_rows = _metrics(straight), _metrics(crashed)
     diffs = [(a["step"], k, a.get(k), b.get(k)) for a, b in zip(a_rows, b_rows) for k in a.keys() | b.keys()
              if a.get(k) != b.get(k)]
@@ -120,7 +124,7 @@ def test_resume_after_sigkill_is_exact(toy, tmp_path, torchrun):
 
     # Resume the same checkpoint at TP=2: the resharded model reproduces the engine's log-probs.
     other = tmp_path / "tp2"
-    _train(_args(toy, other, steps=3, tp=2, extra=[f"trainer.load={crashed / 'checkpoints' / 'iter_0000002'}"]))
+    _train(_args(toy, other, steps=3, tp=2, extra=[*pad, f"trainer.load={crashed / 'checkpoints' / 'iter_0000002'}"]))
     rows = _metrics(other)
     assert [r["step"] for r in rows] == [3]
     assert rows[0]["rollout/train_infer_logprob_diff_max"] < 1e-4

@@ -318,8 +318,8 @@ def _check_stored_tensors(sharded_sd: dict, stored: dict, model_dir: Path) -> No
 
 
 def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                   dtype: Optional[torch.dtype] = None, overwrite: bool = False, make_vocab_size_divisible_by: int = 128,
-                   log: Callable[[str], None] = print) -> Path:
+                   dtype: Optional[torch.dtype] = None, overwrite: bool = False,
+                   make_vocab_size_divisible_by: int = 128, log: Callable[[str], None] = print) -> Path:
     """Convert an HF safetensors folder to a Megatron checkpoint root (`iter_0000000`, `latest`, `hf_config/`).
 
     The vocabulary is padded as the trainer pads it at `tensor_model_parallel_size` (Megatron-LM's

@@ -275,7 +275,7 @@ class Actor:
 
 
 def dp_bounds(n: int, dp_size: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) of each data-parallel rank's share of `n` samples; the first n % dp ranks get one more."""
+    """Contiguous [start, end) of each DP rank's share of `n` samples; the first n % dp ranks get one more."""
     per, extra = divmod(n, dp_size)
     starts = [d * per + min(d, extra) for d in range(dp_size + 1)]
     return list(zip(starts[:-1], starts[1:]))

@@ -6,8 +6,8 @@ reduced across the TP group; each rank only ever holds a [chunk_size, V_local] f
 the softmax chunk by chunk from the saved logits and the per-token statistics, so it needs no communication and
 writes the gradient straight into a tensor of the logits' dtype.
 
-With `vocab_size` (the real vocabulary) the padded columns of megatron's padded vocabulary (make_vocab_size_divisible_by)
-are excluded: their logits count as -inf, so they change no log-prob, entropy or softmax normaliser and get zero
+With `vocab_size` (the real vocabulary) the padded columns of megatron's padded vocabulary
+(make_vocab_size_divisible_by) are excluded: their logits count as -inf, so they change no log-prob, entropy or softmax normaliser and get zero
 gradient. Without it every column counts. A target id outside [0, vocab) (e.g. -100 on padding) yields -logsumexp,
 never an error: mask it.
 """
