@@ -126,6 +126,10 @@ def describe(e: BaseException) -> str:
         return f"{e.strerror or e}: {e.filename}"
     if isinstance(e, ConnectionError) or type(e).__module__.startswith("aiohttp"):
         return f"server unreachable ({e}); check rollout.urls and that the server is up"
+    if type(e).__name__.startswith("Rollout"):
+        text = " ".join(str(e).split())
+        return (f"rollout server error: {text[:300]}{' ...' if len(text) > 300 else ''}; check rollout.urls and that "
+                "the server is up")
     kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
             "CheckpointDamaged": "checkpoint error", "UnsupportedModelError": "model error"}
     label = kind.get(type(e).__name__, "error")
