@@ -25,6 +25,10 @@ def _train(argv):
     nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     # Under torchrun: this launch's world. Alone: the TP x PP processes this command is about to start.
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else nproc)
+    from .preflight import check_checkpoint, check_data
+
+    check_data(cfg)  # the prompt file read and checked here, once, before any rank starts
+    check_checkpoint(cfg)  # a damaged pinned checkpoint, another architecture, an occupied save folder
     if "RANK" not in os.environ and nproc > 1:
         sys.exit(_launch_ranks(nproc, ["train", *argv]))
     from .train.loop import run

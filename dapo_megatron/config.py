@@ -286,9 +286,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(
             f"actor.global_batch_size={cfg.actor.global_batch_size} must be a multiple of actor.micro_batch_size "
             f"({cfg.actor.micro_batch_size}) x data-parallel size ({dp})")
+    if cfg.trainer.load:
+        load = Path(cfg.trainer.load)
+        if not ((load / "latest").is_file() or (load / "model").is_dir() or any(load.glob("iter_*"))):
+            raise ConfigError(f"trainer.load={load} holds no checkpoint (no `latest` file or model/ folder)")
     if cfg.eval.path and not Path(cfg.eval.path).is_file():
         raise ConfigError(f"eval.path={cfg.eval.path} is not a file")
-    from .preflight import check_checkpoint, check_data
-
-    check_data(cfg)  # DataError naming the file and the first bad line
-    check_checkpoint(cfg)  # CheckpointError: damaged pin, wrong architecture, an occupied save folder

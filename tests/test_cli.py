@@ -163,3 +163,18 @@ def test_unreachable_server_and_serve_errors(toy, tmp_path):
                            r"rollout server error: .*127\.0\.0\.1:9.*; check rollout\.urls")
     assert len(line) < 600
     assert_one_line(*cli("serve", "--model-path", tmp_path / "nope"), r"no config\.json in .*nope")
+
+
+@pytest.mark.dist
+def test_an_error_inside_torchrun_ranks_is_a_line_not_a_traceback_wall(toy, tmp_path):
+    """TP=2: `train` launches two ranks; a full disk in their save prints the rank's line and the CLI exits 2."""
+    from test_trainer import _args as trainer_args
+
+    root, hf, data = toy
+    rc, out, err = cli("train", *trainer_args((hf, data), tmp_path / "run", 1, tp=2),
+                       env={"DAPO_FAULT": "enospc:save_model@1"})
+    assert rc == 2, (out[-3000:], err[-6000:])
+    assert "Traceback" not in out + err and "ChildFailedError" not in out + err, err[-6000:]
+    lines = [x for x in err.splitlines() if x.startswith("dapo-megatron train:")]
+    assert 1 <= len(lines) <= 2 and all("saving checkpoint iter_0000001" in x and "disk is full" in x for x in lines)
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
