@@ -26,6 +26,10 @@ def _train(argv):
     nproc = planned_world_size(cfg.parallel)
     # Under torchrun: this launch's world. Alone: the TP x PP (x CP, EP) processes this command is about to start.
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else nproc)
+    from .preflight import check_checkpoint, check_data
+
+    check_data(cfg)  # the prompt file read and checked here, once, before any rank starts
+    check_checkpoint(cfg)  # a damaged pinned checkpoint, another architecture, an occupied save folder
     if "RANK" not in os.environ and nproc > 1:
         sys.exit(_launch_ranks(nproc, ["train", *argv]))
     from .train.loop import run
@@ -135,6 +139,10 @@ def describe(e: BaseException) -> str:
         return f"{e.strerror or e}: {e.filename}"
     if isinstance(e, ConnectionError) or type(e).__module__.startswith("aiohttp"):
         return f"server unreachable ({e}); check rollout.urls and that the server is up"
+    if type(e).__name__.startswith("Rollout"):
+        text = " ".join(str(e).split())
+        return (f"rollout server error: {text[:300]}{' ...' if len(text) > 300 else ''}; check rollout.urls and that "
+                "the server is up")
     kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
             "CheckpointDamaged": "checkpoint error", "UnsupportedModelError": "model error"}
     label = kind.get(type(e).__name__, "error")

@@ -322,10 +322,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         cfg.algorithm.loss_scale_factor = cfg.rollout.max_response_length
     if cfg.eval.path and not Path(cfg.eval.path).is_file():
         raise ConfigError(f"eval.path={cfg.eval.path} is not a file")
-    from .preflight import check_checkpoint, check_data
-
-    check_data(cfg)  # DataError naming the file and the first bad line
-    check_checkpoint(cfg)  # CheckpointError: damaged pin, wrong architecture, an occupied save folder
+    if cfg.trainer.load:
+        load = Path(cfg.trainer.load)
+        if not ((load / "latest").is_file() or (load / "model").is_dir() or any(load.glob("iter_*"))):
+            raise ConfigError(f"trainer.load={load} holds no checkpoint (no `latest` file or model/ folder)")
 
 
 def _check_batch_sizes(cfg: Config, dp: int) -> None:

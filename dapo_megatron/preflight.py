@@ -1,6 +1,6 @@
 """Checks that read files before any process group starts: the prompt data and the checkpoint to resume.
 
-Called at the end of `config.validate`. The data file is read on one process only (the CLI before it launches
+Called by `dapo-megatron train` after `config.validate`. The data file is read on one process only (the CLI before it launches
 ranks, or rank 0 under an outside torchrun); checkpoint checks are read-only and quiet (resume reports fallbacks).
 """
 import os
@@ -36,7 +36,8 @@ def _check_checkpoint(cfg, layout) -> None:
         if taken:
             raise layout.CheckpointError(
                 f"{root} already holds checkpoints (newest {taken[0].name}) and trainer.load is unset, so this run "
-                f"would overwrite them; resume with trainer.load={root}, or choose another trainer.run_dir/trainer.save")
+                f"would overwrite them; resume with trainer.load={root}, or choose another "
+                "trainer.run_dir/trainer.save")
         return
     path, manifest = layout.resolve(cfg.trainer.load, log=lambda *_: None)
     layout.check_compatible(manifest, path, cfg.model.path)

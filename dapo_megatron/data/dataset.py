@@ -102,7 +102,8 @@ def check_file(path) -> int:
             check_row(row, where, layout)
             n += 1
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSONL or Parquet file") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSONL or Parquet "
+                        "file") from None
     except DataError:
         raise
     except Exception as e:  # pyarrow's errors for a broken parquet file

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import ckpt_layout as layout
-from .ckpt_layout import CheckpointDamaged, CheckpointError  # noqa: F401  (re-exported)
+from .ckpt_layout import CheckpointError
 from .faults import fault
 
 LATEST = layout.LATEST
@@ -53,10 +53,13 @@ def save_checkpoint(root, iteration: int, actor, trainer_state: dict, hf_config_
     rank = dist.get_rank()
     try:
         _write(root, tmp, iteration, actor, trainer_state, hf_config_dir, rank)
-    except OSError as e:
+    except Exception as e:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_save_failure(root, iteration, e)) from e
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written for a later resume to find
+        os_error = _find_os_error(e)
+        if os_error is None:
+            raise
+        raise CheckpointError(_save_failure(root, iteration, os_error)) from e
     if rank == 0:
         if final.exists():  # only a folder that a resume already moved aside could be here: never overwrite
             raise CheckpointError(f"{final} already exists; move it away (it is not from this run's lineage)")
@@ -67,6 +70,19 @@ def save_checkpoint(root, iteration: int, actor, trainer_state: dict, hf_config_
             layout.prune(root, keep_last)
     dist.barrier()
     return final
+
+
+def _find_os_error(e: BaseException, depth: int = 0) -> Optional[OSError]:
+    """The OSError behind `e`: itself, its cause/context, or (torch.distributed.checkpoint) one of its failures."""
+    if e is None or depth > 8:
+        return None
+    if isinstance(e, OSError):
+        return e
+    failures = [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+    for inner in [e.__cause__, e.__context__, *failures]:
+        if isinstance(inner, BaseException) and (found := _find_os_error(inner, depth + 1)) is not None:
+            return found
+    return None
 
 
 def _save_failure(root: Path, iteration: int, e: OSError) -> str:

@@ -180,7 +180,8 @@ def newest_complete(root, log=print) -> tuple[Path, dict]:
 
 
 def resolve(load, log=print) -> tuple[Path, dict]:
-    """(folder, manifest) for `trainer.load`: a root (newest complete) or a pinned iter_* folder (refused if damaged)."""
+    """(folder, manifest) for `trainer.load`: a root (its newest complete checkpoint) or a pinned iter_* folder
+    (refused when damaged)."""
     load = Path(load)
     if not load.exists():
         raise CheckpointError(f"trainer.load={load} holds no checkpoint (no such folder)")

@@ -1,0 +1,180 @@
+"""The CLI's error boundary: every user error is one line naming the thing and the fix, exit 2, no traceback."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dapo_megatron.models.tiny import make_tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "dapo_megatron.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line(rc, out, err, pattern):
+    import re
+
+    assert rc == 2, (rc, out[-2000:], err[-4000:])
+    assert "Traceback" not in out + err, err[-4000:]
+    lines = [line for line in err.splitlines() if line.startswith("dapo-megatron ") or line.startswith("error: ")]
+    assert len(lines) == 1, err[-4000:]
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    hf = make_tiny_hf_model(root / "hf", "qwen2.5", seed=1)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(8)))
+    return root, hf, data
+
+
+def _args(toy, **over):
+    root, hf, data = toy
+    args = {"model.path": hf, "data.path": data, "trainer.run_dir": root / "run", "rollout.rollout_batch_size": 4,
+            "rollout.n_samples_per_prompt": 4, "actor.global_batch_size": 8, "actor.micro_batch_size": 4,
+            "actor.lr": "1e-6", **over}
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def test_help_lists_commands_and_exits_0():
+    rc, out, err = cli("--help")
+    assert rc == 0 and all(c in out for c in ("train", "eval", "serve", "convert")), (out, err)
+    rc, out, err = cli()
+    assert rc == 2 and "usage: dapo-megatron" in out
+    rc, out, err = cli("trian")
+    assert rc != 0 and "unknown command 'trian'" in err and "Traceback" not in err
+
+
+def _bad_data(root):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = {"malformed.jsonl": '{"question": "a", "answer": "1"}\n{"question": \n',
+             "no_answer.jsonl": '{"question": "a", "answer": "1"}\n{"question": "b"}\n',
+             "empty_answer.jsonl": '{"question": "a", "answer": ""}\n',
+             "empty.jsonl": ""}
+    for name, text in files.items():
+        (root / name).write_text(text)
+    pq.write_table(pa.Table.from_pylist([{"problem": "a", "solution": "1"}]), root / "columns.parquet")
+    return root
+
+
+@pytest.mark.parametrize("name, pattern", [
+    ("malformed.jsonl", r"data error: .*malformed\.jsonl, line 2: not valid JSON"),
+    ("no_answer.jsonl", r"data error: .*no_answer\.jsonl, line 2: missing field 'answer'"),
+    ("empty_answer.jsonl", r"data error: .*empty_answer\.jsonl, line 1: field 'answer' is empty"),
+    ("empty.jsonl", r"data error: .*empty\.jsonl: the file has no rows"),
+    ("columns.parquet", r"data error: .*columns\.parquet, row 1: cannot tell the dataset layout"),
+])
+def test_data_errors_are_one_line_before_any_process_starts(toy, tmp_path, name, pattern):
+    path = _bad_data(tmp_path) / name
+    # TP=2: the check runs in this process, before the ranks are launched (no "launching" line, no megatron)
+    rc, out, err = cli("train", *_args(toy, **{"data.path": path, "parallel.tensor_model_parallel_size": 2}))
+    assert_one_line(rc, out, err, pattern)
+    assert "launching" not in out
+
+
+def test_config_and_yaml_errors(toy, tmp_path):
+    assert_one_line(*cli("train", *_args(toy, **{"actor.lrr": 1})), r"config error: unknown config key actor\.lrr")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("actor: [unclosed\n")
+    assert_one_line(*cli("train", "--config", bad), r"config error: .*bad\.yaml is not valid YAML")
+    assert_one_line(*cli("train", "--config", tmp_path / "none.yaml"), r"config file .*none\.yaml not found")
+    assert_one_line(*cli("eval", *_args(toy)), r"config error: eval\.path is required")
+    assert_one_line(*cli("eval", *_args(toy, **{"model.path": tmp_path})), r"model\.path=.* has no config\.json")
+    rc, out, err = cli("train", *_args(toy, **{"actor.lrr": 1}), env={"DAPO_DEBUG": "1"})
+    assert rc != 0 and "Traceback" in err and "ConfigError" in err  # the debug switch shows the traceback
+    rc, out, err = cli("--debug", "train", *_args(toy, **{"actor.lrr": 1}))
+    assert rc != 0 and "Traceback" in err
+
+
+def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_state.json")):
+    from dapo_megatron.train import ckpt_layout as layout
+
+    d = root / layout.iter_name(n)
+    for part in parts:
+        if part.endswith(".json"):
+            (d / part).write_text(json.dumps({"iteration": n}))
+        else:
+            (d / part).mkdir(parents=True)
+            (d / part / "__0_0.distcp").write_bytes(b"x" * 1000)
+    layout.write_manifest(d, "train", n, arch=arch)
+    layout.write_latest(root, d.name)
+    return d
+
+
+def test_checkpoint_errors_are_one_line_up_front(toy, tmp_path):
+    from dapo_megatron.train import ckpt_layout as layout
+
+    _, hf, _ = toy
+    arch = layout.arch_summary(hf)
+    ck = tmp_path / "ck"
+    d = _fake_ckpt(ck, 3, arch=arch)
+    (d / "model" / "__0_0.distcp").write_bytes(b"x" * 10)  # truncated shard, pinned: refused
+    assert_one_line(*cli("train", *_args(toy, **{"trainer.load": d, "trainer.save": tmp_path / "s1"})),
+                    r"trainer\.load=.*iter_0000003: iter_0000003 is damaged: model/__0_0\.distcp has 10 bytes")
+    d = _fake_ckpt(ck, 4, arch=arch)
+    shutil.rmtree(d / "optim")  # missing optimizer state: never replaced by a fresh one
+    assert_one_line(*cli("train", *_args(toy, **{"trainer.load": d, "trainer.save": tmp_path / "s2"})),
+                    r"iter_0000004 is damaged: optim/__0_0\.distcp is missing")
+    (ck / "latest").write_bytes(b"\xff\xfe\x00garbage")  # and every folder damaged: nothing to fall back to
+    assert_one_line(*cli("train", *_args(toy, **{"trainer.load": ck, "trainer.save": tmp_path / "s3"})),
+                    r"has no complete checkpoint: iter_0000004 is damaged")
+    other = _fake_ckpt(tmp_path / "wide", 2, arch={**arch, "hidden_size": 2 * arch["hidden_size"]})
+    assert_one_line(*cli("train", *_args(toy, **{"trainer.load": other, "trainer.save": tmp_path / "s4"})),
+                    rf"has hidden_size={2 * arch['hidden_size']} but model\.path=.* has hidden_size="
+                    rf"{arch['hidden_size']}; set model\.path")
+    occupied = tmp_path / "occupied"
+    _fake_ckpt(occupied, 5, arch=arch)
+    assert_one_line(*cli("train", *_args(toy, **{"trainer.save": occupied})),
+                    r"already holds checkpoints \(newest iter_0000005\) and trainer\.load is unset")
+
+
+def test_convert_of_a_truncated_checkpoint_is_one_line(toy, tmp_path):
+    _, hf, _ = toy
+    rc, out, err = cli("convert", "hf-to-megatron", "--hf-dir", hf, "--save-dir", tmp_path / "mg")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "mg" / "iter_0000000" / "manifest.json").read_text())
+    assert manifest["kind"] == "model" and manifest["arch"]["hidden_size"] > 0  # the converter's kind
+    shard = max((tmp_path / "mg" / "iter_0000000" / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:100])
+    rc, out, err = cli("convert", "megatron-to-hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "back")
+    assert_one_line(rc, out, err, rf"iter_0000000 is damaged: model/{shard.name} has 100 bytes")
+    assert not (tmp_path / "back").exists()
+
+
+def test_unreachable_server_and_serve_errors(toy, tmp_path):
+    root, _, data = toy
+    line = assert_one_line(*cli("eval", *_args(toy, **{"eval.path": data, "rollout.backend": "http",
+                                                       "rollout.urls": "[http://127.0.0.1:9]", "eval.max_prompts": 1,
+                                                       "rollout.request_timeout_s": 5})),
+                           r"rollout server error: .*127\.0\.0\.1:9.*; check rollout\.urls")
+    assert len(line) < 600
+    assert_one_line(*cli("serve", "--model-path", tmp_path / "nope"), r"no config\.json in .*nope")
+
+
+@pytest.mark.dist
+def test_an_error_inside_torchrun_ranks_is_a_line_not_a_traceback_wall(toy, tmp_path):
+    """TP=2: `train` launches two ranks; a full disk in their save prints the rank's line and the CLI exits 2."""
+    from test_trainer import _args as trainer_args
+
+    root, hf, data = toy
+    rc, out, err = cli("train", *trainer_args((hf, data), tmp_path / "run", 1, tp=2),
+                       env={"DAPO_FAULT": "enospc:save_model@1"})
+    assert rc == 2, (out[-3000:], err[-6000:])
+    assert "Traceback" not in out + err and "ChildFailedError" not in out + err, err[-6000:]
+    lines = [x for x in err.splitlines() if x.startswith("dapo-megatron train:")]
+    assert 1 <= len(lines) <= 2 and all("saving checkpoint iter_0000001" in x and "disk is full" in x for x in lines)
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
