@@ -37,11 +37,9 @@ class RolloutStage:
                                  deterministic=r.deterministic)
             self.client = RolloutClient(engine=self.engine, **client_kw)
         elif r.backend == "sglang":
-            from ..rollout.sglang_launcher import SGLangServers
+            from ..rollout.sglang_launcher import servers_for
 
-            self.servers = SGLangServers(cfg.model.path, r.sglang_num_servers, r.sglang_tp_size,
-                                         r.sglang_mem_fraction_static, r.sglang_base_port,
-                                         enable_memory_saver=r.colocate, router=r.sglang_router).start()
+            self.servers = servers_for(cfg.model.path, r).start()
             self.client = self.servers.client(**client_kw)
         else:
             self.client = RolloutClient(list(r.urls), **client_kw)
