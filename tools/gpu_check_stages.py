@@ -114,13 +114,16 @@ def stage3_dapo(out: Path) -> dict:
     import torch
 
     path = _model(out, "qwen2.5-0.5b-shape", **QWEN_HF)
+    data = out / "toy_train.jsonl"  # the toy recipe's prompts (examples/toy/run.py makes the same rows)
+    data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(5) for b in range(5)))
     modes = ["disk"] + (["distributed"] if torch.cuda.device_count() >= 2 else [])
     numbers, ok, detail = {}, True, []
     for mode in modes:
         run_dir = out / f"dapo_{mode}"
         cmd = [sys.executable, "-m", "dapo_megatron.cli", "train", "--config", str(REPO / "examples/toy/config.yaml"),
-               f"model.path={path}", "model.fp8=e4m3", "rollout.backend=sglang", "rollout.colocate=true",
-               f"rollout.weight_sync={mode}", "rollout.sglang_mem_fraction_static=0.3", "trainer.num_steps=3",
+               f"model.path={path}", f"data.path={data}", "model.fp8=e4m3", "rollout.backend=sglang",
+               "rollout.colocate=true", f"rollout.weight_sync={mode}", "actor.recompute_old_logprobs=true", "rollout.sglang_mem_fraction_static=0.3", "trainer.num_steps=3",
                "actor.use_distributed_optimizer=true", f"trainer.run_dir={run_dir}", "trainer.tensorboard=false"]
         with GpuMemory() as mem:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
