@@ -124,7 +124,8 @@ def stage3_dapo(out: Path) -> dict:
         cmd = [sys.executable, "-m", "dapo_megatron.cli", "train", "--config", str(REPO / "examples/toy/config.yaml"),
                f"model.path={path}", f"data.path={data}", "model.fp8=e4m3", "rollout.backend=sglang",
                "rollout.colocate=true", f"rollout.weight_sync={mode}", "actor.recompute_old_logprobs=true",
-               "rollout.sglang_mem_fraction_static=0.3", "trainer.num_steps=3", "actor.use_distributed_optimizer=true", f"trainer.run_dir={run_dir}", "trainer.tensorboard=false"]
+               "rollout.sglang_mem_fraction_static=0.3", "trainer.num_steps=3", "actor.use_distributed_optimizer=true",
+               f"trainer.run_dir={run_dir}", "trainer.tensorboard=false"]
         with GpuMemory() as mem:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
