@@ -14,13 +14,13 @@ PY=${1:-.venv/bin/python}
 VENV=tools/.venv-sglang
 STAMP="$VENV/.ready-sglang-$SGLANG_VERSION-router-$SGLANG_ROUTER_VERSION"
 [ -f "$STAMP" ] && { echo "$VENV ready (sglang $SGLANG_VERSION, sglang-router $SGLANG_ROUTER_VERSION)"; exit 0; }
-rm -rf "$VENV"
-"$PY" -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"   # kept between runs: pip skips what is already there
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 "$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$SITE/_project_venv.pth"
 PIP="$VENV/bin/pip install -q --disable-pip-version-check"
 $PIP --no-deps "sglang==$SGLANG_VERSION" "sglang-router==$SGLANG_ROUTER_VERSION" "triton==$TRITON_VERSION"
-$PIP msgspec orjson pybase64 pyzmq starlette ipython setproctitle
+# pip lists sglang's uninstalled pins as "dependency conflicts" here: expected, the parser does not need them
+$PIP msgspec orjson pybase64 pyzmq requests starlette ipython setproctitle fastapi uvicorn
 "$VENV/bin/python" -c "from sglang.srt.server_args import ServerArgs; import sglang_router.launch_router"
 touch "$STAMP"
 echo "$VENV ready (sglang $SGLANG_VERSION, sglang-router $SGLANG_ROUTER_VERSION)"
