@@ -104,9 +104,9 @@ def _dataclass_fields(source: Path, name: str) -> set:
 
 
 def _sglang_source(rel: str) -> Path:
-    site = subprocess.run([str(TOOLS_PY), "-c", "import sglang, os; print(os.path.dirname(sglang.__file__))"],
-                          capture_output=True, text=True, timeout=300, check=True).stdout.strip()
-    return Path(site) / rel
+    found = sorted((REPO / "tools" / ".venv-sglang" / "lib").glob(f"python*/site-packages/sglang/{rel}"))
+    assert found, f"sglang/{rel} not found in the tools venv"
+    return found[0]
 
 
 def test_client_request_fields_exist_in_sglang_request_dataclasses():
