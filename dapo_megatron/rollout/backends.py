@@ -106,7 +106,7 @@ class SGLangBackend(RolloutBackend):
     """Real SGLang servers started by this rank on this node's GPUs (GPU only)."""
 
     def _start(self):
-        from .sglang_launcher import SGLangServers
+        from .sglang_launcher import servers_for
 
         r = self.cfg
         world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
@@ -116,9 +116,8 @@ class SGLangBackend(RolloutBackend):
                                "on other nodes (multi-node or colocate=false) start them there and use "
                                "rollout.backend=http with rollout.urls")
         host = os.environ.get("DAPO_ROLLOUT_HOST", "127.0.0.1")
-        self.servers = SGLangServers(self.model_path, r.sglang_num_servers, r.sglang_tp_size,
-                                     r.sglang_mem_fraction_static, r.sglang_base_port, enable_memory_saver=r.colocate,
-                                     router=r.sglang_router, host=host, api_key=self.api_key).start()
+        # servers_for: the same command lines the sglang-parser test checks (tests/test_sglang_cpu.py)
+        self.servers = servers_for(self.model_path, r, host=host, api_key=self.api_key).start()
         kw = {k: v for k, v in self.client_kw.items() if k != "api_key"}
         return self.servers.client(api_key=self.api_key, **kw)
 

@@ -1,0 +1,229 @@
+"""One prepared GPU check: TE FP8 layers, real SGLang, weight sync and MFU, at most 10 minutes on one H100/H200.
+
+    python tools/gpu_check.py OUT_DIR                 # sets up a cached venv with the `gpu` extra, then runs stages
+    python tools/gpu_check.py OUT_DIR --skip stage1_gpu_tests --venv ~/.cache/dapo_gpu_check/venv
+    python tools/gpu_check.py OUT_DIR --dry-run       # CPU: plan, imports, FLOP formula, skipping and time bounds
+
+Stages run in order, each in its own process under its own time budget (killed at the budget: reported "timeout"),
+each with pass/fail and numbers; OUT_DIR gets report.json and report.md (also written after every stage, so a run
+cut short still leaves its numbers). Stage bodies are in tools/gpu_check_stages.py and drive the package's own GPU
+paths (models/builder.py, rollout/sglang_launcher.py, rollout/weight_sync.py, the trainer CLI), never copies of them.
+
+Model FLOPs (stated once, used for MFU; dense decoder, GQA attention, SwiGLU MLP, causal attention, no recompute):
+    per token, forward = L * (2 h (q + 2 kv)        QKV projections      q = heads * head_dim, kv = kv_heads * head_dim
+                              + 2 q h               attention output projection
+                              + 2 s q               QK^T and AV over a causal window (s/2 keys on average, x2 matmuls)
+                              + 6 h f)              SwiGLU gate, up, down
+                         + 2 h V                    LM head
+    train step = 3 x forward (backward = 2 x forward).   MFU = train FLOPs/token x tokens/s / peak bf16 FLOP/s.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL_BUDGET_S = 600
+SETUP_BUDGET_S = 150  # a warm pip cache: venv + editable install of the gpu extra
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}  # dense, SXM
+
+
+@dataclass
+class Stage:
+    name: str
+    budget_s: int
+    what: str
+
+
+PLAN = [
+    Stage("stage1_gpu_tests", 150, "pytest -m gpu (TE layers, real SGLang servers, NCCL weight sync)"),
+    Stage("stage2_te_fp8", 60, "TE layer spec fwd/bwd in bf16, FP8 e4m3 delayed and current scaling; logits vs "
+          "local spec; step time"),
+    Stage("stage3_dapo", 150, "3 DAPO steps, Qwen2.5-0.5B shape, bf16 + fp32 master + distributed optimizer, FP8, "
+          "colocated sglang (release/resume), weight sync per mode; log-prob gap, peak memory per side"),
+    Stage("stage4_mfu", 40, "train-step MFU and tokens/s from the model-FLOPs formula"),
+    Stage("stage5_sync_gbps", 40, "weight-sync GB/s per mode"),
+]
+
+
+@dataclass
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+
+QWEN25_05B = ModelShape(layers=24, hidden=896, heads=14, kv_heads=2, head_dim=64, ffn=4864, vocab=151936)
+
+
+def forward_flops_per_token(m: ModelShape, seq_len: int) -> float:
+    """Forward FLOPs of one token at sequence length `seq_len` (formula in the module docstring)."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    per_layer = 2 * m.hidden * (q + 2 * kv) + 2 * q * m.hidden + 2 * seq_len * q + 6 * m.hidden * m.ffn
+    return m.layers * per_layer + 2 * m.hidden * m.vocab
+
+
+def train_flops_per_token(m: ModelShape, seq_len: int) -> float:
+    return 3 * forward_flops_per_token(m, seq_len)
+
+
+def mfu(m: ModelShape, seq_len: int, tokens_per_s: float, peak_flops: float) -> float:
+    return train_flops_per_token(m, seq_len) * tokens_per_s / peak_flops
+
+
+def peak_flops_for(device_name: str) -> float:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), PEAK_BF16_FLOPS["H100"])
+
+
+# --------------------------------------------------------------------------- running stages
+@dataclass
+class Result:
+    name: str
+    status: str  # pass | fail | timeout | skipped
+    seconds: float = 0.0
+    budget_s: int = 0
+    numbers: dict = field(default_factory=dict)
+    detail: str = ""
+
+
+def run_stage(stage: Stage, cmd: list, out_dir: Path, env=None) -> Result:
+    """Run one stage's process under its budget; it writes out_dir/<name>.json ({"ok", "numbers", "detail"})."""
+    result_file = out_dir / f"{stage.name}.json"
+    result_file.unlink(missing_ok=True)
+    log = out_dir / f"{stage.name}.log"
+    started = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=stage.budget_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return Result(stage.name, "timeout", time.monotonic() - started, stage.budget_s,
+                          detail=f"killed at its {stage.budget_s}s budget; log {log}")
+    seconds = time.monotonic() - started
+    got = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    ok = rc == 0 and got.get("ok", False)
+    tail = "" if ok else "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    return Result(stage.name, "pass" if ok else "fail", seconds, stage.budget_s, got.get("numbers", {}),
+                  got.get("detail", "") + (f"\n{tail}" if tail else ""))
+
+
+def write_report(out_dir: Path, results: list, header: dict):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps({**header, "stages": [asdict(r) for r in results]}, indent=1))
+    lines = [f"# GPU check {header.get('started', '')}", "", f"device: {header.get('device', '?')}", "",
+             "| stage | status | s / budget | numbers |", "|---|---|---|---|"]
+    for r in results:
+        nums = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.numbers.items())
+        lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} / {r.budget_s} | {nums} |")
+    lines += ["", "Versions:", "", "```", header.get("versions", ""), "```"]
+    for r in results:
+        if r.detail:
+            lines += ["", f"## {r.name}", "", "```", r.detail.strip(), "```"]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- setup (venv with the gpu extra)
+def setup_venv(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    stamp = venv / f".installed-{(REPO / 'setup.py').stat().st_mtime_ns}"
+    if not stamp.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", f"{REPO}[gpu,test]"], check=True)
+        stamp.touch()
+    return python
+
+
+def installed_versions(python) -> str:
+    names = ("torch", "megatron-core", "transformer-engine", "transformer_engine_torch", "sglang", "sglang-router",
+             "sgl-kernel", "sglang-kernel", "flashinfer-python", "torch-memory-saver", "transformers", "triton")
+    freeze = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                            text=True).stdout.splitlines()
+    return "\n".join(line for line in freeze if line.split("==")[0].lower().replace("_", "-") in
+                     {n.replace("_", "-") for n in names})
+
+
+# --------------------------------------------------------------------------- dry run (CPU, CI)
+CPU_IMPORTS = ("dapo_megatron.models.builder", "dapo_megatron.models.weights", "dapo_megatron.rollout.sglang_launcher",
+               "dapo_megatron.rollout.weight_sync", "dapo_megatron.rollout.client", "dapo_megatron.train.actor",
+               "dapo_megatron.config", "gpu_check_stages")
+
+
+def dry_run(out_dir: Path, skip: set) -> list:
+    import importlib
+
+    results = []
+    budgets = sum(s.budget_s for s in PLAN)
+    names = [s.name for s in PLAN]
+    plan_ok = budgets + SETUP_BUDGET_S <= TOTAL_BUDGET_S and len(set(names)) == len(names)
+    results.append(Result("plan", "pass" if plan_ok else "fail", numbers={"stage_budgets_s": budgets,
+                          "setup_budget_s": SETUP_BUDGET_S, "total_budget_s": TOTAL_BUDGET_S}))
+    sys.path.insert(0, str(Path(__file__).parent))
+    failed = []
+    for mod in CPU_IMPORTS:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001 - reported
+            failed.append(f"{mod}: {e!r}")
+    results.append(Result("imports", "fail" if failed else "pass", numbers={"modules": len(CPU_IMPORTS)},
+                          detail="\n".join(failed)))
+    got = forward_flops_per_token(ModelShape(2, 8, 2, 1, 4, 16, 10), 6)
+    results.append(Result("flops_formula", "pass" if got == 2656 else "fail", numbers={"forward_flops": got,
+                          "hand_computed": 2656}))
+    for stage in PLAN:
+        results.append(Result(stage.name, "skipped", budget_s=stage.budget_s, detail="dry run"))
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--skip", default="", help="comma-separated stage names to skip")
+    p.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "dapo_gpu_check" / "venv")
+    p.add_argument("--no-setup", action="store_true", help="use this interpreter as it is")
+    args = p.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    unknown = skip - {s.name for s in PLAN}
+    if unknown:
+        p.error(f"--skip {','.join(sorted(unknown))}: no such stage; stages are {', '.join(s.name for s in PLAN)}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    header = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "dry_run": args.dry_run,
+              "flops_formula": __doc__.split("Model FLOPs")[1].strip()}
+    if args.dry_run:
+        results = dry_run(args.out_dir, skip)
+        write_report(args.out_dir, results, {**header, "device": "none (dry run)"})
+        print((args.out_dir / "report.md").read_text())
+        return 0 if all(r.status in ("pass", "skipped") for r in results) else 1
+    python = Path(sys.executable) if args.no_setup else setup_venv(args.venv)
+    header["versions"] = installed_versions(python)
+    print(header["versions"], flush=True)
+    probe = [str(python), "-c", "import torch; print(torch.cuda.get_device_name())"]
+    everything_skipped = skip >= {s.name for s in PLAN}
+    header["device"] = ("not probed (every stage skipped)" if everything_skipped else
+                        subprocess.run(probe, capture_output=True, text=True).stdout.strip() or "no CUDA device")
+    results = []
+    for stage in PLAN:
+        if stage.name in skip:
+            results.append(Result(stage.name, "skipped", budget_s=stage.budget_s, detail="--skip"))
+        else:
+            cmd = [str(python), str(REPO / "tools" / "gpu_check_stages.py"), stage.name, str(args.out_dir)]
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            results.append(run_stage(stage, cmd, args.out_dir, env))
+        print(f"{results[-1].name}: {results[-1].status} ({results[-1].seconds:.0f}s) {results[-1].numbers}",
+              flush=True)
+        write_report(args.out_dir, results, header)
+    return 0 if all(r.status in ("pass", "skipped") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
