@@ -16,6 +16,7 @@ compared the normalised strings exactly. We keep that as the first test and add,
   * hedges stay wrong: an answer naming alternatives (`3 or 5`, several `$...$` segments) never matches a
     single ground truth.
 """
+import functools
 import re
 from fractions import Fraction
 from typing import Optional
@@ -45,6 +46,8 @@ _DECIMAL_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 _MIXED_RE = re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")  # 1\frac{4}{5} = 9/5
 _FRAC_RE = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)/(-?\d+)")
 _LONE_LHS_RE = re.compile(r"\\?[a-zA-Z]+(?:_\{?\w+\}?)?")  # x, k, \theta, a_1: the `x = 5` of Minerva's split
+_INLINE_RE = re.compile(r"\$(.*?)\$")
+_SPACE_RE = re.compile(r"\s+")
 _COMMAND_SPACE_RE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])")
 _IN_SET_RE = re.compile(r"^\s*[a-zA-Z]\s*\\in\s*")
 _HEDGE_RE = re.compile(r"\bor\b|\\lor\b|\\vee\b")
@@ -62,14 +65,16 @@ def normalize_answer(answer: str, split_equation: bool = True) -> str:
     `split_equation` keeps only the right-hand side of `=` as Minerva does (`x = 5` -> `5`), when every left side
     is a lone symbol (`x`, `\\theta`, `a_1`).
     """
-    ans = _UNICODE_SQRT_RE.sub(lambda m: "\\sqrt{%s}" % (m.group(2) or m.group(3) or m.group(1)), answer.strip())
-    for char, latex in _UNICODE.items():
-        ans = ans.replace(char, latex)
+    ans = answer.strip()
+    if not ans.isascii():
+        ans = _UNICODE_SQRT_RE.sub(lambda m: "\\sqrt{%s}" % (m.group(2) or m.group(3) or m.group(1)), ans)
+        for char, latex in _UNICODE.items():
+            ans = ans.replace(char, latex)
     boxed = last_boxed_content(ans)
     if boxed is not None:
         ans = boxed
     ans = ans.replace("\\$", "")  # currency, not math mode
-    inline = re.findall(r"\$(.*?)\$", ans)
+    inline = _INLINE_RE.findall(ans)
     if len(inline) == 1:  # keep the inline-math segment and drop the prose around it
         ans = inline[0]  # (several segments, `$3$ or $5$`, stay whole: DAPO kept the first, accepting hedges)
     ans = ans.replace("$", "")
@@ -89,7 +94,7 @@ def normalize_answer(answer: str, split_equation: bool = True) -> str:
     ans = _DEGREE_RE.sub("", ans).replace("\\%", "").replace("%", "")
     ans = _UNIT_RE.sub("", ans)
     ans = _COMMAND_SPACE_RE.sub(r"\1\0", ans)  # `\cot x` keeps one space: `\cotx` would be another command
-    ans = re.sub(r"\s+", "", ans).replace("\0", " ").strip("*").rstrip(".")
+    ans = _SPACE_RE.sub("", ans).replace("\0", " ").strip("*").rstrip(".")
     ans = _FRAC_SHORT_RE.sub(r"\\frac{\1}{\2}", ans)
     ans = _FRAC_HALF_RE.sub(r"\\frac{\1}{\2}", ans)
     ans = _FRAC_HALF2_RE.sub(r"\\frac{\1}{", ans)
@@ -105,6 +110,9 @@ def extract_prediction(response: str) -> Optional[str]:
     if line is not None:
         return line
     return last_boxed_content(response)
+
+
+_normalize_truth = functools.lru_cache(maxsize=4096)(normalize_answer)  # a group's G responses share one truth
 
 
 def _rational(ans: str) -> Optional[Fraction]:
@@ -128,7 +136,7 @@ def _rational(ans: str) -> Optional[Fraction]:
 
 def answers_match(pred: str, truth: str, symbolic: bool = True) -> bool:
     """Equal after normalisation, or equal numbers, or (`symbolic`) equivalent by math-verify."""
-    a, b = normalize_answer(pred), normalize_answer(truth)
+    a, b = normalize_answer(pred), _normalize_truth(truth)
     if not a:
         return False
     if a == b:
