@@ -45,3 +45,16 @@ def test_tis_cap_still_works_and_maps(base):
 def test_errors_name_the_key(base, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*base, *overrides], world_size=1)
+
+
+def test_gspo_recipe_uses_the_papers_eps():
+    from pathlib import Path
+
+    import yaml
+
+    from dapo_megatron.config import Config, _build
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "gspo_qwen2.5_7b" / "config.yaml"
+    a = _build(Config, yaml.safe_load(path.read_text()), "").algorithm
+    assert (a.loss_mode, a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c) == ("gspo", 3e-4, 4e-4, None)
+    assert a.loss_agg_mode == "seq-mean-token-mean" and a.kl_coef == 0.0

@@ -32,3 +32,32 @@ def test_no_reference_is_built_without_kl():
     cfg = Config()  # DAPO defaults: kl_coef = 0
     cfg.model.path = "/nonexistent"  # would fail to load if anything tried
     assert build_reference(cfg, pad_id=0) is None
+
+
+def test_use_kl_in_reward_shapes_sequence_rewards_and_recomputes_advantages():
+    import math
+
+    from dapo_megatron.config import AlgorithmConfig
+    from dapo_megatron.rollout.sample import Sample
+    from dapo_megatron.train.reference import apply_kl_in_reward
+
+    algo = AlgorithmConfig(kl_coef=0.5, kl_estimator="k1", use_kl_in_reward=True)
+    # group 0: equal rewards 1, 1; sample 1's policy drifted from the reference by +0.2 and +0.4 (k1 = log ratio),
+    # its second token masked. group 1: rewards 1, -1, no drift.
+    batch = [Sample(prompt_ids=[1], response_ids=[2, 3], reward=1.0, group_id=0,
+                    metadata={"old_logprobs": [-1.0, -2.0], "ref_logprobs": [-1.0, -2.0]}),
+             Sample(prompt_ids=[1], response_ids=[2, 3], reward=1.0, group_id=0, loss_mask=[1, 0],
+                    metadata={"old_logprobs": [-0.8, -1.6], "ref_logprobs": [-1.0, -2.0]}),
+             Sample(prompt_ids=[1], response_ids=[4], reward=1.0, group_id=1,
+                    metadata={"old_logprobs": [-0.5], "ref_logprobs": [-0.5]}),
+             Sample(prompt_ids=[1], response_ids=[5], reward=-1.0, group_id=1,
+                    metadata={"old_logprobs": [-0.5], "ref_logprobs": [-0.5]})]
+    m = apply_kl_in_reward(batch, algo)
+    # penalty of sample 1: 0.5 * 0.2 (the masked token does not count); shaped group 0 rewards (1, 0.9):
+    # advantages (+-0.05) / (std 0.0707107 + eps) = +-0.7071
+    assert [s.metadata["kl_penalty"] for s in batch] == pytest.approx([0.0, 0.1, 0.0, 0.0])
+    want = 0.05 / (math.sqrt(2 * 0.05 ** 2) + 1e-6)
+    assert [s.metadata["advantage"] for s in batch] == pytest.approx([want, -want, 1 / (math.sqrt(2) + 1e-6),
+                                                                       -1 / (math.sqrt(2) + 1e-6)], rel=1e-5)
+    assert m["ref/kl_reward_penalty_mean"] == pytest.approx(0.025)
+    assert not algo.kl_in_loss  # the loss has no KL term then

@@ -39,7 +39,8 @@ def test_normalize_answer(raw, norm):
     ("Work...\nanswer:  $-7$.", "-7", True),
     ("Work...\nAnswer: 7", "-7", False),
     ("Work...\nAnswer: \\dfrac{3}{4}", "\\frac{3}{4}", True),
-    ("Work...\nAnswer: 0.75", "\\frac{3}{4}", False),  # DAPO's rule is string-exact, not symbolic
+    ("Work...\nAnswer: 0.75", "\\frac{3}{4}", True),  # exact rational equality (DAPO's string match said no)
+    ("Work...\nAnswer: 0.33", "\\frac{1}{3}", False),  # a rounding is not the exact fraction
     ("Work...\nAnswer: 18.00", "18", True),
     ("**Answer:** 42", "42", True),
     ("Answer: 3 at first, but then... Answer: 5", "5", True),
