@@ -19,7 +19,7 @@ from tests.test_trainer import _args, _metrics, _train, toy  # noqa: F401 (toy i
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "dapo.sbatch"
 STEPS = 4
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _slurm_up():

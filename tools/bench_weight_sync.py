@@ -107,6 +107,9 @@ def main():
         from dapo_megatron.rollout.engine import Engine
 
         engine = Engine(str(path), max_batch_size=1)
+        with torch.no_grad():  # HF maps the safetensors file lazily: make the engine's weights resident first,
+            for p in engine.model.parameters():  # or the first write into them counts as sync memory
+                p.mul_(1.0)
     with torch.no_grad():  # move the trainer's weights away from the engine's, so every sync really changes them
         for p in actor.model.parameters():
             p.add_(0.01)
