@@ -4,10 +4,13 @@
 
 Three placements, read from the rollout section:
 - colocated (`rollout.colocate: true`): engines share the trainer's GPUs on every node and release their memory while
-  the actor trains; each node's local rank 0 starts that node's `sglang_num_servers / N` servers on its GPUs.
+  the actor trains; `sglang_num_servers / N` servers per node.
 - disaggregated (`colocate: false`, `rollout.rollout_nodes: K`): the trainer on the first N - K nodes, the engines on
-  the last K nodes (their local rank 0 starts them), each engine `sglang_tp_size` GPUs.
+  the last K nodes, each engine `sglang_tp_size` GPUs.
 - external (`backend: http`): engines someone else runs, at `rollout.urls`.
+
+Starting engines on nodes other than global rank 0's is not built yet: `rollout.backend=sglang` refuses such a plan at
+start-up (rollout/backends.py); run those servers yourself and point `rollout.backend=http` at them.
 
 Global trainer ranks follow megatron-core's order (TP fastest, then DP, then PP), node by node. A pipeline stage's
 weight-sync source is its DP-0, TP-0 rank.
@@ -66,9 +69,10 @@ class Plan:
                          f"PP stage(s) {','.join(map(str, stages))}")
         if self.kind == "external":
             lines.append(f"engines: external, {len(self.urls)} URL(s): {' '.join(self.urls)}")
+        elif self.engines[0].port == 0:
+            lines.append("engines: 1 embedded engine inside global rank 0's process")
         else:
-            lines.append(f"engines: {len(self.engines)} x TP {len(self.engines[0].gpus)}, each node's servers "
-                         f"started by its local rank 0, bound to an address the other nodes reach")
+            lines.append(f"engines: {len(self.engines)} x SGLang TP {len(self.engines[0].gpus)}")
             for e in self.engines:
                 lines.append(f"  engine {e.index}: node {e.node} GPUs {e.gpus[0]}-{e.gpus[-1]} port {e.port}")
         if self.sync_mode == "distributed":

@@ -19,7 +19,7 @@ from tests.test_trainer import _args, _metrics, _train, toy  # noqa: F401 (toy i
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "dapo.sbatch"
 STEPS = 4
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _slurm_up():
@@ -53,8 +53,8 @@ def _rows(run_dir: Path) -> list:
 
 def test_sbatch_preempted_by_usr1_saves_requeues_and_resumes_exactly(toy, tmp_path):  # noqa: F811
     _slurm_up()
-    straight = tmp_path / "straight"
-    _train(_args(toy, straight, steps=STEPS, extra=["trainer.save_interval=0"]))
+    straight, config = tmp_path / "straight", str(REPO / "examples" / "toy" / "config.yaml")
+    _train(["--config", config, *_args(toy, straight, steps=STEPS, extra=["trainer.save_interval=0"])])
 
     run, job_log = tmp_path / "slurm_run", tmp_path / "job.out"
     args = _args(toy, run, steps=STEPS, extra=["trainer.save_interval=0", "trainer.tensorboard=true"])
@@ -63,7 +63,7 @@ def test_sbatch_preempted_by_usr1_saves_requeues_and_resumes_exactly(toy, tmp_pa
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
          f"--job-name=dapo_test_{os.getpid()}", f"--chdir={tmp_path}", f"--output={job_log}", "--export=ALL",
-         str(SBATCH), str(REPO / "examples" / "toy" / "config.yaml"), *args],
+         str(SBATCH), config, *args],
         capture_output=True, text=True, timeout=60, env=env)
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]

@@ -323,6 +323,7 @@ class Engine:
                 check_hf_update(self.model, [(n, tuple(t.shape)) for n, t in bucket], "weight sync bucket")
                 copy_hf_tensors(self.model, bucket)
                 seen.extend((n, tuple(t.shape)) for n, t in bucket)
+                del bucket  # one bucket in memory at a time
             check_hf_update(self.model, seen, "weight sync", require_all=True)
 
         paused = self._exclusive(apply, weight_version, abort_all_requests)

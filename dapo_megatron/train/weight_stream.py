@@ -64,6 +64,7 @@ def recv_buckets(src: int) -> Iterator[list]:
     """Buckets from `src` until its end marker; each is a list of (name, tensor) views into one received buffer."""
     dev = comm_device()
     while True:
+        bucket = payload = None  # drop the previous bucket before the next one arrives  # noqa: F841
         header = torch.empty(2, dtype=torch.int64, device=dev)
         dist.recv(header, src)
         meta_len, nbytes = int(header[0]), int(header[1])
@@ -104,6 +105,7 @@ class WeightStream:
         for bucket in iter_buckets(self.actor.hf_weights(), self.bucket_bytes):
             self.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             yield bucket
+            del bucket  # held by neither side while the next one is built
 
     def _all_buckets(self) -> Iterator[list]:
         rank = dist.get_rank()
@@ -133,6 +135,7 @@ class WeightStream:
             for bucket in self._local_buckets():
                 if self.is_source:
                     send_bucket(bucket, self.dst)
+                del bucket
             if self.is_source:
                 send_end(self.dst)
         return self.nbytes
