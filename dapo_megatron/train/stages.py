@@ -41,7 +41,8 @@ class RolloutStage:
 
             self.servers = SGLangServers(cfg.model.path, r.sglang_num_servers, r.sglang_tp_size,
                                          r.sglang_mem_fraction_static, r.sglang_base_port,
-                                         enable_memory_saver=r.colocate, router=r.sglang_router).start()
+                                         enable_memory_saver=r.colocate, router=r.sglang_router,
+                                         ep_size=r.sglang_ep_size).start()
             self.client = self.servers.client(**client_kw)
         else:
             self.client = RolloutClient(list(r.urls), **client_kw)
