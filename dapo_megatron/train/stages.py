@@ -176,8 +176,9 @@ def collect_hf_weights(actor) -> list:
     mine = []
     keep = ps.get_data_parallel_rank() == 0
     if keep or ps.get_expert_model_parallel_world_size() > 1:  # experts are all-gathered over EP: all ranks walk
-        mine = [(n, t.detach().to("cpu", copy=True)) for n, t in actor.hf_weights()]
-        mine = mine if keep else []
+        for n, t in actor.hf_weights():
+            if keep:
+                mine.append((n, t.detach().to("cpu", copy=True)))
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return mine if dist.get_rank() == 0 else []
     # Pipeline stages hand their tensors to rank 0 through a shared folder (single node).
