@@ -73,6 +73,7 @@ class RolloutConfig:
     weight_sync_bucket_mb: float = 512  # each pipeline stage sends its weights in buckets of this size
     sglang_num_servers: int = 1
     sglang_tp_size: int = 1
+    sglang_ep_size: int = 1  # MoE: SGLang --ep-size, experts split over this many of each server's TP ranks
     sglang_mem_fraction_static: float = 0.7
     sglang_base_port: int = 30000
     sglang_router: bool = False
@@ -83,6 +84,9 @@ class RolloutConfig:
     api_key: Optional[str] = None
 
     def __post_init__(self):
+        if self.sglang_ep_size < 1 or self.sglang_tp_size % self.sglang_ep_size:
+            raise ConfigError(f"rollout.sglang_ep_size={self.sglang_ep_size} must divide rollout.sglang_tp_size="
+                              f"{self.sglang_tp_size} (SGLang splits each server's TP ranks into EP groups)")
         if self.backend not in ("embedded", "http", "sglang"):
             raise ConfigError(f"rollout.backend={self.backend!r}; use embedded, http or sglang")
         if self.backend == "http" and not self.urls:

@@ -12,6 +12,7 @@ FAMILIES = ["qwen3_moe", "qwen2_moe"]
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_moe_roundtrip_through_tp2_ep2_is_bit_identical(tmp_path, torchrun):
     t = tmp_path
     hf = {f: make_tiny_hf_model(t / f"hf_{f}", f, seed=5) for f in FAMILIES}

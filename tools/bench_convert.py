@@ -1,8 +1,11 @@
 """Benchmark checkpoint conversion on a generated ~2 GB bf16 model: throughput and peak memory, both directions.
 
-    python tools/bench_convert.py [--layers 9] [--work-dir /tmp] [--keep]
+    python tools/bench_convert.py [--family dense|moe] [--layers N] [--work-dir /tmp] [--keep]
 
-The model is Qwen2.5-3B-shaped (hidden 2048, ffn 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings,
+Each direction is put beside a plain safetensors `load_file` + `save_file` of the same shards (same bytes, same
+disk, same run, fresh process), and the ratio printed. `--family moe` is Qwen3-30B-A3B-shaped (hidden 2048,
+128 experts of 768, top-8, q/k norm) with fewer layers: 48 layers' worth of per-expert tensors is the MoE cost.
+The dense model is Qwen2.5-3B-shaped (hidden 2048, ffn 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings,
 qkv bias) with fewer layers, written straight with the safetensors writer (no HF model object). Each direction runs
 in a fresh process so its peak RSS (VmHWM) is its own; the baseline is that process's RSS after importing
 torch + megatron-core, before converting. The round trip is checked to be bit-identical. Files are in the page
@@ -25,16 +28,23 @@ CONFIG = {
     "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True, "use_sliding_window": False,
     "vocab_size": 151936, "torch_dtype": "bfloat16",
 }
+MOE_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "tie_word_embeddings": False, "vocab_size": 151936, "torch_dtype": "bfloat16",
+}
 
 
-def make_model(out_dir: Path, layers: int) -> tuple[int, int]:
+def make_model(out_dir: Path, layers: int, base: dict = CONFIG) -> tuple[int, int]:
     """Write the random bf16 model; return (total bytes, largest tensor bytes)."""
     from dapo_megatron.models.hf_config import arch_from_hf
     from dapo_megatron.models.hf_io import write_hf_checkpoint
     from dapo_megatron.models.tiny import TOY_TOKENIZER_DIR
     from dapo_megatron.models.weights import expected_hf_shapes
 
-    cfg = {**CONFIG, "num_hidden_layers": layers}
+    cfg = {**base, "num_hidden_layers": layers}
     shapes = expected_hf_shapes(arch_from_hf(cfg))
     gen = torch.Generator().manual_seed(0)
     tensors = ((n, torch.randn(s, generator=gen, dtype=torch.float32).to(torch.bfloat16) * 0.02)
@@ -62,8 +72,14 @@ def child(direction: str, src: str, dst: str) -> None:
     start = time.perf_counter()
     if direction == "hf-to-megatron":
         hf_to_megatron(src, dst)
-    else:
+    elif direction == "megatron-to-hf":
         megatron_to_hf(src, dst)
+    else:  # plain: the same safetensors bytes loaded and saved, no conversion
+        from safetensors.torch import load_file, save_file
+
+        Path(dst).mkdir()
+        for shard in sorted(Path(src).glob("*.safetensors")):
+            save_file(load_file(str(shard)), str(Path(dst) / shard.name))
     secs = time.perf_counter() - start
     print(json.dumps({"seconds": secs, "baseline_rss": base, "peak_rss": _status_kb("VmHWM") * 1024}), flush=True)
 
@@ -105,7 +121,8 @@ def check_identical(a: Path, b: Path) -> int:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=9, help="decoder layers (9 -> ~2.0 GB)")
+    p.add_argument("--family", choices=["dense", "moe"], default="dense")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (dense 9 -> ~2.0 GB; moe 1 -> ~2.5 GB)")
     p.add_argument("--work-dir", default=tempfile.gettempdir())
     p.add_argument("--keep", action="store_true", help="keep the generated folders")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -115,17 +132,23 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.work_dir))
     try:
         t0 = time.perf_counter()
-        total, largest = make_model(work / "hf", args.layers)
+        args.layers = args.layers or (9 if args.family == "dense" else 1)
+        total, largest = make_model(work / "hf", args.layers, CONFIG if args.family == "dense" else MOE_CONFIG)
         print(f"model: {args.layers} layers, {total / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB "
               f"(embedding), written in {time.perf_counter() - t0:.1f} s")
         rows = []
+        plain = run_child("plain", work / "hf", work / "hf_plain")
+        plain_gbs = total / 1e9 / plain["seconds"]
+        rows.append(f"{'plain load+save':15s} {plain['seconds']:6.1f} s  {plain_gbs:5.2f} GB/s  peak RSS "
+                    f"{plain['peak_rss'] / 1e9:5.2f} GB")
         for direction, src, dst in [("hf-to-megatron", work / "hf", work / "mg"),
                                     ("megatron-to-hf", work / "mg", work / "hf_back")]:
             r = run_child(direction, src, dst)
             extra = r["peak_rss"] - r["baseline_rss"]
             rows.append(f"{direction:15s} {r['seconds']:6.1f} s  {total / 1e9 / r['seconds']:5.2f} GB/s  peak RSS "
                         f"{r['peak_rss'] / 1e9:5.2f} GB (baseline {r['baseline_rss'] / 1e9:.2f} GB; +{extra / 1e9:.2f}"
-                        f" GB = {extra / largest:.1f}x largest tensor, {extra / total:.2f}x model)")
+                        f" GB = {extra / largest:.1f}x largest tensor, {extra / total:.2f}x model); "
+                        f"{plain['seconds'] / r['seconds']:.2f}x plain")
         n = check_identical(work / "hf", work / "hf_back")
         print(f"round trip bit-identical: {n} tensors")
         print("\n".join(rows))

@@ -64,14 +64,14 @@ def check_hf_tensors(reader: HFCheckpointReader, arch: ModelArch) -> None:
     """Refuse missing, extra or mis-shaped tensors, naming the first offender."""
     expected = expected_hf_shapes(arch)
     present = {n for n in reader.names if not _IGNORED_HF_TENSORS.search(n)}
+    hint = moe_layout_hint(sorted(present - expected.keys()))  # before "missing": name the layout, not a tensor
+    if hint:
+        raise CheckpointError(f"{reader.hf_dir}: {hint}")
     missing = sorted(expected.keys() - present)
     if missing:
         raise CheckpointError(f"tensor {missing[0]!r} is missing from {reader.hf_dir}{_more(missing)}; "
                               "the weights do not match config.json")
     extra = sorted(present - expected.keys())
-    hint = moe_layout_hint(extra)
-    if hint:
-        raise CheckpointError(f"{reader.hf_dir}: {hint}")
     if extra == ["lm_head.weight"] and arch.tie_word_embeddings:
         if torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
             extra = []  # a tied model saved with its (identical) output layer spelled out

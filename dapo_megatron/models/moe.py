@@ -175,7 +175,6 @@ def transformer_config_kwargs(moe: MoEArch, opts: MoEOptions, *, on_gpu: bool, t
         moe_layer_freq=list(moe.layer_pattern),
         moe_permute_fusion=False,
         moe_router_fusion=False,
-        moe_enable_routing_replay=True,  # idle unless a replay action is set (train/routing_replay.py)
     )
     if moe.shared_expert_size:
         kw.update(moe_shared_expert_intermediate_size=moe.shared_expert_size,

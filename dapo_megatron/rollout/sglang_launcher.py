@@ -36,11 +36,14 @@ class SGLangServers:
                  host: str = "127.0.0.1", router_port: Optional[int] = None, router_policy: str = "cache_aware",
                  base_gpu_id: int = 0, dtype: Optional[str] = None, seed: int = 0, extra_args=(),
                  log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, ep_size: int = 1):
         if num_servers < 1 or tp_size < 1:
             raise ValueError(f"num_servers and tp_size must be >= 1, got {num_servers} and {tp_size}")
         if not 0 < mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static}")
+        if ep_size < 1 or tp_size % ep_size:
+            raise ValueError(f"ep_size={ep_size} must divide tp_size={tp_size} (SGLang's --ep-size)")
+        self.ep_size = ep_size  # MoE expert parallelism inside each server
         self.model_path, self.num_servers, self.tp_size = str(model_path), num_servers, tp_size
         self.mem_fraction_static, self.base_port, self.host = mem_fraction_static, base_port, host
         self.enable_memory_saver, self.router = enable_memory_saver, router
@@ -76,6 +79,8 @@ class SGLangServers:
                "--base-gpu-id", str(self.base_gpu_id + i * self.tp_size),
                "--mem-fraction-static", str(self.mem_fraction_static), "--random-seed", str(self.seed + i),
                "--trust-remote-code"]
+        if self.ep_size > 1:
+            cmd += ["--ep-size", str(self.ep_size)]
         if self.dtype:
             cmd += ["--dtype", self.dtype]
         if self.enable_memory_saver:
@@ -189,7 +194,8 @@ def servers_for(model_path, rollout, **kwargs) -> SGLangServers:
     give their command lines without starting anything."""
     return SGLangServers(model_path, rollout.sglang_num_servers, rollout.sglang_tp_size,
                          rollout.sglang_mem_fraction_static, rollout.sglang_base_port,
-                         enable_memory_saver=rollout.colocate, router=rollout.sglang_router, **kwargs)
+                         enable_memory_saver=rollout.colocate, router=rollout.sglang_router,
+                         ep_size=rollout.sglang_ep_size, **kwargs)
 
 
 def _signal_group(proc: subprocess.Popen, sig):

@@ -97,7 +97,8 @@ class WeightStream:
 
         self.actor, self.dst, self.bucket_bytes = actor, dst, int(bucket_mb * 2 ** 20)
         self.sources = stage_source_ranks()
-        self.is_member = ps.get_data_parallel_rank() == 0  # DP rank 0 of each stage gathers over TP
+        # DP rank 0 of each stage gathers over TP; with expert parallel every rank takes part in the expert gathers
+        self.is_member = ps.get_data_parallel_rank() == 0 or ps.get_expert_model_parallel_world_size() > 1
         self.is_source = self.is_member and ps.get_tensor_model_parallel_rank() == 0
         self.nbytes = 0
 

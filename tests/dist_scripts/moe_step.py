@@ -1,0 +1,41 @@
+"""torchrun script: one DAPO optimizer step of the Actor on an MoE model at the given EP; rank 0 saves every HF
+tensor after the step (gathered over TP/EP by the weight-sync iterator) and the step's metrics.
+argv: hf_dir ep out_file"""
+import random
+import sys
+
+import torch
+
+
+def main():
+    hf_dir, ep, out_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    import torch.distributed as dist
+
+    from dapo_megatron import parallel
+    from dapo_megatron.algo.loss import PolicyLossConfig
+    from dapo_megatron.models import ModelConfig
+    from dapo_megatron.rollout.sample import Sample
+    from dapo_megatron.train.actor import Actor, ActorConfig
+
+    parallel.initialize(parallel.ParallelConfig(expert_model_parallel_size=ep))
+    actor = Actor(ModelConfig(path=hf_dir), ActorConfig(global_batch_size=8, micro_batch_size=2, lr=1e-3,
+                                                        clip_grad=1.0), PolicyLossConfig(), pad_id=0)
+    rng = random.Random(0)
+    samples = []
+    for i in range(8):
+        prompt = [rng.randrange(1, 128) for _ in range(rng.randrange(3, 8))]
+        response = [rng.randrange(1, 128) for _ in range(rng.randrange(2, 9))]
+        s = Sample(prompt_ids=prompt, response_ids=response, rollout_logprobs=[-1.0] * len(response))
+        s.metadata["advantage"] = 1.0 if i % 2 else -1.0
+        samples.append(s)
+    actor.compute_logprobs(samples)
+    metrics = actor.train_step(samples)
+    weights = dict(actor.hf_weights())
+    if dist.get_rank() == 0:
+        torch.save({"weights": {k: v.clone() for k, v in weights.items()}, "metrics": metrics,
+                    "old": [s.metadata["old_logprobs"] for s in samples]}, out_file)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
