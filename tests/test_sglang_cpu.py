@@ -98,9 +98,12 @@ def test_a_renamed_flag_is_rejected_by_the_real_parser(tmp_path):
 
 
 def _dataclass_fields(source: Path, name: str) -> set:
-    tree = ast.parse(source.read_text())
-    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name)
-    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    """Annotated fields of class `name` and of its base classes defined in the same file."""
+    classes = {n.name: n for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.ClassDef)}
+    cls = classes[name]
+    own = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    bases = [b.id for b in cls.bases if isinstance(b, ast.Name) and b.id in classes]
+    return own.union(*(_dataclass_fields(source, b) for b in bases))
 
 
 def _sglang_source(rel: str) -> Path:

@@ -45,6 +45,7 @@ def server_info(url: str) -> dict:
 def routed(tmp_path):
     """Worker 0: a plain embedded server; worker 1: one that holds every request; the real router in front."""
     model = make_tiny_hf_model(tmp_path / "m", family="qwen2.5")
+    (tmp_path / "logs").mkdir()  # SGLangServers does not create a log_dir it is given
     s = SGLangServers(model, num_servers=2, router=True, base_port=free_port_block(), router_policy="round_robin",
                       log_dir=tmp_path / "logs", startup_timeout_s=180, python=str(TOOLS_PY))
 

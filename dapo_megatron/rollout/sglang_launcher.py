@@ -192,10 +192,10 @@ class SGLangServers:
 def servers_for(model_path, rollout, **kwargs) -> SGLangServers:
     """The (not yet started) servers a `rollout` config section asks for; `server_command(i)` / `router_command()`
     give their command lines without starting anything."""
+    kwargs = {"enable_memory_saver": rollout.colocate, "router": rollout.sglang_router,
+              "ep_size": rollout.sglang_ep_size, **kwargs}
     return SGLangServers(model_path, rollout.sglang_num_servers, rollout.sglang_tp_size,
-                         rollout.sglang_mem_fraction_static, rollout.sglang_base_port,
-                         enable_memory_saver=rollout.colocate, router=rollout.sglang_router,
-                         ep_size=rollout.sglang_ep_size, **kwargs)
+                         rollout.sglang_mem_fraction_static, rollout.sglang_base_port, **kwargs)
 
 
 def _signal_group(proc: subprocess.Popen, sig):
