@@ -54,9 +54,10 @@ def save_checkpoint(root, iteration: int, actor, trainer_state: dict, hf_config_
     try:
         _write(root, tmp, iteration, actor, trainer_state, hf_config_dir, rank)
     except Exception as e:
+        # torch's zip writer reports a full disk as "RuntimeError: unexpected pos": look at the free space too
+        os_error = _find_os_error(e) or (OSError(errno.ENOSPC, "disk full") if _disk_full(root) else None)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written for a later resume to find
-        os_error = _find_os_error(e)
         if os_error is None:
             raise
         raise CheckpointError(_save_failure(root, iteration, os_error)) from e
@@ -83,6 +84,17 @@ def _find_os_error(e: BaseException, depth: int = 0) -> Optional[OSError]:
         if isinstance(inner, BaseException) and (found := _find_os_error(inner, depth + 1)) is not None:
             return found
     return None
+
+
+def _disk_full(root: Path) -> bool:
+    """Less room left under `root` than the newest checkpoint there takes (or than 1 MiB)."""
+    try:
+        free = shutil.disk_usage(root).free
+        prev = layout.read_latest(root)
+        need = sum(f.stat().st_size for f in (root / prev).rglob("*") if f.is_file()) if prev else 0
+    except OSError:
+        return False
+    return free < max(need, 1 << 20)
 
 
 def _save_failure(root: Path, iteration: int, e: OSError) -> str:
