@@ -43,6 +43,15 @@ class VerifyResult:
     score: Optional[float] = None  # a raw number from the verifier, when it gave one
 
 
+def as_correct(value) -> bool:
+    """A verifier's return value as correct/wrong: a bool, or a number that counts as correct when > 0."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value > 0
+    raise TypeError(f"verifier returned {type(value).__name__} {value!r}; expected bool or a number")
+
+
 class WeightVersion:
     """The trainer side's one count of weight versions pushed to the engines (0 = model.path's weights).
 

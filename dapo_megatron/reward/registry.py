@@ -2,6 +2,8 @@
 import importlib
 from typing import Callable, Optional
 
+from dapo_megatron.types import as_correct  # noqa: F401 (re-exported)
+
 Verifier = Callable[[str, str], bool]
 
 BUILTIN_VERIFIERS = {
@@ -45,15 +47,6 @@ def _import_function(path: str) -> Verifier:
     if not callable(fn):
         raise ValueError(f"reward.type=python:{path}: {module_name!r} has no function {attr!r}")
     return fn
-
-
-def as_correct(value) -> bool:
-    """A verifier's return value as correct/wrong: a bool, or a number that counts as correct when > 0."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return value > 0
-    raise TypeError(f"verifier returned {type(value).__name__} {value!r}; expected bool or a number")
 
 
 def warm_up(type: str, fn: Optional[Verifier]) -> None:

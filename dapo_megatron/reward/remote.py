@@ -11,8 +11,7 @@ from typing import Sequence
 
 import aiohttp
 
-from dapo_megatron.types import VerifyResult
-from dapo_megatron.reward.registry import as_correct
+from dapo_megatron.types import VerifyResult, as_correct
 
 logger = logging.getLogger(__name__)
 

@@ -194,13 +194,17 @@ class WeightSyncer:
 
 
 def _stage_sender(cfg: Config, urls: list, api_key, pp_rank: int, version):
-    from ..rollout.backends import make_backend
+    import socket
+
+    from ..rollout.client import RolloutClient
     from ..rollout.weight_sync import make_weight_sync
 
     r = cfg.rollout
     client = RolloutClient(urls, api_key=api_key)
-    return make_weight_sync("distributed", client, master_address=os.environ.get("DAPO_WEIGHT_SYNC_ADDR")
-                            or os.environ.get("MASTER_ADDR", "127.0.0.1"),
+    # This rank is rank 0 of its stage's group and hosts the group's rendezvous: an address of this host that
+    # the engines reach (DAPO_WEIGHT_SYNC_ADDR overrides, e.g. a fabric interface).
+    here = os.environ.get("DAPO_WEIGHT_SYNC_ADDR") or socket.gethostbyname(socket.gethostname())
+    return make_weight_sync("distributed", client, master_address=here,
                             master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")) + pp_rank,
                             engine_ranks=r.sglang_tp_size, group_name=f"dapo_weight_sync_pp{pp_rank}",
                             bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version, manage_generation=False)
