@@ -135,12 +135,13 @@ def main():
         args.layers = args.layers or (9 if args.family == "dense" else 1)
         total, largest = make_model(work / "hf", args.layers, CONFIG if args.family == "dense" else MOE_CONFIG)
         print(f"model: {args.layers} layers, {total / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB "
-              f"(embedding), written in {time.perf_counter() - t0:.1f} s")
+              f"(embedding), written in {time.perf_counter() - t0:.1f} s", flush=True)
         rows = []
         plain = run_child("plain", work / "hf", work / "hf_plain")
         plain_gbs = total / 1e9 / plain["seconds"]
         rows.append(f"{'plain load+save':15s} {plain['seconds']:6.1f} s  {plain_gbs:5.2f} GB/s  peak RSS "
                     f"{plain['peak_rss'] / 1e9:5.2f} GB")
+        print(rows[-1], flush=True)
         for direction, src, dst in [("hf-to-megatron", work / "hf", work / "mg"),
                                     ("megatron-to-hf", work / "mg", work / "hf_back")]:
             r = run_child(direction, src, dst)
@@ -149,6 +150,7 @@ def main():
                         f"{r['peak_rss'] / 1e9:5.2f} GB (baseline {r['baseline_rss'] / 1e9:.2f} GB; +{extra / 1e9:.2f}"
                         f" GB = {extra / largest:.1f}x largest tensor, {extra / total:.2f}x model); "
                         f"{plain['seconds'] / r['seconds']:.2f}x plain")
+            print(rows[-1], flush=True)  # as it comes: a long run stopped early keeps what it measured
         n = check_identical(work / "hf", work / "hf_back")
         print(f"round trip bit-identical: {n} tensors")
         print("\n".join(rows))
