@@ -22,13 +22,20 @@ def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str]):
 
     if on_gpu:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, fp8=fp8)
-    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    from .packed_attention import PackedDotProductAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention  # THD on CPU
+    return spec
 
 
 def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: bool = True,
                     fp8: Optional[str] = None, fp8_recipe: str = "delayed", on_gpu: Optional[bool] = None,
-                    vp_stage: Optional[int] = None):
-    """One pipeline stage of the model, sharded for the current tensor-parallel rank."""
+                    vp_stage: Optional[int] = None, config_overrides: Optional[dict] = None):
+    """One pipeline stage of the model, sharded for the current tensor-parallel rank.
+
+    `config_overrides`: extra TransformerConfig fields of the trainer (activation recompute), applied last.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -40,7 +47,8 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     config = TransformerConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        **transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe),
+        **{**transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe),
+           **(config_overrides or {})},
     )
     return GPTModel(
         config=config,
@@ -59,7 +67,7 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     )
 
 
-def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False):
+def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False, config_overrides: Optional[dict] = None):
     """The local pipeline stage of the model described by `cfg.path`'s config.json (parallel state must be up)."""
     from megatron.core import parallel_state
 
@@ -70,6 +78,7 @@ def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False):
         post_process=parallel_state.is_pipeline_last_stage(),
         fp8=cfg.fp8,
         fp8_recipe=cfg.fp8_recipe,
+        config_overrides=config_overrides,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

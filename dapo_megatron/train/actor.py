@@ -1,8 +1,11 @@
 """The Megatron actor: log-probs and DAPO policy updates through megatron-core's pipeline schedules.
 
 Data layout: every rank receives the same list of samples for an optimizer step; data-parallel rank d trains on the
-d-th contiguous slice, split into micro-batches of `micro_batch_size` sequences (right-padded to a multiple of
-`pad_to_multiple_of`). The token-mean divisor is the number of loss tokens of the whole step on all DP ranks, and
+d-th part of a token-balanced partition (`packing.dp_partition`, the same on every rank), split into the same
+number of micro-batches on every rank (`packing.microbatch_groups`): at most `micro_batch_size` sequences, or
+token-balanced within `max_tokens_per_microbatch`. A micro-batch is packed end to end without padding
+(`use_remove_padding`, THD) or right-padded; the LM head runs on response positions only (`head.ResponseHead`) and
+the loss reads the response-major [B, R] layout of `packing.pack_microbatch`. The token-mean divisor is the number of loss tokens of the whole step on all DP ranks, and
 DDP sums (does not average) gradients (`calculate_per_token_loss`), so the update equals one big-batch update.
 """
 from dataclasses import dataclass
@@ -15,7 +18,9 @@ from ..algo.loss import PolicyLossConfig, policy_loss
 from ..models import ModelConfig, build_model
 from ..models.weights import iter_hf_weights, load_hf_weights, safetensors_getter
 from ..rollout.sample import Sample
+from .head import ResponseHead
 from .logprobs import vocab_parallel_logprobs
+from .packing import dp_partition, microbatch_groups, pack_microbatch, packed_seq_params, seq_len, to_rows
 
 
 @dataclass
@@ -34,7 +39,12 @@ class ActorConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: Optional[bool] = None  # default: on with a GPU, off on CPU
-    max_tokens_per_microbatch: Optional[int] = None  # pack micro-batches by padded-token budget instead of count
+    max_tokens_per_microbatch: Optional[int] = None  # token budget per micro-batch (balanced); None: micro_batch_size
+    use_remove_padding: bool = True  # pack sequences end to end (THD, no padding); false: right-padded [B, S]
+    # Activation recompute, passed to megatron's TransformerConfig (Megatron names): null | selective | full.
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only: layers per recompute unit (uniform) / recomputed (block)
     recompute_old_logprobs: bool = True  # False: trust the engine's log-probs as the old policy
     logprob_chunk_size: Optional[int] = None  # tokens per log-prob chunk; None: a 16 MiB fp32 chunk on CPU, 512 on GPU
     pad_to_multiple_of: int = 8
@@ -45,51 +55,24 @@ class ActorConfig:
                              f"actor.micro_batch_size={self.micro_batch_size}")
         if self.ppo_epochs < 1:
             raise ValueError("actor.ppo_epochs must be >= 1")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ValueError("actor.max_tokens_per_microbatch must be >= 1 (or null)")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(f"actor.recompute_granularity={self.recompute_granularity!r}; use null, selective or full")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in ("uniform", "block") or not (self.recompute_num_layers or 0) >= 1:
+                raise ValueError("actor.recompute_granularity=full needs actor.recompute_method (uniform | block) "
+                                 "and actor.recompute_num_layers >= 1")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError("actor.recompute_method / actor.recompute_num_layers apply only with "
+                             "actor.recompute_granularity=full; remove them")
 
-
-def split_by_token_budget(lengths: list[int], budget: int, multiple: int) -> list[list[int]]:
-    """Consecutive index groups whose padded size (count x longest, rounded up to `multiple`) fits `budget`.
-
-    Order is kept, so the split is deterministic; a sequence longer than the budget gets a micro-batch of its own.
-    """
-    groups, current, longest = [], [], 0
-    for i, n in enumerate(lengths):
-        padded = -(-max(longest, n) // multiple) * multiple
-        if current and padded * (len(current) + 1) > budget:
-            groups.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        groups.append(current)
-    return groups
-
-
-def pack_microbatch(samples: list[Sample], pad_id: int, multiple: int, old_key: str = "old_logprobs") -> dict:
-    """Right-padded [B, S] tensors; position t of `targets`/`loss_mask`/... describes the token at t+1."""
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    seq = -(-max(lengths) // multiple) * multiple
-    B = len(samples)
-    tokens = torch.full((B, seq), pad_id, dtype=torch.long)
-    targets = torch.full((B, seq), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, seq)
-    adv = torch.zeros(B, seq)
-    old = torch.zeros(B, seq)
-    rollout = torch.zeros(B, seq)
-    for i, s in enumerate(samples):
-        ids = list(s.prompt_ids) + list(s.response_ids)
-        p, r = len(s.prompt_ids), len(s.response_ids)
-        tokens[i, :len(ids)] = torch.tensor(ids)
-        targets[i, :len(ids) - 1] = torch.tensor(ids[1:])
-        span = slice(p - 1, p - 1 + r)  # logits at p-1+j predict response token j
-        mask[i, span] = torch.tensor(s.loss_mask if s.loss_mask is not None else [1] * r, dtype=torch.float)
-        adv[i, span] = float(s.metadata.get("advantage", 0.0))
-        rollout[i, span] = torch.tensor(s.rollout_logprobs[:r], dtype=torch.float)
-        olds = s.metadata.get(old_key)
-        old[i, span] = torch.tensor(olds if olds is not None else s.rollout_logprobs[:r], dtype=torch.float)
-    pos = torch.arange(seq).unsqueeze(0).expand(B, -1).contiguous()
-    return dict(tokens=tokens, position_ids=pos, targets=targets, loss_mask=mask, advantages=adv,
-                old_logprobs=old, rollout_logprobs=rollout, lengths=lengths)
+    def transformer_overrides(self) -> dict:
+        """The TransformerConfig fields this section sets (activation recompute)."""
+        if self.recompute_granularity is None:
+            return {}
+        return {"recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
+                "recompute_num_layers": self.recompute_num_layers}
 
 
 class Actor:
@@ -106,7 +89,7 @@ class Actor:
         if cfg.global_batch_size % (cfg.micro_batch_size * self.dp_size):
             raise ValueError(f"actor.global_batch_size={cfg.global_batch_size} must be a multiple of "
                              f"micro_batch_size x data-parallel size = {cfg.micro_batch_size * self.dp_size}")
-        module, self.arch = build_model(model_cfg)
+        module, self.arch = build_model(model_cfg, config_overrides=cfg.transformer_overrides())
         if load_hf:
             load_hf_weights(module, self.arch, safetensors_getter(model_cfg.path))
         config = module.config
@@ -129,6 +112,7 @@ class Actor:
             lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
             wd_incr_steps=1, wd_incr_style="constant")
         self.config = config
+        self.head = ResponseHead(module.output_layer) if ps.is_pipeline_last_stage() else None
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _chunk(self, logits) -> int:
@@ -138,20 +122,20 @@ class Actor:
             return self.cfg.logprob_chunk_size
         return 512 if logits.is_cuda else max(1, 2 ** 24 // (4 * logits.shape[-1]))
 
-    def _local_slice(self, samples: list[Sample]) -> list[Sample]:
-        per = len(samples) // self.dp_size
-        return samples[self.dp_rank * per:(self.dp_rank + 1) * per]
-
-    def _microbatches(self, samples, old_key="old_logprobs"):
+    def _layout(self, samples: list[Sample]) -> list[list[int]]:
+        """Sample indices of each micro-batch of this DP rank (same count on every rank; [] = zero-loss dummy)."""
         cfg = self.cfg
-        if cfg.max_tokens_per_microbatch:
-            lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-            index_groups = split_by_token_budget(lengths, cfg.max_tokens_per_microbatch, cfg.pad_to_multiple_of)
-        else:
-            index_groups = [range(i, min(i + cfg.micro_batch_size, len(samples)))
-                            for i in range(0, len(samples), cfg.micro_batch_size)]
-        return [pack_microbatch([samples[i] for i in idx], self.pad_id, cfg.pad_to_multiple_of, old_key)
-                for idx in index_groups]
+        lengths = [seq_len(s) for s in samples]
+        parts = dp_partition(lengths, self.dp_size)
+        groups = microbatch_groups([[lengths[i] for i in part] for part in parts],
+                                   micro_batch_size=cfg.micro_batch_size, budget=cfg.max_tokens_per_microbatch,
+                                   packed=cfg.use_remove_padding, multiple=cfg.pad_to_multiple_of)
+        part = parts[self.dp_rank]
+        return [[part[j] for j in g] for g in groups[self.dp_rank]]
+
+    def _microbatches(self, samples, layout):
+        return [pack_microbatch([samples[i] for i in idx], self.pad_id, self.cfg.pad_to_multiple_of,
+                                packed=self.cfg.use_remove_padding) for idx in layout]
 
     def _run(self, microbatches, loss_fn, forward_only):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -160,14 +144,18 @@ class Actor:
         it = iter(microbatches)
 
         def forward_step(data_iter, model):
-            mb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(data_iter).items()}
-            out = model(mb["tokens"], mb["position_ids"], None)
-            return out, lambda logits: loss_fn(logits, mb)
+            mb = next(data_iter)
+            if self.head is not None:
+                self.head.index = mb["head_index"]
+            out = model(mb["tokens"].to(device), mb["position_ids"].to(device), None,
+                        packed_seq_params=packed_seq_params(mb, device))
+            return out, lambda logits: loss_fn(logits[0], mb)  # logits [1, N, V_local]: response positions only
 
         seq = max(mb["tokens"].shape[1] for mb in microbatches)
+        mbs = 1 if self.cfg.use_remove_padding else self.cfg.micro_batch_size
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
-            seq_length=seq, micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+            seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
 
     # ---- public API ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -176,25 +164,23 @@ class Actor:
         from megatron.core import parallel_state as ps
 
         self.model.eval()
-        local = self._local_slice(samples)
-        mbs = self._microbatches(local)
+        layout = self._layout(samples)
+        mbs = self._microbatches(samples, layout)
 
         def loss_fn(logits, mb):
-            logp, _ = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits))
-            return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp.detach().cpu()}
+            logp, _ = vocab_parallel_logprobs(logits, mb["targets"].to(logits.device), chunk_size=self._chunk(logits))
+            return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": to_rows(logp, mb).cpu()}
 
         out = self._run(mbs, loss_fn, forward_only=True)
         # The last pipeline stage holds the values (identical on its TP ranks): TP rank 0 of each DP rank sends
-        # its samples' response log-probs, and every rank receives all of them.
+        # (sample index, response log-probs) of its samples, and every rank receives all of them.
         sent = []
         if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-            rows = [row for rec in out for row in rec["logp"]]  # one row per local sample, in order
-            sent = [(self.dp_rank, [_response_span(row, s).tolist() for row, s in zip(rows, local)])]
-        by_dp = dict(_gather_objects(sent))
-        per = len(samples) // self.dp_size
-        for d in range(self.dp_size):
-            for s, values in zip(samples[d * per:(d + 1) * per], by_dp[d]):
-                s.metadata[key] = values
+            for idx, mb, rec in zip(layout, mbs, out):
+                sent += [(i, rec["logp"][row, :n].tolist())
+                         for row, (i, n) in enumerate(zip(idx, mb["response_lengths"]))]
+        for i, values in _gather_objects(sent):
+            samples[i].metadata[key] = values
         self.model.train()
 
     def train_step(self, samples: list[Sample]) -> dict:
@@ -202,8 +188,7 @@ class Actor:
         from megatron.core import parallel_state as ps
 
         self.model.train()
-        local = self._local_slice(samples)
-        mbs = self._microbatches(local)
+        mbs = self._microbatches(samples, self._layout(samples))
         total_tokens = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in mbs))
         total_seqs = torch.tensor(float(sum(int((mb["loss_mask"].sum(1) > 0).sum()) for mb in mbs)))
         counts = torch.stack([total_tokens, total_seqs])
@@ -212,8 +197,12 @@ class Actor:
         need_entropy = self.loss_cfg.entropy_coef != 0.0
 
         def loss_fn(logits, mb):
+            mb = {k: (v.to(logits.device) if torch.is_tensor(v) else v) for k, v in mb.items()}
+            # Entropy is differentiated only when it is in the loss; when it is only logged its backward is
+            # skipped (no gradient reaches it) and the forward costs one extra pass over each chunk.
             logp, ent = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits),
                                                 compute_entropy=True)
+            logp, ent = to_rows(logp, mb), to_rows(ent if need_entropy else ent.detach(), mb)
             loss, metrics = policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], self.loss_cfg,
                 global_token_count=global_tokens, global_seq_count=global_seqs,
@@ -257,11 +246,6 @@ class Actor:
     def hf_weights(self):
         """(hf_name, tensor) pairs of this pipeline stage, full (TP-gathered) tensors."""
         return iter_hf_weights(self.model.module, self.arch)
-
-
-def _response_span(row, s: Sample):
-    """The positions of a packed row whose logits predict the response tokens of `s`."""
-    return row[len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)]
 
 
 def _gather_objects(obj):
