@@ -102,3 +102,21 @@ def test_per_token_fields_are_generic_and_empty_groups_are_zero_loss_dummies():
         del TOKEN_FIELDS["ref_logprobs"]
     dummy = pack_microbatch([], pad_id=0, multiple=8)
     assert dummy["dummy"] and dummy["loss_mask"].sum() == 0 and dummy["head_index"].numel() == 1
+
+
+def test_recompute_settings_are_checked_and_map_to_transformer_config():
+    import pytest
+
+    from dapo_megatron.train.actor import ActorConfig
+
+    assert ActorConfig().transformer_overrides() == {}
+    assert ActorConfig(recompute_granularity="selective").transformer_overrides() == {
+        "recompute_granularity": "selective", "recompute_method": None, "recompute_num_layers": None}
+    full = ActorConfig(recompute_granularity="full", recompute_method="block", recompute_num_layers=2)
+    assert full.transformer_overrides()["recompute_num_layers"] == 2
+    with pytest.raises(ValueError, match="actor.recompute_granularity='layer'"):
+        ActorConfig(recompute_granularity="layer")
+    with pytest.raises(ValueError, match="actor.recompute_method"):
+        ActorConfig(recompute_granularity="full")
+    with pytest.raises(ValueError, match="only with actor.recompute_granularity=full"):
+        ActorConfig(recompute_num_layers=2)
