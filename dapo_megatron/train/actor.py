@@ -153,9 +153,13 @@ class Actor:
 
         seq = max(mb["tokens"].shape[1] for mb in microbatches)
         mbs = 1 if self.cfg.use_remove_padding else self.cfg.micro_batch_size
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
-            seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=it, model=[self.model],
+                num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
+        finally:
+            if self.head is not None:
+                self.head.index = None  # a forward outside the actor's schedule gets the full head
 
     # ---- public API ------------------------------------------------------------------------------------------
     @torch.no_grad()
