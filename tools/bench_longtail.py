@@ -90,15 +90,16 @@ def run(a, work: Path) -> list:
         train, logp = bc.median(r["train_s"]), bc.median(r["logprob_s"])
         tokens = bc.median(r["tokens"])
         results.append({"name": layout, "train_s": train, "logprob_s": logp, "train_tok_s": tokens / train,
-                        "logprob_tok_s": tokens / logp, "tokens": tokens, "response_tokens": bc.median(r["response_tokens"]),
+                        "logprob_tok_s": tokens / logp, "tokens": tokens,
+                        "response_tokens": bc.median(r["response_tokens"]),
                         "microbatches": r["microbatches"], "wall_s": wall, **peak})
     return results
 
 
 def print_table(results: list, a) -> None:
     lengths = response_lengths(a.prompts * a.group, a.seed + a.warmup)
-    print(f"\nresponse lengths of the first measured step: min {min(lengths)}, median {sorted(lengths)[len(lengths) // 2]}, "
-          f"mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    print(f"\nresponse lengths of the first measured step: min {min(lengths)}, "
+          f"median {sorted(lengths)[len(lengths) // 2]}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
     print(f"{'':16}{'train s':>9}{'train tok/s':>13}{'old-logp s':>12}{'logp tok/s':>12}{'peak PSS GiB':>14}"
           f"{'micro-batches':>15}")
     for r in results:
