@@ -1,12 +1,13 @@
 """The Megatron actor: log-probs and DAPO policy updates through megatron-core's pipeline schedules.
 
 Data layout: every rank receives the same list of samples for an optimizer step; data-parallel rank d trains on the
-d-th part of a token-balanced partition (`packing.dp_partition`, the same on every rank), split into the same
-number of micro-batches on every rank (`packing.microbatch_groups`): at most `micro_batch_size` sequences, or
-token-balanced within `max_tokens_per_microbatch`. A micro-batch is packed end to end without padding
+d-th part of a token-balanced partition (`packing.dp_partition`, the same on every rank), split into the same number
+of micro-batches on every rank (`packing.microbatch_groups`): at most `micro_batch_size` sequences, or token-
+balanced within `max_tokens_per_microbatch`. A micro-batch is packed end to end without padding
 (`use_remove_padding`, THD) or right-padded; the LM head runs on response positions only (`head.ResponseHead`) and
 the loss reads the response-major [B, R] layout of `packing.pack_microbatch`. The token-mean divisor is the number
-of loss tokens of the whole step on all DP ranks, and DDP sums (does not average) gradients (`calculate_per_token_loss`), so the update equals one big-batch update.
+of loss tokens of the whole step on all DP ranks, and DDP sums (does not average) gradients
+(`calculate_per_token_loss`), so the update equals one big-batch update.
 """
 from dataclasses import dataclass
 from typing import Optional
