@@ -2,7 +2,8 @@
 
 argv: hf_dir tp pp out_file [layout,...]. For each layout (padded, packed by count, packed by token budget, and the
 recompute settings) a fresh Actor on the same weights computes the log-probs of a fixed set of variable-length
-samples and takes one optimizer step; rank 0 saves the log-probs, the step metrics and the updated full weights of every layout.
+samples and takes one optimizer step; rank 0 saves the log-probs, gradients, step metrics and updated full weights
+of every layout.
 """
 import sys
 
