@@ -1,6 +1,6 @@
 """One DAPO step, ours vs TRL's GRPOTrainer (loss_type="dapo"), same workload, same machine, one invocation.
 
-    python tools/bench_step.py [--steps 3] [--warmup 1] [--threads 1] [--trl-venv /tmp/bench_trl_venv] [--profile]
+    python tools/bench_step.py [--steps 3] [--warmup 1] [--threads 1] [--trl-venv tools/.venv-trl] [--profile]
 
 Workload (both sides): a random-init Qwen2.5-style model (4 layers, hidden 256, vocab 32,768, tied embeddings) from
 one HF folder, 8 prompts x 8 responses per step, every response exactly --max-new-tokens long (the tokenizer's EOS id
@@ -36,7 +36,7 @@ PROFILE_PHASES = {
     "old log-probs": "compute_logprobs (dapo_megatron/train/actor.py",
     "train (train_step)": "train_step (dapo_megatron/train/actor.py",
     "  log-probs + entropy, fwd+bwd": "dapo_megatron/train/logprobs.py",
-    "  LM head fwd + logits transpose": "_postprocess (core/models/gpt/gpt_model.py",
+    "  LM head fwd (response positions)": "_postprocess (core/models/gpt/gpt_model.py",
     "  optimizer.step": "step (core/optimizer/",
     "sync (sync_weights)": "sync_weights (dapo_megatron/train/stages.py",
     "checkpoint save": "save_checkpoint (dapo_megatron/train/checkpoint.py",
@@ -194,6 +194,20 @@ def print_table(results: list) -> None:
         print(f"{r['name']} phase medians (s): " + ", ".join(f"{k}={v:.2f}" for k, v in r["phases_s"].items()))
 
 
+def run_longtail(a, work: Path) -> list:
+    import bench_longtail
+
+    bc.fresh_dir(work)
+    bc.make_model(work / "model", a.hidden, a.layers, a.vocab, a.seed)
+    print(f"machine: {bc.machine_line()}", flush=True)
+    results = bench_longtail.run(a, work)
+    print(f"machine after: {bc.machine_line()}")
+    bench_longtail.print_table(results, a)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"machine": bc.machine_line(), "results": results}, indent=1))
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="measured steps")
@@ -208,8 +222,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="OMP threads of each side (same for both)")
     p.add_argument("--work", default="/tmp/bench_step", help="scratch folder (model, data, run dirs)")
-    p.add_argument("--trl-venv", default="/tmp/bench_trl_venv")
-    p.add_argument("--tools-venv", default="/tmp/bench_tools_venv", help="venv for py-spy (--profile)")
+    p.add_argument("--trl-venv", default=str(bc.REPO / "tools" / ".venv-trl"),
+                   help="TRL's venv, created on first use (git-ignored)")
+    p.add_argument("--tools-venv", default=str(bc.REPO / "tools" / ".venv-tools"), help="venv for py-spy (--profile)")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",
@@ -220,6 +235,11 @@ def main(argv=None):
     p.add_argument("--out", help="write all results as JSON here")
     p.add_argument("--trl-no-checkpointing", action="store_true",
                    help="also run TRL with gradient checkpointing off (GRPOConfig turns it on by default)")
+    p.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
+                   help="fixed: the ours-vs-TRL step; longtail: packed vs padded train step on long-tailed "
+                        "response lengths (tools/bench_longtail.py)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="longtail: packed tokens per micro-batch")
+    p.add_argument("--longtail-worker", help=argparse.SUPPRESS)
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trl-out", help=argparse.SUPPRESS)
     p.add_argument("--trl-checkpointing", type=int, default=1, help=argparse.SUPPRESS)
@@ -227,7 +247,13 @@ def main(argv=None):
     a.prompt_tokens = bc.PROMPT_TOKENS
     if a.trl_worker:
         return trl_worker(a)
+    if a.longtail_worker:
+        import bench_longtail
+
+        return bench_longtail.worker(a)
     work = Path(a.work)
+    if a.lengths == "longtail":
+        return run_longtail(a, work)
     if not (a.skip_ours and a.skip_trl and not a.profile):
         bc.fresh_dir(work)
         bc.make_model(work / "model", a.hidden, a.layers, a.vocab, a.seed)

@@ -41,19 +41,32 @@ def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str], config=None, v
     )
 
     if arch.moe is not None:
-        return moe_lib.decoder_block_spec(config, on_gpu, vp_stage)
+        block = moe_lib.decoder_block_spec(config, on_gpu, vp_stage)
+        for spec in ([] if on_gpu else block.layer_specs):
+            _packed_core_attention(spec)
+        return block
     if on_gpu:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, fp8=fp8)
-    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    return _packed_core_attention(get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"))
+
+
+def _packed_core_attention(spec):
+    """CPU: the local layer spec with padding-free (THD) core attention (models/packed_attention.py)."""
+    from .packed_attention import PackedDotProductAttention
+
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: bool = True,
                     fp8: Optional[str] = None, fp8_recipe: str = "delayed", on_gpu: Optional[bool] = None,
                     vp_stage: Optional[int] = None, moe_options: Optional[moe_lib.MoEOptions] = None,
-                    make_vocab_size_divisible_by: int = 128, padded_vocab: Optional[int] = None):
+                    make_vocab_size_divisible_by: int = 128, padded_vocab: Optional[int] = None,
+                    config_overrides: Optional[dict] = None):
     """One pipeline stage of the model, sharded for the current tensor-parallel rank.
 
     The vocabulary is padded to `padded_vocab` rows, by default Megatron-LM's size for this TP.
+    `config_overrides`: extra TransformerConfig fields of the trainer (activation recompute), applied last.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -75,8 +88,9 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
-        **transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe, moe_options=moe_options,
-                                   tp=tp),
+        **{**transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe, moe_options=moe_options,
+                                       tp=tp),
+           **(config_overrides or {})},
     )
     return GPTModel(
         config=config,
@@ -95,7 +109,7 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     )
 
 
-def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False):
+def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False, config_overrides: Optional[dict] = None):
     """The local pipeline stage of the model described by `cfg.path`'s config.json (parallel state must be up)."""
     from megatron.core import parallel_state
 
@@ -108,6 +122,7 @@ def build_model(cfg: ModelConfig, *, wrap_ddp: bool = False):
         fp8_recipe=cfg.fp8_recipe,
         moe_options=moe_lib.options_of(cfg),
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+        config_overrides=config_overrides,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

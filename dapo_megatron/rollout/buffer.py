@@ -16,7 +16,7 @@ from typing import Awaitable, Callable, Optional
 
 from dapo_megatron.algo.filters import FILTER_METRICS, group_verdict
 from dapo_megatron.algo.overlong import OverlongConfig, apply_overlong_shaping
-from dapo_megatron.rollout.sample import Sample
+from dapo_megatron.types import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,13 @@
 """The Megatron actor: log-probs and DAPO policy updates through megatron-core's pipeline schedules.
 
 Data layout: every rank receives the same list of samples for an optimizer step; data-parallel rank d trains on the
-d-th contiguous slice, split into micro-batches of `micro_batch_size` sequences (right-padded to a multiple of
-`pad_to_multiple_of`). The token-mean divisor is the number of loss tokens of the whole step on all DP ranks, and
-DDP sums (does not average) gradients (`calculate_per_token_loss`), so the update equals one big-batch update.
+d-th part of a token-balanced partition (`packing.dp_partition`, the same on every rank), split into the same number
+of micro-batches on every rank (`packing.microbatch_groups`): at most `micro_batch_size` sequences, or token-
+balanced within `max_tokens_per_microbatch`. A micro-batch is packed end to end without padding
+(`use_remove_padding`, THD) or right-padded; the LM head runs on response positions only (`head.ResponseHead`) and
+the loss reads the response-major [B, R] layout of `packing.pack_microbatch`. The token-mean divisor is the number
+of loss tokens of the whole step on all DP ranks, and DDP sums (does not average) gradients
+(`calculate_per_token_loss`), so the update equals one big-batch update.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -15,7 +19,17 @@ from ..algo.loss import PolicyLossConfig, policy_loss
 from ..models import ModelConfig, build_model
 from ..models.weights import iter_hf_weights, load_hf_weights, safetensors_getter
 from ..types import Sample
+from .head import ResponseHead
 from .logprobs import vocab_parallel_logprobs
+from .packing import (
+    TOKEN_FIELDS,
+    dp_partition,
+    microbatch_groups,
+    pack_microbatch,
+    packed_seq_params,
+    seq_len,
+    to_rows,
+)
 from .weight_stream import share_response_values
 
 
@@ -36,7 +50,12 @@ class ActorConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: Optional[bool] = None  # default: on with a GPU, off on CPU
-    max_tokens_per_microbatch: Optional[int] = None  # pack micro-batches by padded-token budget instead of count
+    max_tokens_per_microbatch: Optional[int] = None  # token budget per micro-batch (balanced); None: micro_batch_size
+    use_remove_padding: bool = True  # pack sequences end to end (THD, no padding); false: right-padded [B, S]
+    # Activation recompute, passed to megatron's TransformerConfig (Megatron names): null | selective | full.
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only: layers per recompute unit (uniform) / recomputed (block)
     recompute_old_logprobs: bool = True  # False: trust the engine's log-probs as the old policy
     logprob_chunk_size: Optional[int] = None  # tokens per log-prob chunk; None: a 16 MiB fp32 chunk on CPU, 512 on GPU
     pad_to_multiple_of: int = 8
@@ -47,57 +66,24 @@ class ActorConfig:
                              f"actor.micro_batch_size={self.micro_batch_size}")
         if self.ppo_epochs < 1:
             raise ValueError("actor.ppo_epochs must be >= 1")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ValueError("actor.max_tokens_per_microbatch must be >= 1 (or null)")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(f"actor.recompute_granularity={self.recompute_granularity!r}; use null, selective or full")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in ("uniform", "block") or not (self.recompute_num_layers or 0) >= 1:
+                raise ValueError("actor.recompute_granularity=full needs actor.recompute_method (uniform | block) "
+                                 "and actor.recompute_num_layers >= 1")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError("actor.recompute_method / actor.recompute_num_layers apply only with "
+                             "actor.recompute_granularity=full; remove them")
 
-
-def split_by_token_budget(lengths: list[int], budget: int, multiple: int) -> list[list[int]]:
-    """Consecutive index groups whose padded size (count x longest, rounded up to `multiple`) fits `budget`.
-
-    Order is kept, so the split is deterministic; a sequence longer than the budget gets a micro-batch of its own.
-    """
-    groups, current, longest = [], [], 0
-    for i, n in enumerate(lengths):
-        padded = -(-max(longest, n) // multiple) * multiple
-        if current and padded * (len(current) + 1) > budget:
-            groups.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        groups.append(current)
-    return groups
-
-
-def pack_microbatch(samples: list[Sample], pad_id: int, multiple: int, old_key: str = "old_logprobs") -> dict:
-    """Right-padded [B, S] tensors; position t of `targets`/`loss_mask`/... describes the token at t+1."""
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    seq = -(-max(lengths) // multiple) * multiple
-    B = len(samples)
-    tokens = torch.full((B, seq), pad_id, dtype=torch.long)
-    targets = torch.full((B, seq), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, seq)
-    adv = torch.zeros(B, seq)
-    old = torch.zeros(B, seq)
-    rollout = torch.zeros(B, seq)
-    for i, s in enumerate(samples):
-        ids = list(s.prompt_ids) + list(s.response_ids)
-        p, r = len(s.prompt_ids), len(s.response_ids)
-        tokens[i, :len(ids)] = torch.tensor(ids)
-        targets[i, :len(ids) - 1] = torch.tensor(ids[1:])
-        span = slice(p - 1, p - 1 + r)  # logits at p-1+j predict response token j
-        mask[i, span] = torch.tensor(s.loss_mask if s.loss_mask is not None else [1] * r, dtype=torch.float)
-        adv[i, span] = float(s.metadata.get("advantage", 0.0))
-        rollout[i, span] = torch.tensor(s.rollout_logprobs[:r], dtype=torch.float)
-        olds = s.metadata.get(old_key)
-        old[i, span] = torch.tensor(olds if olds is not None else s.rollout_logprobs[:r], dtype=torch.float)
-    pos = torch.arange(seq).unsqueeze(0).expand(B, -1).contiguous()
-    out = dict(tokens=tokens, position_ids=pos, targets=targets, loss_mask=mask, advantages=adv,
-               old_logprobs=old, rollout_logprobs=rollout, lengths=lengths)
-    if all("ref_logprobs" in s.metadata for s in samples):  # the reference policy's (train/reference.py)
-        out["ref_logprobs"] = torch.zeros(B, seq)
-        for i, s in enumerate(samples):
-            p = len(s.prompt_ids)
-            out["ref_logprobs"][i, p - 1:p - 1 + len(s.response_ids)] = torch.tensor(s.metadata["ref_logprobs"])
-    return out
+    def transformer_overrides(self) -> dict:
+        """The TransformerConfig fields this section sets (activation recompute)."""
+        if self.recompute_granularity is None:
+            return {}
+        return {"recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
+                "recompute_num_layers": self.recompute_num_layers}
 
 
 class Actor:
@@ -114,7 +100,7 @@ class Actor:
         if cfg.global_batch_size % (cfg.micro_batch_size * self.dp_size):
             raise ValueError(f"actor.global_batch_size={cfg.global_batch_size} must be a multiple of "
                              f"micro_batch_size x data-parallel size = {cfg.micro_batch_size * self.dp_size}")
-        module, self.arch = build_model(model_cfg)
+        module, self.arch = build_model(model_cfg, config_overrides=cfg.transformer_overrides())
         if load_hf:
             load_hf_weights(module, self.arch, safetensors_getter(model_cfg.path))
         config = module.config
@@ -137,6 +123,7 @@ class Actor:
             lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
             wd_incr_steps=1, wd_incr_style="constant")
         self.config = config
+        self.head = ResponseHead(module.output_layer) if ps.is_pipeline_last_stage() else None
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _chunk(self, logits) -> int:
@@ -146,20 +133,27 @@ class Actor:
             return self.cfg.logprob_chunk_size
         return 512 if logits.is_cuda else max(1, 2 ** 24 // (4 * logits.shape[-1]))
 
-    def _local_slice(self, samples: list[Sample]) -> list[Sample]:
-        start, end = dp_bounds(len(samples), self.dp_size)[self.dp_rank]
-        return samples[start:end]
-
-    def _microbatches(self, samples, old_key="old_logprobs"):
+    def _layouts(self, samples: list[Sample]) -> list[list[list[int]]]:
+        """Sample indices of each micro-batch of every DP rank (a pure function of the samples: every rank computes
+        the same; the same micro-batch count on every rank; [] = a zero-loss dummy)."""
         cfg = self.cfg
-        if cfg.max_tokens_per_microbatch:
-            lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-            index_groups = split_by_token_budget(lengths, cfg.max_tokens_per_microbatch, cfg.pad_to_multiple_of)
-        else:
-            index_groups = [range(i, min(i + cfg.micro_batch_size, len(samples)))
-                            for i in range(0, len(samples), cfg.micro_batch_size)]
-        return [pack_microbatch([samples[i] for i in idx], self.pad_id, cfg.pad_to_multiple_of, old_key)
-                for idx in index_groups]
+        lengths = [seq_len(s) for s in samples]
+        parts = dp_partition(lengths, self.dp_size)
+        groups = microbatch_groups([[lengths[i] for i in part] for part in parts],
+                                   micro_batch_size=cfg.micro_batch_size, budget=cfg.max_tokens_per_microbatch,
+                                   packed=cfg.use_remove_padding, multiple=cfg.pad_to_multiple_of)
+        return [[[part[j] for j in g] for g in rank_groups] for part, rank_groups in zip(parts, groups)]
+
+    def _layout(self, samples: list[Sample]) -> list[list[int]]:
+        """Sample indices of each micro-batch of this DP rank."""
+        return self._layouts(samples)[self.dp_rank]
+
+    def _microbatches(self, samples, layout):
+        fields = TOKEN_FIELDS
+        if samples and all("ref_logprobs" in s.metadata for s in samples):  # the reference policy's (reference.py)
+            fields = {**TOKEN_FIELDS, "ref_logprobs": lambda s: s.metadata["ref_logprobs"]}
+        return [pack_microbatch([samples[i] for i in idx], self.pad_id, self.cfg.pad_to_multiple_of,
+                                packed=self.cfg.use_remove_padding, token_fields=fields) for idx in layout]
 
     def _run(self, microbatches, loss_fn, forward_only):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -168,14 +162,22 @@ class Actor:
         it = iter(microbatches)
 
         def forward_step(data_iter, model):
-            mb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(data_iter).items()}
-            out = model(mb["tokens"], mb["position_ids"], None)
-            return out, lambda logits: loss_fn(logits, mb)
+            mb = next(data_iter)
+            if self.head is not None:
+                self.head.index = mb["head_index"]
+            out = model(mb["tokens"].to(device), mb["position_ids"].to(device), None,
+                        packed_seq_params=packed_seq_params(mb, device))
+            return out, lambda logits: loss_fn(logits[0], mb)  # logits [1, N, V_local]: response positions only
 
         seq = max(mb["tokens"].shape[1] for mb in microbatches)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
-            seq_length=seq, micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+        mbs = 1 if self.cfg.use_remove_padding else self.cfg.micro_batch_size
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=it, model=[self.model],
+                num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
+        finally:
+            if self.head is not None:
+                self.head.index = None  # a forward outside the actor's schedule gets the full head
 
     # ---- public API ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,27 +186,28 @@ class Actor:
         from megatron.core import parallel_state as ps
 
         self.model.eval()
-        local = self._local_slice(samples)  # a batch not divisible by DP: the first ranks take one more sample
+        layouts = self._layouts(samples)  # every sample lands on one DP rank, also when the batch is not divisible
+        layout = layouts[self.dp_rank]
+        mbs = self._microbatches(samples, layout)
 
         def loss_fn(logits, mb):
-            logp, _ = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits),
+            logp, _ = vocab_parallel_logprobs(logits, mb["targets"].to(logits.device), chunk_size=self._chunk(logits),
                                               vocab_size=self.arch.vocab_size)
-            return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp.detach().cpu()}
+            return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": to_rows(logp, mb).cpu()}
 
-        # Forward only: no collective spans DP ranks, so a replica with no sample (batch < DP) skips the pass.
-        out = self._run(self._microbatches(local), loss_fn, forward_only=True) if local else []
-        # The last pipeline stage holds the values (identical on its TP ranks): TP rank 0 of each DP rank sends
-        # its samples' response log-probs, and every rank receives all of them.
+        out = self._run(mbs, loss_fn, forward_only=True)
+        # The last pipeline stage holds the values (identical on its TP ranks): TP rank 0 of each DP rank sends its
+        # samples' response log-probs as one flat tensor, in its layout's order, and every rank receives all of them.
         values, sender = None, None
         if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-            rows = [row for rec in out for row in rec["logp"]]  # one row per local sample, in order
-            spans = [_response_span(row, s) for row, s in zip(rows, local)]
+            spans = [rec["logp"][row, :n] for mb, rec in zip(mbs, out) if not mb["dummy"]
+                     for row, n in enumerate(mb["response_lengths"])]
             values, sender = (torch.cat(spans) if spans else torch.empty(0)), self.dp_rank
-        slices = [samples[start:end] for start, end in dp_bounds(len(samples), self.dp_size)]
-        by_dp = share_response_values(values, [[len(s.response_ids) for s in sl] for sl in slices], sender)
-        for sl, parts in zip(slices, by_dp):
-            for s, part in zip(sl, parts):
-                s.metadata[key] = part
+        order = [[i for idx in rank_layout for i in idx] for rank_layout in layouts]
+        by_dp = share_response_values(values, [[len(samples[i].response_ids) for i in o] for o in order], sender)
+        for o, parts in zip(order, by_dp):
+            for i, part in zip(o, parts):
+                samples[i].metadata[key] = part
         self.model.train()
 
     def train_step(self, samples: list[Sample]) -> dict:
@@ -215,8 +218,7 @@ class Actor:
             raise ValueError(f"train_step got {len(samples)} samples, not a multiple of the data-parallel size "
                              f"{self.dp_size} (train_on_batch trims mini-batches to one)")
         self.model.train()
-        local = self._local_slice(samples)
-        mbs = self._microbatches(local)
+        mbs = self._microbatches(samples, self._layout(samples))
         total_tokens = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in mbs))
         total_seqs = torch.tensor(float(sum(int((mb["loss_mask"].sum(1) > 0).sum()) for mb in mbs)))
         counts = torch.stack([total_tokens, total_seqs])
@@ -225,8 +227,12 @@ class Actor:
         need_entropy = self.loss_cfg.entropy_coef != 0.0
 
         def loss_fn(logits, mb):
+            mb = {k: (v.to(logits.device) if torch.is_tensor(v) else v) for k, v in mb.items()}
+            # Entropy is differentiated only when it is in the loss; when it is only logged its backward is
+            # skipped (no gradient reaches it) and the forward costs one extra pass over each chunk.
             logp, ent = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits),
                                                 compute_entropy=True, vocab_size=self.arch.vocab_size)
+            logp, ent = to_rows(logp, mb), to_rows(ent if need_entropy else ent.detach(), mb)
             loss, metrics = policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], self.loss_cfg,
                 global_token_count=global_tokens, global_seq_count=global_seqs,
@@ -272,18 +278,6 @@ class Actor:
     def hf_weights(self):
         """(hf_name, tensor) pairs of this pipeline stage, full (TP-gathered) tensors."""
         return iter_hf_weights(self.model.module, self.arch)
-
-
-def dp_bounds(n: int, dp_size: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) of each DP rank's share of `n` samples; the first n % dp ranks get one more."""
-    per, extra = divmod(n, dp_size)
-    starts = [d * per + min(d, extra) for d in range(dp_size + 1)]
-    return list(zip(starts[:-1], starts[1:]))
-
-
-def _response_span(row, s: Sample):
-    """The positions of a packed row whose logits predict the response tokens of `s`."""
-    return row[len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)]
 
 
 def _gather_objects(obj: list) -> list:

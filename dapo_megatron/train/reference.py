@@ -20,6 +20,7 @@ from ..algo.loss import kl_penalty
 from ..models import build_model
 from ..models.weights import load_hf_weights, safetensors_getter
 from .actor import Actor
+from .head import ResponseHead
 
 
 class ReferencePolicy(Actor):
@@ -41,6 +42,7 @@ class ReferencePolicy(Actor):
         module.requires_grad_(False)
         module.eval()
         self.model, self.config = module, module.config
+        self.head = ResponseHead(module.output_layer) if ps.is_pipeline_last_stage() else None
         param_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2 ** 20
         self.build_metrics = {"ref/param_mb": param_mb, "ref/build_s": time.perf_counter() - t0,
                               "ref/build_rss_mb": _rss_mb() - rss0}
