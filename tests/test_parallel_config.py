@@ -148,7 +148,7 @@ def test_cli_refuses_before_launch(base, overrides, message):
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith(message), proc.stderr[-2000:]
+    assert lines and lines[-1].startswith("dapo-megatron train: " + message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "launching" not in proc.stdout
 
 

@@ -39,7 +39,9 @@ def _check_against_reference(got, ref, dp, exact_logprobs):
     for name in ("old", "odd"):  # "odd": 7 samples over DP ranks, every one gets its log-probs
         assert [len(x) for x in got[name]] == [len(x) for x in ref[name]]
         diff = max(abs(a - b) for x, y in zip(got[name], ref[name]) for a, b in zip(x, y))
-        assert diff <= (0.0 if exact_logprobs else 1e-5), f"{name} log-probs differ from DP=1 by {diff}"
+        # DP ranks pack different (token-balanced) micro-batches than DP=1, so matmuls see other row counts: the
+        # log-probs agree to float rounding (fp32 ulp ~5e-7 at |logp| ~ 5), not bit for bit
+        assert diff <= (1e-6 if exact_logprobs else 1e-5), f"{name} log-probs differ from DP=1 by {diff}"
     for mode in MODES:
         moved = _max_diff(ref[mode]["weights"], got[mode]["weights"])
         assert moved < 1e-6, f"{mode}: weights after one step differ from DP=1 by {moved}"
