@@ -53,7 +53,7 @@ def save_checkpoint(root, iteration: int, actor, trainer_state: dict, hf_config_
     rank = dist.get_rank()
     try:
         _write(root, tmp, iteration, actor, trainer_state, hf_config_dir, rank)
-    except Exception as e:
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         # torch's zip writer reports a full disk as "RuntimeError: unexpected pos": look at the free space too
         os_error = _find_os_error(e) or (OSError(errno.ENOSPC, "disk full") if _short_write(e) or _disk_full(root)
                                          else None)
