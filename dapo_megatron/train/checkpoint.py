@@ -53,9 +53,10 @@ def save_checkpoint(root, iteration: int, actor, trainer_state: dict, hf_config_
     rank = dist.get_rank()
     try:
         _write(root, tmp, iteration, actor, trainer_state, hf_config_dir, rank)
-    except Exception as e:
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         # torch's zip writer reports a full disk as "RuntimeError: unexpected pos": look at the free space too
-        os_error = _find_os_error(e) or (OSError(errno.ENOSPC, "disk full") if _disk_full(root) else None)
+        os_error = _find_os_error(e) or (OSError(errno.ENOSPC, "disk full") if _short_write(e) or _disk_full(root)
+                                         else None)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written for a later resume to find
         if os_error is None:
@@ -84,6 +85,17 @@ def _find_os_error(e: BaseException, depth: int = 0) -> Optional[OSError]:
         if isinstance(inner, BaseException) and (found := _find_os_error(inner, depth + 1)) is not None:
             return found
     return None
+
+
+def _short_write(e: BaseException, depth: int = 0) -> bool:
+    """torch's zip writer ("unexpected pos N vs M") and dist checkpoint workers report ENOSPC as a short write."""
+    if e is None or depth > 8:
+        return False
+    if any(m in str(e) for m in ("unexpected pos", "No space left on device")):
+        return True
+    failures = [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+    return any(isinstance(x, BaseException) and _short_write(x, depth + 1)
+               for x in [e.__cause__, e.__context__, *failures])
 
 
 def _disk_full(root: Path) -> bool:
