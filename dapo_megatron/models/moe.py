@@ -139,7 +139,7 @@ def check_parallel(moe: Optional[MoEArch], tp: int, ep: int, etp: Optional[int],
     if moe is None:
         if ep > 1:
             raise error(f"expert_model_parallel_size={ep} needs a mixture-of-experts model; set it to 1")
-        if etp not in (None, 1, tp):  # megatron sets expert TP = TP when unset
+        if etp not in (None, tp):  # megatron's default expert TP is the TP size
             raise error(f"expert_tensor_parallel_size={etp} needs a mixture-of-experts model; remove it")
         return
     if moe.num_experts % ep:
