@@ -54,7 +54,7 @@ def full_head_logprobs(actor, batch):
         mbs.append(mb)
 
     def loss_fn(logits, mb):  # logits [S, V_local]: all positions
-        lp, _ = vocab_parallel_logprobs(logits, mb["all_targets"].to(logits.device))
+        lp, _ = vocab_parallel_logprobs(logits, mb["all_targets"].to(logits.device), vocab_size=actor.arch.vocab_size)
         return lp.sum() * 0, torch.ones((), dtype=torch.int), {"lp": lp.detach().cpu()}
 
     import torch.distributed as dist
