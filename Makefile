@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/toy/run.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf $(VENV) runs
