@@ -150,7 +150,7 @@ def answers_match(pred: str, truth: str, symbolic: bool = True) -> bool:
         return False  # a decimal vs an answer that is not a plain number: a rounding, never exact
     if not symbolic or surely_different(a, b):
         return False
-    from dapo_megatron.reward.math_verify_reward import symbolic_match
+    from dapo_megatron.reward.symbolic import symbolic_match
 
     return symbolic_match(a, b)
 

@@ -47,7 +47,7 @@ def main():
 
         def loss_func(output):
             full = gather_from_tensor_model_parallel_region(output)
-            captured.append(full)
+            captured.append(full[..., :arch.vocab_size])  # megatron's padded columns are not HF's
             return full.logsumexp(-1).mean(), {}
 
         return out, loss_func
