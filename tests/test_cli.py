@@ -1,23 +1,19 @@
 """The CLI's error boundary: every user error is one line naming the thing and the fix, exit 2, no traceback."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
+from tests.helpers.cli_fork import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, env=None, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "dapo_megatron.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
-    return proc.returncode, proc.stdout, proc.stderr
+    """`dapo-megatron ARGS` as a process of its own: (exit code, stdout, stderr)."""
+    return run_cli(args, env=env, timeout=timeout)
 
 
 def assert_one_line(rc, out, err, pattern):

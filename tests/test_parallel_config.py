@@ -1,9 +1,6 @@
 """Cross-section config rules and parallel-size refusals: checked by `config.validate` before any process starts,
 each one line naming the key and the fix; the CLI refuses the same inputs with no traceback and launches nothing."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +8,7 @@ import pytest
 from dapo_megatron.config import ConfigError, build_config, load_config
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.parallel import ParallelConfig, check_sizes, check_supported, planned_world_size
+from tests.helpers.cli_fork import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,13 +141,11 @@ def test_planned_world_counts_every_size_that_multiplies_the_world():
     (["parallel.sequence_parallel=true"], "config error: parallel.sequence_parallel=true is not supported"),
 ])
 def test_cli_refuses_before_launch(base, overrides, message):
-    proc = subprocess.run([sys.executable, "-m", "dapo_megatron.cli", "train", *base, *overrides],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("dapo-megatron train: " + message), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "launching" not in proc.stdout
+    rc, out, err = run_cli(["train", *base, *overrides], timeout=120)
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("dapo-megatron train: " + message), err[-2000:]
+    assert "Traceback" not in err and "launching" not in out
 
 
 def test_make_vocab_size_divisible_by_is_checked(base):

@@ -1,20 +1,20 @@
 """`dapo-megatron plan`: the shipped recipes plan cleanly; impossible placements get one-line refusals."""
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dapo_megatron.config import build_config
 from dapo_megatron.placement import PlacementError, make_plan
+from tests.helpers.cli_fork import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 R32, R7 = "examples/dapo_qwen2.5_32b/config.yaml", "examples/dapo_qwen2.5_7b/config.yaml"
 
 
 def plan_cli(*args):
-    return subprocess.run([sys.executable, "-m", "dapo_megatron.cli", "plan", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    rc, out, err = run_cli(["plan", *args], timeout=120)
+    return subprocess.CompletedProcess(["dapo-megatron", "plan", *args], rc, out, err)
 
 
 def test_paper_recipe_on_4x8_is_disaggregated_with_a_group_per_stage():
