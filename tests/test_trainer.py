@@ -1,15 +1,13 @@
 """End to end: the DAPO loop through the CLI (embedded engine, megatron actor over gloo), checkpoints, exact resume."""
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
+from tests.helpers.cli_fork import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 READ_CKPT = REPO / "tests" / "dist_scripts" / "read_checkpoint.py"
@@ -38,19 +36,10 @@ def _args(toy, run_dir, steps, tp=1, extra=(), pp=1):
 
 def _train(args, env=None, check=True):
     # Output goes to files, not pipes: after a SIGKILL the verifier pool's orphans would hold pipes open.
+    # `dapo-megatron train` as a process of its own, forked from a warm one (tests/helpers/cli_fork.py); whatever
+    # the run leaves behind is killed with its process group.
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"dapo_train_{os.getpid()}_{len(args)}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dapo_megatron.cli", "train", *args], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
-        try:
-            rc = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left behind
-            except ProcessLookupError:
-                pass
-    text = log.read_text()
+    rc, text, _ = run_cli(["train", *args], env=env, timeout=600, log=log)
     log.unlink()
     if check and rc != 0:
         pytest.fail(f"train failed (rc={rc}):\n{text[-8000:]}")

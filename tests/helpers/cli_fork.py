@@ -31,6 +31,7 @@ def _serve() -> None:  # the server side: runs in its own process (python tests/
     import dapo_megatron.models.convert  # noqa: F401
     import dapo_megatron.placement  # noqa: F401
     import dapo_megatron.preflight  # noqa: F401
+    import dapo_megatron.train.loop  # noqa: F401
     import torch.distributed.run  # noqa: F401
 
     for line in sys.stdin:
@@ -41,8 +42,14 @@ def _serve() -> None:  # the server side: runs in its own process (python tests/
         if pid == 0:  # the child: one CLI call, as `python -m dapo_megatron.cli ARGS` would run it
             code = 1
             try:
-                os.setsid()  # its own process group: the client can kill what it starts
+                os.setsid()  # its own session and process group: what it leaves behind is killed with it
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
                 for fd, path in ((1, job["out"]), (2, job["err"])):
+                    if fd == 2 and path == job["out"]:
+                        os.dup2(1, 2)  # one log for both streams
+                        continue
                     f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     os.dup2(f, fd)
                     os.close(f)
@@ -68,6 +75,10 @@ def _serve() -> None:  # the server side: runs in its own process (python tests/
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # whatever the call left behind (verifier pool, engines, torchrun ranks)
+        except ProcessLookupError:
+            pass
         print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
@@ -80,9 +91,11 @@ class _Client:
         self.n = 0
         atexit.register(self.close)
 
-    def run(self, args, env, cwd, timeout):
+    def run(self, args, env, cwd, timeout, log=None):
         self.n += 1
         out, err = Path(self.tmp, f"{self.n}.out"), Path(self.tmp, f"{self.n}.err")
+        if log is not None:  # stdout and stderr interleaved in one file, as `cmd > log 2>&1`
+            out = err = Path(log)
         job = {"args": [str(a) for a in args], "env": env, "cwd": str(cwd), "timeout": timeout,
                "out": str(out), "err": str(err)}
         self.proc.stdin.write(json.dumps(job) + "\n")
@@ -94,6 +107,8 @@ class _Client:
         if not line:
             raise RuntimeError(f"the CLI fork server died (rc={self.proc.poll()}) running {job['args'][:3]}")
         rc = json.loads(line)["rc"]
+        if log is not None:
+            return rc, out.read_text(errors="replace"), ""
         return rc, out.read_text(errors="replace"), err.read_text(errors="replace")
 
     def close(self):
@@ -105,13 +120,14 @@ class _Client:
 _client = None
 
 
-def run_cli(args, env=None, cwd=REPO, timeout=300):
-    """(exit code, stdout, stderr) of `dapo-megatron ARGS` run as its own (forked) process."""
+def run_cli(args, env=None, cwd=REPO, timeout=300, log=None):
+    """(exit code, stdout, stderr) of `dapo-megatron ARGS` run as its own (forked) process; with `log`, both
+    streams go to that file and come back as stdout. A SIGKILLed call returns -9, as subprocess does."""
     global _client
     if _client is None or _client.proc.poll() is not None:
         _client = _Client()
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    return _client.run(args, full_env, cwd, timeout)
+    return _client.run(args, full_env, cwd, timeout, log)
 
 
 if __name__ == "__main__":
