@@ -221,7 +221,7 @@ def _dapo_run(run: SyncRun, out: Path, timeout_s: float) -> tuple[dict, str]:
     """One time-boxed training run; (numbers, "" or what failed with the log tail)."""
     from dapo_megatron.rollout.sglang_launcher import SGLangServers
 
-    m, started, rc, log = run.mode, time.monotonic(), None, out / f"dapo_{run.mode}.log"
+    m, started, rc, error, log = run.mode, time.monotonic(), None, "", out / f"dapo_{run.mode}.log"
     cmd = [sys.executable, "-m", "dapo_megatron.cli", "train", "--config", str(REPO / "examples/toy/config.yaml"),
            *run.overrides]
     servers, mem = None, GpuMemory()
@@ -238,7 +238,7 @@ def _dapo_run(run: SyncRun, out: Path, timeout_s: float) -> tuple[dict, str]:
                 os.killpg(proc.pid, 9)
                 proc.wait()
     except Exception as e:  # noqa: BLE001 - the engine of this run did not start: reported, the next run goes on
-        log.write_text(f"{log.read_text(errors='replace') if log.is_file() else ''}\n{e!r}")
+        error = f"{e!r}"[:2000]
     finally:
         _kill_servers_on(run.engine_port)
         if servers is not None:
@@ -258,7 +258,7 @@ def _dapo_run(run: SyncRun, out: Path, timeout_s: float) -> tuple[dict, str]:
             numbers[f"{m}_{name}"] = sum(vals) / len(vals)
     if rc == 0 and len(metrics) == 3:
         return numbers, ""
-    why = "timeout" if rc is None else f"rc={rc}"
+    why = f"engine did not start: {error}" if error else "timeout" if rc is None else f"rc={rc}"
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.is_file() else ""
     return numbers, f"{m}: {why} after {time.monotonic() - started:.0f}s\n{tail}"
 
