@@ -69,7 +69,9 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     engine_max_batch_size: int = 64  # embedded engine
     deterministic: bool = False  # embedded engine: batch-invariant generation (bitwise-reproducible runs, slower)
-    weight_sync: str = "auto"  # auto | tensor | disk (needs a filesystem shared with the engines) | distributed
+    # auto | tensor (embedded: in-process copy; sglang: CUDA IPC to one colocated TP-1 server) | disk (needs a
+    # filesystem shared with the engines) | distributed (NCCL; engines on GPUs of their own)
+    weight_sync: str = "auto"
     weight_sync_bucket_mb: float = 512  # each pipeline stage sends its weights in buckets of this size
     sglang_num_servers: int = 1
     sglang_tp_size: int = 1
@@ -93,6 +95,11 @@ class RolloutConfig:
             raise ConfigError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
         if self.weight_sync not in ("auto", "tensor", "disk", "distributed"):
             raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use auto, tensor, disk or distributed")
+        if self.weight_sync == "tensor" and (self.backend == "http" or self.backend == "sglang" and not (
+                self.colocate and self.sglang_num_servers == 1 and self.sglang_tp_size == 1)):
+            raise ConfigError(f"rollout.weight_sync=tensor with rollout.backend={self.backend} needs the engine in the "
+                              "trainer's process (embedded) or one colocated SGLang server of TP 1 on its GPU "
+                              "(colocate=true, sglang_num_servers=1, sglang_tp_size=1); use disk or distributed")
         if self.rollout_nodes < 0:
             raise ConfigError(f"rollout.rollout_nodes={self.rollout_nodes}; use 0 or more nodes")
         if not self.weight_sync_bucket_mb > 0:

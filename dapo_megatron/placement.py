@@ -83,8 +83,10 @@ class Plan:
         elif self.sync_mode == "disk":
             lines.append("sync: stages stream buckets to rank 0, which writes run_dir/weight_sync; the engines must "
                          "share that filesystem")
-        else:
+        elif self.engines and self.engines[0].port == 0:
             lines.append("sync: stages stream buckets to rank 0's in-process engine")
+        else:
+            lines.append("sync: stages stream buckets to rank 0, which hands CUDA IPC handles to the engine on its GPU")
         return "\n".join(lines)
 
 

@@ -20,8 +20,11 @@ def test_dry_run_passes_and_writes_both_reports(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     status = {s["name"]: s["status"] for s in report["stages"]}
-    assert status == {"plan": "pass", "imports": "pass", "flops_formula": "pass",
+    assert status == {"plan": "pass", "imports": "pass", "stage3_plan": "pass", "flops_formula": "pass",
                       **{s.name: "skipped" for s in gpu_check.PLAN}}
+    plan = next(s for s in report["stages"] if s["name"] == "stage3_plan")["numbers"]
+    assert plan["modes_1gpu"] == "tensor,disk" and plan["modes_2gpu"] == "tensor,distributed,disk"
+    assert plan["distributed_engine_gpu"] == 1
     assert "LM head" in report["flops_formula"] and "| stage4_mfu | skipped |" in (tmp_path / "report.md").read_text()
 
 
@@ -60,3 +63,27 @@ def test_every_stage_can_be_skipped(tmp_path, monkeypatch):
     assert [s["status"] for s in report["stages"]] == ["skipped"] * len(gpu_check.PLAN)
     with pytest.raises(SystemExit):
         gpu_check.main([str(tmp_path), "--skip", "stage9_nope"])
+
+
+def test_stage3_plan_check_catches_a_run_the_trainer_would_refuse(tmp_path, monkeypatch):
+    """The dry run's plan check runs the real config validation and placement: NCCL between a trainer rank and a
+    colocated engine on one GPU, or CUDA IPC to two servers, fail it with the trainer's own message."""
+    real = gpu_check_stages.stage3_runs
+
+    def colocated_nccl(out, model_path, data, gpu_count, base_port, **kw):
+        runs, skipped = real(out, model_path, data, gpu_count, base_port, **kw)
+        for run in runs:
+            if run.mode == "distributed":
+                run.server = None
+                run.overrides = [o for o in run.overrides if not o.startswith("rollout.")] + [
+                    "rollout.backend=sglang", "rollout.colocate=true", "rollout.weight_sync=distributed"]
+            if run.mode == "tensor":
+                run.overrides.append("rollout.sglang_num_servers=2")
+        return runs, skipped
+
+    monkeypatch.setattr(gpu_check_stages, "stage3_runs", colocated_nccl)
+    got = gpu_check_stages.stage3_plan_check(tmp_path)
+    assert not got["ok"]
+    assert "2 GPU(s), distributed: rollout.weight_sync=distributed with rollout.colocate=true" in got["detail"]
+    assert "tensor: rollout.weight_sync=tensor with rollout.backend=sglang needs" in got["detail"]
+    assert got["detail"].count("\n") == 2, got["detail"]  # tensor twice (1 and 2 GPUs) + distributed: nothing else

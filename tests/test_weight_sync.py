@@ -220,9 +220,11 @@ def test_distributed_sync_protocol_with_a_fake_sglang_worker(models, tmp_path):
     assert got["init"]["group_name"] == "dapo_weight_sync" and got["init"]["backend"] == "gloo"
     buckets = got["calls"].count("/update_weights_from_distributed")
     assert buckets > 2 and got["versions"] == ["1"] * buckets
-    assert [c for c in got["calls"] if c != "/health"] == (["/init_weights_update_group", "/pause_generation"]
+    assert [c for c in got["calls"] if c != "/health"] == (["/init_weights_update_group", "/pause_generation",
+                                                            "/begin_weight_update"]
                             + ["/update_weights_from_distributed"] * buckets
-                            + ["/flush_cache", "/continue_generation", "/destroy_weights_update_group"])
+                            + ["/end_weight_update", "/flush_cache", "/continue_generation",
+                               "/destroy_weights_update_group"])
     assert set(got["received"]) == {n for n, _ in named}
     for name, tensor in named:
         assert got["received"][name].dtype == tensor.dtype and torch.equal(got["received"][name], tensor)

@@ -2,7 +2,8 @@
 
     python tools/gpu_check.py OUT_DIR                 # sets up a cached venv with the `gpu` extra, then runs stages
     python tools/gpu_check.py OUT_DIR --skip stage1_gpu_tests --venv ~/.cache/dapo_gpu_check/venv
-    python tools/gpu_check.py OUT_DIR --dry-run       # CPU: plan, imports, FLOP formula, skipping and time bounds
+    python tools/gpu_check.py OUT_DIR --dry-run       # CPU: plan, imports, stage 3's runs for 1 and 2 GPUs against
+                                                      # the config validation and placement, FLOP formula
 
 Stages run in order, each in its own process under its own time budget (killed at the budget: reported "timeout"),
 each with pass/fail and numbers; OUT_DIR gets report.json and report.md (also written after every stage, so a run
@@ -40,13 +41,14 @@ class Stage:
 
 
 PLAN = [
-    Stage("stage1_gpu_tests", 150, "pytest -m gpu (TE layers, real SGLang servers, NCCL weight sync)"),
+    Stage("stage1_gpu_tests", 130, "pytest -m gpu (TE layers, real SGLang servers, CUDA IPC and NCCL weight sync)"),
     Stage("stage2_te_fp8", 60, "TE layer spec fwd/bwd in bf16, FP8 e4m3 delayed and current scaling; logits vs "
           "local spec; step time"),
-    Stage("stage3_dapo", 150, "3 DAPO steps, Qwen2.5-0.5B shape, bf16 + fp32 master + distributed optimizer, FP8, "
-          "colocated sglang (release/resume), weight sync per mode; log-prob gap, peak memory per side"),
+    Stage("stage3_dapo", 200, "3 DAPO steps, Qwen2.5-0.5B shape, bf16 + fp32 master + distributed optimizer, FP8, "
+          "real sglang, per weight-sync mode: tensor (CUDA IPC, colocated: release/resume), distributed (NCCL, "
+          "engine on GPU 1; >= 2 GPUs), disk; log-prob gap, peak memory per side"),
     Stage("stage4_mfu", 40, "train-step MFU and tokens/s from the model-FLOPs formula"),
-    Stage("stage5_sync_gbps", 40, "weight-sync GB/s per mode"),
+    Stage("stage5_sync_gbps", 10, "weight-sync GB/s per mode, from stage 3's runs against the real sglang server"),
 ]
 
 
@@ -176,6 +178,12 @@ def dry_run(out_dir: Path, skip: set) -> list:
             failed.append(f"{mod}: {e!r}")
     results.append(Result("imports", "fail" if failed else "pass", numbers={"modules": len(CPU_IMPORTS)},
                           detail="\n".join(failed)))
+    if not failed:  # stage 3's runs (1 and 2 GPUs) against the real config validation and placement
+        from gpu_check_stages import stage3_plan_check
+
+        got = stage3_plan_check(out_dir)
+        results.append(Result("stage3_plan", "pass" if got["ok"] else "fail", numbers=got["numbers"],
+                              detail=got["detail"]))
     got = forward_flops_per_token(ModelShape(2, 8, 2, 1, 4, 16, 10), 6)
     results.append(Result("flops_formula", "pass" if got == 2656 else "fail", numbers={"forward_flops": got,
                           "hand_computed": 2656}))

@@ -30,9 +30,11 @@ def make_backend(rollout_cfg, *, model_path, seed: int, run_dir, api_key=None) -
 class RolloutBackend:
     name = ""
     default_weight_sync = "disk"
+    weight_sync_classes: dict = {}  # rollout.weight_sync -> registered WeightSync name, where not the mode's own
 
     def __init__(self, r, *, model_path, seed: int, run_dir, api_key=None):
         self.cfg, self.model_path, self.seed, self.run_dir, self.api_key = r, str(model_path), seed, Path(run_dir), api_key
+        self.weight_sync_class().check_backend(self)  # refuse an impossible mode before any engine starts
         self.version = WeightVersion()
         self.client_kw = dict(max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s,
                               weight_version=self.version)
@@ -52,18 +54,17 @@ class RolloutBackend:
         mode = self.cfg.weight_sync
         return self.default_weight_sync if mode == "auto" else mode
 
-    def make_weight_sync(self):
-        from .weight_sync import make_weight_sync
+    def weight_sync_class(self):
+        """The registered WeightSync (rollout/weight_sync.py) of rollout.weight_sync for this backend."""
+        from .weight_sync import WEIGHT_SYNC_MODES
 
-        mode, kw = self.weight_sync_mode(), {"weight_version": self.version,
-                                             "bucket_size_mb": self.cfg.weight_sync_bucket_mb}
-        if mode == "tensor":
-            return make_weight_sync("tensor", self.client, **kw)
-        if mode == "disk":
-            return make_weight_sync("disk", self.client, self.model_path, self.sync_dir, **kw)
-        # distributed: rank 0 only pauses / flushes / resumes; each pipeline stage's source rank broadcasts its own
-        # tensors over its own group (train/stages.py: StageSender).
-        return None
+        mode = self.weight_sync_mode()
+        return WEIGHT_SYNC_MODES[self.weight_sync_classes.get(mode, mode)]
+
+    def make_weight_sync(self):
+        """Rank 0's sync; None in distributed mode, where rank 0 only runs the session (pause ... continue) and each
+        pipeline stage's source rank broadcasts its own tensors over its own group (train/stages.py)."""
+        return self.weight_sync_class().for_backend(self)
 
     @contextlib.contextmanager
     def memory_released(self):
@@ -103,7 +104,9 @@ class HttpBackend(RolloutBackend):
 
 @register("sglang")
 class SGLangBackend(RolloutBackend):
-    """Real SGLang servers started by this rank on this node's GPUs (GPU only)."""
+    """Real SGLang servers started by this rank on this node's GPUs (GPU only). Tensor weight sync hands CUDA IPC
+    handles to the colocated server (weight_sync.CudaIpcWeightSync)."""
+    weight_sync_classes = {"tensor": "cuda_ipc"}
 
     def _start(self):
         from .sglang_launcher import servers_for

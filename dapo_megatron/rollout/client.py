@@ -292,6 +292,17 @@ class RolloutClient:
     async def update_weights_from_distributed(self, payload: dict) -> list:
         return await self._fan_out("/update_weights_from_distributed", payload)
 
+    async def begin_weight_update(self) -> list:
+        """SGLang's weight-update session: tensor / distributed loads are refused outside begin ... end."""
+        return await self._fan_out("/begin_weight_update", {})
+
+    async def end_weight_update(self) -> list:
+        return await self._fan_out("/end_weight_update", {})
+
+    async def update_weights_from_tensor(self, payload: dict) -> list:
+        """One bucket of CUDA IPC handles (weight_sync.tensor_update_request) to every worker."""
+        return await self._fan_out("/update_weights_from_tensor", payload)
+
     async def destroy_weights_update_group(self, group_name: str) -> list:
         return await self._fan_out("/destroy_weights_update_group", {"group_name": group_name}, strict=False)
 

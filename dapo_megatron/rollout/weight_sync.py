@@ -5,9 +5,17 @@ conversion lives in `dapo_megatron.models`. Three modes, chosen by a string (`ma
 
 - `disk`: write HF safetensors shards (temp folder + rename; config and tokenizer copied from the base model folder)
   and call `/update_weights_from_disk` on every server. The folder must be readable by the servers.
-- `tensor`: copy into an in-process embedded `Engine` (CPU demo / tests), no serialisation.
+- `tensor`: with the embedded engine, copy into the in-process `Engine` (CPU demo / tests), no serialisation; with
+  real SGLang (`cuda_ipc`), hand CUDA IPC handles of each bucket to SGLang's `/update_weights_from_tensor` (one server
+  of TP 1 on the sending rank's GPU, as slime/verl do for colocated engines): only handles cross the process boundary.
 - `distributed`: SGLang's `/init_weights_update_group` + `/update_weights_from_distributed`, broadcasting bucketed
   tensors from this process (rank 0 of a dedicated NCCL group), generation paused and the cache flushed around it.
+
+The backend picks the class by registered name (`WEIGHT_SYNC_MODES`, `RolloutBackend.weight_sync_classes`) and
+builds it with `for_backend`; `check_backend` refuses, before any engine starts, a mode that cannot work there.
+
+Real SGLang (0.5.23 on) loads tensor and distributed updates only inside a weight-update session:
+pause -> `/begin_weight_update` -> buckets -> `/end_weight_update` -> flush -> continue.
 
 Each sync sets the backend's `WeightVersion` (the trainer side's one owner) and passes it to the engines, which
 report it with every sample. The trainer streams each pipeline stage's tensors in buckets
@@ -16,7 +24,10 @@ folder; `distributed` broadcasts from every stage's source rank over that stage'
 
 The receiving side of the embedded engine (name/shape checks, in-place copy) is in `engine.py`.
 """
+import base64
 import concurrent.futures
+import contextlib
+import io
 import logging
 import shutil
 import time
@@ -28,6 +39,7 @@ import torch
 
 from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
 from ..types import WeightVersion
+from .client import RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,10 @@ def iter_buckets(named_tensors: Iterable, bucket_bytes: int):
         size += nbytes
     if bucket:
         yield bucket
+
+
+class WeightSyncRefused(RolloutError):
+    """A weight-sync mode that cannot work with this placement; one line naming the key and the fix."""
 
 
 # --------------------------------------------------------------------------- sync modes
@@ -83,6 +99,15 @@ class WeightSync:
     def close(self):
         pass
 
+    @classmethod
+    def check_backend(cls, backend) -> None:
+        """Raise WeightSyncRefused if this mode cannot work with `backend` (called before its engines start)."""
+
+    @classmethod
+    def for_backend(cls, backend) -> "WeightSync | None":
+        """The sync a rollout backend (rollout/backends.py) uses on global rank 0."""
+        return cls(backend.client, weight_version=backend.version, bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
+
 
 def _count(buckets, counter: list):
     for bucket in buckets:
@@ -101,6 +126,11 @@ class DiskWeightSync(WeightSync):
         super().__init__(weight_version, bucket_size_mb)
         self.client, self.base_model_path, self.out_dir = client, Path(base_model_path), Path(out_dir)
         self.max_shard_bytes, self.keep_last = int(max_shard_size_mb * 2 ** 20), max(1, keep_last)
+
+    @classmethod
+    def for_backend(cls, backend):
+        return cls(backend.client, backend.model_path, backend.sync_dir, weight_version=backend.version,
+                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
 
     def _push(self, buckets, version: int) -> int:
         from .client import run_sync
@@ -125,6 +155,13 @@ class TensorWeightSync(WeightSync):
         if not hasattr(self.engine, "update_weights_from_buckets"):
             raise ValueError("tensor weight sync needs the in-process Engine (or RolloutClient(engine=...)); "
                              "for HTTP servers use mode 'disk' or 'distributed'")
+
+    @classmethod
+    def check_backend(cls, backend):
+        if backend.name != "embedded":
+            raise WeightSyncRefused(f"rollout.weight_sync=tensor with rollout.backend={backend.name} needs the engine "
+                                    f"in the trainer's process or SGLang servers this rank starts; use disk or "
+                                    f"distributed")
 
     def _push(self, buckets, version: int) -> int:
         nbytes = [0]
@@ -164,9 +201,14 @@ class DistributedWeightSync(WeightSync):
 
     `engine_ranks`: GPU ranks per worker (its tp_size), in the order of `client.worker_urls`. With pipeline
     parallelism every stage's source rank owns one of these, with its own `group_name` and `master_port`, and
-    sends only its stage; `manage_generation=False` then leaves pause / flush / continue to the caller (rank 0).
+    sends only its stage; `manage_generation=False` then leaves the session (pause, begin, end, flush, continue) to
+    the caller (rank 0).
     """
     mode = "distributed"
+
+    @classmethod
+    def for_backend(cls, backend):
+        return None  # every pipeline stage's source rank sends its own tensors (train/stages.py: _stage_sender)
 
     def __init__(self, client, *, master_address: str, master_port: int, engine_ranks=1,
                  bucket_size_mb: float = 512, group_name: str = "dapo_weight_sync", backend: str = "nccl",
@@ -201,18 +243,10 @@ class DistributedWeightSync(WeightSync):
 
         if self.group is None:
             self.init_group()
-        nbytes = 0
-        if self.manage_generation:
-            run_sync(self.client.pause_generation())
-        try:
-            for bucket in buckets:
-                nbytes += self._send_bucket(bucket, version)
-            if self.manage_generation:
-                run_sync(self.client.flush_cache())
-        finally:
-            if self.manage_generation:
-                run_sync(self.client.continue_generation())
-        return nbytes
+        if not self.manage_generation:
+            return sum(self._send_bucket(bucket, version) for bucket in buckets)
+        with update_session(self.client):
+            return sum(self._send_bucket(bucket, version) for bucket in buckets)
 
     def _send_bucket(self, bucket: list, version: int) -> int:
         from .client import run_sync
@@ -238,12 +272,126 @@ class DistributedWeightSync(WeightSync):
         self._pool.shutdown(wait=False)
 
 
-WEIGHT_SYNC_MODES = {"disk": DiskWeightSync, "tensor": TensorWeightSync, "distributed": DistributedWeightSync}
+@contextlib.contextmanager
+def update_session(client):
+    """SGLang's weight-update session around tensor / distributed loads: pause (abort in-flight requests),
+    /begin_weight_update; on leaving /end_weight_update (also after a failed bucket, so the next sync can open one),
+    then flush the cache (only after a complete update) and continue generation."""
+    from .client import run_sync
+
+    run_sync(client.pause_generation())
+    try:
+        run_sync(client.begin_weight_update())
+        try:
+            yield
+        finally:
+            run_sync(client.end_weight_update())
+        run_sync(client.flush_cache())
+    finally:
+        run_sync(client.continue_generation())
+
+
+# --------------------------------------------------------------------------- tensor mode for real SGLang: CUDA IPC
+def serialize_named_tensors(named_tensors: list) -> str:
+    """`[(name, tensor), ...]` as SGLang's MultiprocessingSerializer writes it (a ForkingPickler dump: CUDA tensors
+    become IPC handles, not data), base64-encoded because JSON has no bytes (sglang decodes it on the HTTP side)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(named_tensors)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def pack_bucket(bucket: list, device) -> tuple[list, int]:
+    """Copy one bucket into a fresh flat buffer per dtype on `device`; returns (name, view) pairs in bucket order
+    (one IPC handle per buffer, however many tensors) and the bytes. Fresh buffers, never reused: SGLang may answer
+    before its copy out of them ran, and torch keeps a shared block alive until the receiver drops it."""
+    sizes: dict = {}
+    for _, t in bucket:
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    flats = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
+    offsets, named = dict.fromkeys(flats, 0), []
+    for name, t in bucket:
+        o, n = offsets[t.dtype], t.numel()
+        view = flats[t.dtype][o:o + n]
+        view.copy_(t.detach().reshape(-1))
+        named.append((name, view.view(t.shape)))
+        offsets[t.dtype] = o + n
+    return named, sum(f.numel() * f.element_size() for f in flats.values())
+
+
+def tensor_update_request(named_tensors: list, version: int) -> dict:
+    """The body of SGLang's `/update_weights_from_tensor` (UpdateWeightsFromTensorReqInput) for an engine of TP 1:
+    one serialized list per engine TP rank; load_format None = the model's own HF-name `load_weights`; the cache is
+    flushed once after the last bucket (update_session)."""
+    return {"serialized_named_tensors": [serialize_named_tensors(named_tensors)], "load_format": None,
+            "flush_cache": False, "weight_version": str(version)}
+
+
+def check_ipc_sender(engine_gpu: int) -> None:
+    """CUDA IPC needs CUDA here and the engine on this rank's GPU; else one line naming the key and the fix."""
+    key = "rollout.weight_sync=tensor with rollout.backend=sglang"
+    if not torch.cuda.is_available():
+        raise WeightSyncRefused(f"{key} sends CUDA IPC handles, but this rank has no CUDA device; use "
+                                f"rollout.weight_sync=disk")
+    here = torch.cuda.current_device()
+    if here != engine_gpu:
+        raise WeightSyncRefused(f"{key} needs the engine on the sending rank's GPU, but global rank 0 is on GPU {here} "
+                                f"and the engine on GPU {engine_gpu}; use rollout.weight_sync=disk or distributed")
+
+
+class CudaIpcWeightSync(WeightSync):
+    """Tensor mode with a real SGLang server colocated on this rank's GPU: every bucket is packed into fresh flat
+    buffers and sent as CUDA IPC handles to `/update_weights_from_tensor`, inside one weight-update session.
+
+    `device`: the sending rank's GPU, which must be the engine's (check_ipc_sender); "cpu" only for protocol tests
+    (CPU tensors do not cross unrelated processes this way)."""
+    mode = "tensor"
+
+    def __init__(self, client, *, device="cuda", weight_version=None, bucket_size_mb: float = 512):
+        super().__init__(weight_version, bucket_size_mb)
+        if len(client.worker_urls) != 1:
+            raise WeightSyncRefused(f"tensor weight sync over CUDA IPC sends to one colocated server; got "
+                                    f"{len(client.worker_urls)}: set rollout.sglang_num_servers=1 or use disk")
+        self.client, self.device = client, torch.device(device)
+
+    @classmethod
+    def check_backend(cls, backend):
+        r = backend.cfg
+        if not r.colocate or r.sglang_num_servers != 1 or r.sglang_tp_size != 1:
+            raise WeightSyncRefused("rollout.weight_sync=tensor with rollout.backend=sglang needs one colocated "
+                                    "server of TP 1 on the sending rank's GPU (rollout.colocate=true, "
+                                    "sglang_num_servers=1, sglang_tp_size=1); use disk or distributed")
+        check_ipc_sender(engine_gpu=0)  # servers_for starts server 0 on GPU base_gpu_id = 0, this node
+
+    @classmethod
+    def for_backend(cls, backend):
+        check_ipc_sender(engine_gpu=backend.servers.base_gpu_id)
+        return cls(backend.client, device=f"cuda:{backend.servers.base_gpu_id}", weight_version=backend.version,
+                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
+
+    def _push(self, buckets, version: int) -> int:
+        from .client import run_sync
+
+        nbytes = 0
+        with update_session(self.client):
+            for bucket in buckets:
+                named, size = pack_bucket(bucket, self.device)
+                run_sync(self.client.update_weights_from_tensor(tensor_update_request(named, version)))
+                nbytes += size
+                del named  # this side's reference; torch's IPC limbo holds the block until the engine drops its own
+        if self.device.type == "cuda":
+            torch.cuda.ipc_collect()
+        return nbytes
+
+
+WEIGHT_SYNC_MODES = {"disk": DiskWeightSync, "tensor": TensorWeightSync, "distributed": DistributedWeightSync,
+                     "cuda_ipc": CudaIpcWeightSync}
 
 
 def make_weight_sync(mode: str, *args, **kwargs) -> WeightSync:
     """`make_weight_sync("disk", client, base_model_path, out_dir)`, `("tensor", engine)`,
-    `("distributed", client, master_address=..., master_port=...)`."""
+    `("distributed", client, master_address=..., master_port=...)`, `("cuda_ipc", client)` (real SGLang, same GPU)."""
     if mode not in WEIGHT_SYNC_MODES:
         raise ValueError(f"unknown weight sync mode {mode!r}; choose one of {sorted(WEIGHT_SYNC_MODES)}")
     return WEIGHT_SYNC_MODES[mode](*args, **kwargs)

@@ -173,6 +173,7 @@ class WeightSyncer:
         client = self.stage.client if self.stage is not None else None
         if client is not None:
             run_sync(client.pause_generation())
+            run_sync(client.begin_weight_update())  # SGLang loads distributed updates only inside a session
         dist.barrier()
         nbytes = 0
         if self.sender is not None:
@@ -183,6 +184,7 @@ class WeightSyncer:
                 pass
         dist.barrier()
         if client is not None:
+            run_sync(client.end_weight_update())
             run_sync(client.flush_cache())
             run_sync(client.continue_generation())
             self.stage.backend.version.set(version)
