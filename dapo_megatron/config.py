@@ -94,6 +94,9 @@ class RolloutConfig:
             raise ConfigError(f"rollout.backend={self.backend!r}; use embedded, http or sglang")
         if self.backend == "http" and not self.urls:
             raise ConfigError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
+        if self.backend == "http" and self.host:
+            raise ConfigError(f"rollout.host={self.host} binds engines this launch starts; rollout.backend=http uses "
+                              f"servers at rollout.urls: unset rollout.host")
         if self.weight_sync not in ("auto", "tensor", "disk", "distributed"):
             raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use auto, tensor, disk or distributed")
         if self.rollout_nodes < 0:

@@ -86,3 +86,23 @@ def test_sglang_node_share_command_lines_and_rank0_client_gets_every_url(monkeyp
     backend = SGLangBackend(cfg.rollout, model_path="m", seed=0, run_dir="r", api_key="k",
                             engines=NodeEngines([0, 8], urls, api_key="k", servers=node0))
     assert backend.client.worker_urls == urls and backend.servers.worker_urls == urls  # control calls reach all
+
+
+def test_rollout_host_is_refused_where_nothing_binds():
+    from dapo_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.backend=http uses servers at rollout.urls: unset rollout.host"):
+        build_config(None, ["rollout.backend=http", "rollout.urls=[http://a:1]", "rollout.host=0.0.0.0"])
+    import torch.distributed as dist
+
+    from dapo_megatron.rollout.backends import start_node_engines
+    from dapo_megatron.rollout.server import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="lives in rank 0's process and binds nothing; unset rollout.host"):
+            start_node_engines(build_config(None, ["rollout.host=0.0.0.0"]))
+        one = start_node_engines(build_config(None, []), api_key="k")  # one node: the backend's in-process engine
+        assert (one.host_ranks, one.urls, one.api_key) == ([], [], "k")
+    finally:
+        dist.destroy_process_group()

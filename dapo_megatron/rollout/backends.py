@@ -67,8 +67,11 @@ def start_node_engines(cfg, api_key=None) -> NodeEngines:
 
     r, world, rank = cfg.rollout, dist.get_world_size(), dist.get_rank()
     local = local_world_size(world)
+    if r.backend == "embedded" and world <= local and r.host:
+        raise ConfigError(f"rollout.host={r.host}: the embedded engine of a one-node run lives in rank 0's process and "
+                          f"binds nothing; unset rollout.host (it applies to SGLang servers and multi-node engines)")
     if r.backend == "http" or (r.backend == "embedded" and world <= local):
-        return NodeEngines(urls=r.urls if r.backend == "http" else ())
+        return NodeEngines(urls=r.urls if r.backend == "http" else (), api_key=api_key if rank == 0 else None)
     try:  # the same on every rank: all raise, none waits
         hosts = node_engine_hosts(launch_plan(cfg, world, local))
     except PlacementError as e:
