@@ -81,6 +81,9 @@ class RolloutConfig:
     sglang_router: bool = False
     colocate: bool = True  # engines share the trainer's GPUs and release memory while it trains (GPU)
     rollout_nodes: int = 0  # colocate=false: the last N nodes run the engines (`dapo-megatron plan` shows where)
+    # Address the engines this launch starts bind to. Unset: 127.0.0.1 on one node; on several, each node's own
+    # ($DAPO_ROLLOUT_HOST, set per node, else its hostname's address). Several nodes take only unset or 0.0.0.0.
+    host: Optional[str] = None
     # Engines and router answer only `Authorization: Bearer <key>` (SGLang's --api-key). Default: env
     # DAPO_ROLLOUT_API_KEY, else a fresh key per run. Never written to config.json or logs.
     api_key: Optional[str] = None
@@ -93,6 +96,9 @@ class RolloutConfig:
             raise ConfigError(f"rollout.backend={self.backend!r}; use embedded, http or sglang")
         if self.backend == "http" and not self.urls:
             raise ConfigError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
+        if self.backend == "http" and self.host:
+            raise ConfigError(f"rollout.host={self.host} binds engines this launch starts; rollout.backend=http uses "
+                              f"servers at rollout.urls: unset rollout.host")
         if self.weight_sync not in ("auto", "tensor", "disk", "distributed"):
             raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use auto, tensor, disk or distributed")
         if self.weight_sync == "tensor" and (self.backend == "http" or self.backend == "sglang" and not (

@@ -9,8 +9,11 @@ Three placements, read from the rollout section:
   the last K nodes, each engine `sglang_tp_size` GPUs.
 - external (`backend: http`): engines someone else runs, at `rollout.urls`.
 
-Starting engines on nodes other than global rank 0's is not built yet: `rollout.backend=sglang` refuses such a plan at
-start-up (rollout/backends.py); run those servers yourself and point `rollout.backend=http` at them.
+Engines start per node (`node_engine_hosts`, rollout/backends.py: `start_node_engines`): each engine node's local
+rank 0 starts the engines the plan puts there, bound to `engine_bind_host`, and every rank learns all their URLs.
+The embedded engine on several nodes is one engine per node, in that node's local rank 0. Disaggregated engines sit on
+nodes with no trainer rank, so nothing of this launch can start them: `backend=sglang` refuses that plan at start-up;
+start them there and use `backend=http`.
 
 Global trainer ranks follow megatron-core's order (TP fastest, then DP, then PP), node by node. A pipeline stage's
 weight-sync source is its DP-0, TP-0 rank.
@@ -69,8 +72,12 @@ class Plan:
                          f"PP stage(s) {','.join(map(str, stages))}")
         if self.kind == "external":
             lines.append(f"engines: external, {len(self.urls)} URL(s): {' '.join(self.urls)}")
-        elif self.engines[0].port == 0:
+        elif self.engines[0].port == 0 and len(self.engines) == 1:
             lines.append("engines: 1 embedded engine inside global rank 0's process")
+        elif self.engines[0].port == 0:
+            lines.append(f"engines: {len(self.engines)} embedded engines, one per node, HTTP on a free port")
+            for e in self.engines:
+                lines.append(f"  engine {e.index}: node {e.node}, in global rank {e.node * g}'s process")
         else:
             lines.append(f"engines: {len(self.engines)} x SGLang TP {len(self.engines[0].gpus)}")
             for e in self.engines:
@@ -83,6 +90,10 @@ class Plan:
         elif self.sync_mode == "disk":
             lines.append("sync: stages stream buckets to rank 0, which writes run_dir/weight_sync; the engines must "
                          "share that filesystem")
+        elif len(self.engines) > 1:
+            hosts = sorted({self.trainer_nodes.index(e.node) * g for e in self.engines})
+            lines.append(f"sync: every stage streams its buckets to each node's engine host (global ranks "
+                         f"{', '.join(map(str, hosts))})")
         elif self.engines and self.engines[0].port == 0:
             lines.append("sync: stages stream buckets to rank 0's in-process engine")
         else:
@@ -126,8 +137,8 @@ def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
             raise PlacementError("rollout.weight_sync=tensor needs the engine in the trainer's process "
                                  "(backend embedded); use disk or distributed with rollout.urls")
         return plan
-    if r.backend == "embedded":  # one in-process engine on global rank 0 (CPU tests, demo)
-        plan.engines = [Engine(0, 0, [0], 0)]
+    if r.backend == "embedded":  # one in-process engine on global rank 0, or one per trainer node (CPU tests, demo)
+        plan.engines = [Engine(i, n, [0], 0) for i, n in enumerate(trainer_nodes if kind == "colocated" else [0])]
         if plan.sync_mode == "distributed":
             raise PlacementError("rollout.weight_sync=distributed needs SGLang engines; the embedded engine uses "
                                  "tensor (or disk)")
@@ -162,6 +173,79 @@ def _sync_mode(r) -> str:
     return "tensor" if r.backend == "embedded" else "disk"
 
 
+def node_engine_hosts(plan: Plan) -> dict:
+    """{global rank of a node's local rank 0: the engines the plan puts on that node}, for the nodes that have engines
+    started by this launch (none for external engines). A trainer node runs `gpus_per_node` ranks."""
+    if plan.kind == "external":
+        return {}
+    hosts: dict = {}
+    for e in plan.engines:
+        if e.node not in plan.trainer_nodes:
+            raise PlacementError(f"engine {e.index} is on node {e.node}, which runs no trainer rank, so this launch "
+                                 f"cannot start it; start the engines there and use rollout.backend=http with "
+                                 f"rollout.urls")
+        hosts.setdefault(plan.trainer_nodes.index(e.node) * plan.gpus_per_node, []).append(e)
+    return hosts
+
+
+def ordered_urls(urls_by_rank: list, hosts: dict) -> list:
+    """Every engine's URL in engine-index order, from each rank's list (all_gather_object of the hosts' URLs)."""
+    by_index = {}
+    for rank, engines in hosts.items():
+        urls = urls_by_rank[rank] or []
+        if len(urls) != len(engines):
+            raise RuntimeError(f"global rank {rank} started {len(urls)} engine(s), the plan puts {len(engines)} there")
+        by_index.update({e.index: u for e, u in zip(engines, urls)})
+    return [by_index[i] for i in sorted(by_index)]
+
+
+LOOPBACK = ("127.", "localhost", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::")
+
+
+def engine_bind_host(setting, nodes: int, env_host=None, node_address=None) -> tuple:
+    """(address the engines bind, address the other nodes use in their URLs) for this node.
+
+    `setting`: rollout.host (one value for every node); `env_host`: $DAPO_ROLLOUT_HOST (set per node); `node_address`:
+    this node's hostname resolved (as slime and verl find a node's IP), a callable. One node: loopback by default.
+    Several nodes: $DAPO_ROLLOUT_HOST, else the node's own address; a config address every node would share is
+    refused, as is an unreachable loopback one."""
+    if setting and env_host and setting != env_host:
+        raise PlacementError(f"rollout.host={setting} and $DAPO_ROLLOUT_HOST={env_host} disagree; set one of them")
+    value = env_host or setting
+    if nodes > 1 and setting and not env_host and setting not in ANY_ADDRESS:
+        raise PlacementError(f"rollout.host={setting} would be the one address of all {nodes} nodes; leave it unset "
+                             f"(each node binds its own address: $DAPO_ROLLOUT_HOST, else its hostname's) or use "
+                             f"0.0.0.0")
+    if nodes == 1:
+        bind = value or "127.0.0.1"
+        return bind, ("127.0.0.1" if bind in ANY_ADDRESS else bind)
+    if value and value not in ANY_ADDRESS:
+        return value, value
+    here = node_address()
+    if here.startswith(LOOPBACK):
+        raise PlacementError(f"this node's hostname resolves to {here}, which the other nodes cannot reach; set "
+                             f"$DAPO_ROLLOUT_HOST to this node's address")
+    return (value or here), here
+
+
+def local_world_size(world_size: int) -> int:
+    """Ranks per node of this launch: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node, else one node."""
+    import os
+
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return world_size
+
+
+def launch_plan(cfg, world_size: int, local_world: int) -> Plan:
+    """The plan of this launch: its trainer nodes (plus the rollout nodes of a disaggregated placement)."""
+    nodes = max(1, world_size // max(1, local_world)) + (cfg.rollout.rollout_nodes if not cfg.rollout.colocate
+                                                        and cfg.rollout.backend != "http" else 0)
+    return make_plan(cfg, nodes, local_world)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="dapo-megatron plan", description="Print where every trainer rank and rollout "
                                  "engine runs, and the weight-sync groups; refuse an impossible placement.")
@@ -181,9 +265,7 @@ def main(argv=None):
 
 def startup_plan(cfg, world_size: int, local_world_size: int) -> str:
     """The plan of this launch (printed by rank 0 at start-up); a placement problem is reported, not raised."""
-    nodes = max(1, world_size // max(1, local_world_size)) + (cfg.rollout.rollout_nodes if not cfg.rollout.colocate
-                                                             and cfg.rollout.backend != "http" else 0)
     try:
-        return make_plan(cfg, nodes, local_world_size).describe()
+        return launch_plan(cfg, world_size, local_world_size).describe()
     except PlacementError as e:
         return f"plan: {e}"

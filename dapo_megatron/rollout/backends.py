@@ -2,6 +2,9 @@
 
 A backend owns its client, its default weight sync, memory release while the actor trains, and shutdown; it also
 owns the trainer side's one `WeightVersion` (shared with its client and weight sync). It lives on global rank 0.
+
+The engines themselves start per node, before it (`start_node_engines`, collective): each node's local rank 0 starts
+what the plan puts on its node (`start_engines` of the backend class), and every rank gets all nodes' URLs.
 """
 import contextlib
 import os
@@ -20,11 +23,83 @@ def register(name: str):
     return wrap
 
 
-def make_backend(rollout_cfg, *, model_path, seed: int, run_dir, api_key=None) -> "RolloutBackend":
+def make_backend(rollout_cfg, *, model_path, seed: int, run_dir, api_key=None, engines=None) -> "RolloutBackend":
     if rollout_cfg.backend not in BACKENDS:
         raise ValueError(f"rollout.backend={rollout_cfg.backend!r}; choose one of {sorted(BACKENDS)}")
     return BACKENDS[rollout_cfg.backend](rollout_cfg, model_path=model_path, seed=seed, run_dir=run_dir,
-                                         api_key=api_key)
+                                         api_key=api_key, engines=engines)
+
+
+class NodeEngines:
+    """The engines this rank started (if it is an engine node's local rank 0) and every node's engine URLs.
+
+    `host_ranks`: the global ranks that host engines (tensor weight sync streams to each of them); `engine`: this
+    rank's in-process embedded engine; `servers`: this node's SGLang servers."""
+
+    def __init__(self, host_ranks=(), urls=(), *, api_key=None, engine=None, servers=None):
+        self.host_ranks, self.urls, self.api_key = list(host_ranks), list(urls), api_key
+        self.engine, self.servers = engine, servers
+
+    def weight_sink(self):
+        """Where this host's share of a tensor weight sync lands: its own engine (the version comes with each sync)."""
+        from .weight_sync import make_weight_sync
+
+        return make_weight_sync("tensor", self.engine) if self.engine is not None else None
+
+    def shutdown(self):
+        if self.servers is not None:
+            self.servers.shutdown()
+            self.servers = None
+
+
+def start_node_engines(cfg, api_key=None) -> NodeEngines:
+    """Collective, once at start-up: each engine node's local rank 0 starts the engines the plan puts on its node,
+    bound to its address (placement.engine_bind_host); every rank gets every URL in engine order. `api_key` is read on
+    global rank 0 and shared with the other nodes' engines. One node with the embedded engine: nothing is started
+    here (the backend builds its in-process engine); external engines: rollout.urls."""
+    import socket
+
+    import torch.distributed as dist
+
+    from ..config import ConfigError
+    from ..placement import PlacementError, engine_bind_host, launch_plan, local_world_size, node_engine_hosts, \
+        ordered_urls
+
+    r, world, rank = cfg.rollout, dist.get_world_size(), dist.get_rank()
+    local = local_world_size(world)
+    if r.backend == "embedded" and world <= local and r.host:
+        raise ConfigError(f"rollout.host={r.host}: the embedded engine of a one-node run lives in rank 0's process and "
+                          f"binds nothing; unset rollout.host (it applies to SGLang servers and multi-node engines)")
+    if r.backend == "http" or (r.backend == "embedded" and world <= local):
+        return NodeEngines(urls=r.urls if r.backend == "http" else (), api_key=api_key if rank == 0 else None)
+    try:  # the same on every rank: all raise, none waits
+        hosts = node_engine_hosts(launch_plan(cfg, world, local))
+    except PlacementError as e:
+        raise ConfigError(str(e)) from None
+    box = [api_key]
+    dist.broadcast_object_list(box, src=0)
+    started, error = None, None
+    if rank in hosts:
+        try:
+            bind, url_host = engine_bind_host(r.host, world // local, os.environ.get("DAPO_ROLLOUT_HOST"),
+                                              lambda: socket.gethostbyname(socket.gethostname()))
+            started = BACKENDS[r.backend].start_engines(cfg, hosts[rank], bind, url_host, box[0])
+        except PlacementError as e:
+            error = ConfigError(f"node {rank // local}: {e}")
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            error = RuntimeError(f"node {rank // local} could not start its engines: {' '.join(str(e).split())}")
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (None if error is None else (type(error).__name__, str(error)),
+                                      started.urls if started is not None else None))
+    failed = [e for e, _ in gathered if e]
+    if failed:
+        if started is not None:
+            started.shutdown()
+        kind, msg = failed[0]
+        raise (ConfigError if kind == "ConfigError" else RuntimeError)(msg)
+    urls = ordered_urls([u for _, u in gathered], hosts)
+    return NodeEngines(sorted(hosts), urls, api_key=box[0], engine=getattr(started, "engine", None),
+                       servers=started)
 
 
 class RolloutBackend:
@@ -32,8 +107,9 @@ class RolloutBackend:
     default_weight_sync = "disk"
     weight_sync_classes: dict = {}  # rollout.weight_sync -> registered WeightSync name, where not the mode's own
 
-    def __init__(self, r, *, model_path, seed: int, run_dir, api_key=None):
+    def __init__(self, r, *, model_path, seed: int, run_dir, api_key=None, engines=None):
         self.cfg, self.model_path, self.seed, self.run_dir, self.api_key = r, str(model_path), seed, Path(run_dir), api_key
+        self.engines = engines if engines is not None else NodeEngines()
         self.weight_sync_class().check_backend(self)  # refuse an impossible mode before any engine starts
         self.version = WeightVersion()
         self.client_kw = dict(max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s,
@@ -44,6 +120,12 @@ class RolloutBackend:
 
     def _start(self):
         raise NotImplementedError
+
+    @classmethod
+    def start_engines(cls, cfg, engines: list, bind: str, url_host: str, api_key):
+        """On an engine node's local rank 0: start `engines` (placement.Engine) there; returns an object with
+        `urls` (one per engine) and `shutdown()`."""
+        raise NotImplementedError(f"rollout.backend={cls.name} starts no engines")
 
     @property
     def sync_dir(self) -> Path:
@@ -83,13 +165,33 @@ class EmbeddedBackend(RolloutBackend):
         from .client import RolloutClient
         from .engine import Engine
 
+        if self.engines.urls:  # one engine per node (this one's in this process): every engine over HTTP
+            self.engine = self.engines.engine
+            return RolloutClient(self.engines.urls, **self.client_kw)
         self.engine = Engine(self.model_path, max_batch_size=self.cfg.engine_max_batch_size, seed=self.seed,
                              deterministic=self.cfg.deterministic)
         kw = {k: v for k, v in self.client_kw.items() if k != "api_key"}  # in-process: no network, no key
         return RolloutClient(engine=self.engine, **kw)
 
+    @classmethod
+    def start_engines(cls, cfg, engines: list, bind: str, url_host: str, api_key):
+        from pathlib import Path
+
+        from .server import launch_embedded_server
+
+        if len(engines) != 1:
+            raise RuntimeError(f"the embedded backend runs one engine per node, the plan puts {len(engines)} here")
+        server = launch_embedded_server(cfg.model.path, 0, host=bind, mode="thread", api_key=api_key,
+                                        weights_root=Path(cfg.trainer.run_dir) / "weight_sync",
+                                        max_batch_size=cfg.rollout.engine_max_batch_size,
+                                        seed=cfg.trainer.seed + engines[0].index,
+                                        deterministic=cfg.rollout.deterministic)
+        server.urls = [f"http://{url_host}:{server.url.rsplit(':', 1)[1]}"]
+        return server
+
     def shutdown(self):
-        self.engine.shutdown()
+        if not self.engines.urls:  # per-node engines stop with their NodeEngines
+            self.engine.shutdown()
 
 
 @register("http")
@@ -109,20 +211,25 @@ class SGLangBackend(RolloutBackend):
     weight_sync_classes = {"tensor": "cuda_ipc"}
 
     def _start(self):
+        servers = self.engines.servers  # this node's, started by start_node_engines; the other nodes' URLs below
+        servers.remote_worker_urls = [u for u in self.engines.urls if u not in servers.local_urls]
+        if self.cfg.sglang_router:
+            servers.start_router()  # on this node, over every node's servers
+        self.servers = servers
+        kw = {k: v for k, v in self.client_kw.items() if k != "api_key"}
+        return servers.client(api_key=self.api_key, **kw)
+
+    @classmethod
+    def start_engines(cls, cfg, engines: list, bind: str, url_host: str, api_key):
         from .sglang_launcher import servers_for
 
-        r = self.cfg
-        world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        if not r.colocate or (local and world > local):
-            # Not built yet: starting engines from each node's local rank 0 (the plan shows where they belong).
-            raise RuntimeError("rollout.backend=sglang starts its servers on global rank 0's node only; for engines "
-                               "on other nodes (multi-node or colocate=false) start them there and use "
-                               "rollout.backend=http with rollout.urls")
-        host = os.environ.get("DAPO_ROLLOUT_HOST", "127.0.0.1")
-        # servers_for: the same command lines the sglang-parser test checks (tests/test_sglang_cpu.py)
-        self.servers = servers_for(self.model_path, r, host=host, api_key=self.api_key).start()
-        kw = {k: v for k, v in self.client_kw.items() if k != "api_key"}
-        return self.servers.client(api_key=self.api_key, **kw)
+        # servers_for: the same command lines the sglang-parser test checks (tests/test_sglang_cpu.py); this node's
+        # share, on the plan's GPUs and ports
+        servers = servers_for(cfg.model.path, cfg.rollout, num_servers=len(engines), host=bind, url_host=url_host,
+                              base_port=engines[0].port, base_gpu_id=engines[0].gpus[0], router=False,
+                              seed=cfg.trainer.seed + engines[0].index, api_key=api_key)
+        servers.urls = servers.local_urls
+        return servers.start()
 
     @contextlib.contextmanager
     def memory_released(self):
@@ -133,4 +240,4 @@ class SGLangBackend(RolloutBackend):
             yield
 
     def shutdown(self):
-        self.servers.shutdown()
+        pass  # the servers stop with their NodeEngines (every node's own)

@@ -36,7 +36,7 @@ class SGLangServers:
                  host: str = "127.0.0.1", router_port: Optional[int] = None, router_policy: str = "cache_aware",
                  base_gpu_id: int = 0, dtype: Optional[str] = None, seed: int = 0, extra_args=(),
                  log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable,
-                 api_key: Optional[str] = None, ep_size: int = 1):
+                 api_key: Optional[str] = None, ep_size: int = 1, url_host: Optional[str] = None):
         if num_servers < 1 or tp_size < 1:
             raise ValueError(f"num_servers and tp_size must be >= 1, got {num_servers} and {tp_size}")
         if not 0 < mem_fraction_static < 1:
@@ -46,6 +46,8 @@ class SGLangServers:
         self.ep_size = ep_size  # MoE expert parallelism inside each server
         self.model_path, self.num_servers, self.tp_size = str(model_path), num_servers, tp_size
         self.mem_fraction_static, self.base_port, self.host = mem_fraction_static, base_port, host
+        self.url_host = url_host or host  # where others reach them (host may be 0.0.0.0)
+        self.remote_worker_urls: list = []  # other nodes' servers (rank 0: the router and control calls reach them)
         self.enable_memory_saver, self.router = enable_memory_saver, router
         self.router_port = router_port if router_port is not None else base_port - 1
         self.router_policy, self.base_gpu_id, self.dtype, self.seed = router_policy, base_gpu_id, dtype, seed
@@ -60,12 +62,16 @@ class SGLangServers:
         return self.base_port + PORT_STRIDE * i
 
     @property
+    def local_urls(self) -> list:
+        return [f"http://{self.url_host}:{self.server_port(i)}" for i in range(self.num_servers)]
+
+    @property
     def worker_urls(self) -> list:
-        return [f"http://{self.host}:{self.server_port(i)}" for i in range(self.num_servers)]
+        return self.local_urls + list(self.remote_worker_urls)
 
     @property
     def router_url(self) -> Optional[str]:
-        return f"http://{self.host}:{self.router_port}" if self.router else None
+        return f"http://{self.url_host}:{self.router_port}" if self.router else None
 
     @property
     def generate_urls(self) -> list:
@@ -102,15 +108,20 @@ class SGLangServers:
         try:
             for i in range(self.num_servers):  # launch all, then wait: they load weights in parallel
                 self._spawn(f"sglang-{i}", self.server_command(i))
-            for i, url in enumerate(self.worker_urls):
+            for i, url in enumerate(self.local_urls):
                 self._wait(f"sglang-{i}", url)
             if self.router:
-                self._spawn("router", self.router_command())
-                self._wait("router", self.router_url)
+                self.start_router()
         except BaseException:
             self.shutdown()
             raise
         return self
+
+    def start_router(self):
+        """The router over `worker_urls` (this node's servers and `remote_worker_urls`)."""
+        self.router = True
+        self._spawn("router", self.router_command())
+        self._wait("router", self.router_url)
 
     def _spawn(self, name: str, cmd: list):
         log_path = self.log_dir / f"{name}.log"
@@ -194,8 +205,10 @@ def servers_for(model_path, rollout, **kwargs) -> SGLangServers:
     give their command lines without starting anything."""
     kwargs = {"enable_memory_saver": rollout.colocate, "router": rollout.sglang_router,
               "ep_size": rollout.sglang_ep_size, **kwargs}
-    return SGLangServers(model_path, rollout.sglang_num_servers, rollout.sglang_tp_size,
-                         rollout.sglang_mem_fraction_static, rollout.sglang_base_port, **kwargs)
+    num_servers = kwargs.pop("num_servers", rollout.sglang_num_servers)  # per node: the plan's share of this node
+    base_port = kwargs.pop("base_port", rollout.sglang_base_port)
+    return SGLangServers(model_path, num_servers, rollout.sglang_tp_size,
+                         rollout.sglang_mem_fraction_static, base_port, **kwargs)
 
 
 def _signal_group(proc: subprocess.Popen, sig):

@@ -163,6 +163,12 @@ class TensorWeightSync(WeightSync):
                                     f"in the trainer's process or SGLang servers this rank starts; use disk or "
                                     f"distributed")
 
+    @classmethod
+    def for_backend(cls, backend):
+        # rank 0's own engine; with one engine per node, the other hosts' share lands in their own (NodeEngines)
+        return cls(getattr(backend, "engine", None) or backend.client, weight_version=backend.version,
+                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
+
     def _push(self, buckets, version: int) -> int:
         nbytes = [0]
 
@@ -239,8 +245,6 @@ class DistributedWeightSync(WeightSync):
         pending.result()
 
     def _push(self, buckets, version: int) -> int:
-        from .client import run_sync
-
         if self.group is None:
             self.init_group()
         if not self.manage_generation:

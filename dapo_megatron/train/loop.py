@@ -12,6 +12,7 @@ import torch.distributed as dist
 from .. import parallel
 from ..config import Config
 from ..placement import startup_plan
+from ..rollout.backends import start_node_engines
 from .actor import Actor, train_on_batch
 from . import ckpt_layout
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -19,7 +20,7 @@ from .faults import fault
 from .metrics import MetricsLogger
 from .reference import build_reference
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
-from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch
+from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, run_api_key
 
 
 def run(cfg: Config) -> dict:
@@ -29,10 +30,11 @@ def run(cfg: Config) -> dict:
     tokenizer = _tokenizer(cfg.model.path)
     actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
     reference = build_reference(cfg, pad_id=tokenizer.pad_token_id or 0)  # None unless algorithm.kl_coef > 0
-    with preemption.shield_children():
-        stage = RolloutStage(cfg, tokenizer) if rank0 else None
+    with preemption.shield_children():  # each node's local rank 0 starts its engines; every rank learns all URLs
+        engines = start_node_engines(cfg, api_key=run_api_key(cfg) if rank0 else None)
+        stage = RolloutStage(cfg, tokenizer, engines) if rank0 else None
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
-    syncer = WeightSyncer(cfg, stage)
+    syncer = WeightSyncer(cfg, stage, engines)
     start = _resume(cfg, actor, stage)
     logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard, start_step=start)
     if rank0:
@@ -83,6 +85,7 @@ def run(cfg: Config) -> dict:
     syncer.close()
     if stage is not None:
         stage.close()
+    engines.shutdown()
     parallel.destroy()
     preemption.restore()
     if preempted:

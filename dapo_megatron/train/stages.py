@@ -25,13 +25,14 @@ from .weight_stream import broadcast_samples
 class RolloutStage:
     """generate -> reward + overlong shaping -> dynamic sampling, behind one `collect()` call."""
 
-    def __init__(self, cfg: Config, tokenizer):
+    def __init__(self, cfg: Config, tokenizer, engines=None):
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         r = cfg.rollout
-        self.api_key = run_api_key(cfg)
+        self.api_key = engines.api_key if engines is not None and engines.api_key else run_api_key(cfg)
+        # engines: rollout/backends.py start_node_engines (every node's engines, started by its local rank 0)
         self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
-                                    api_key=self.api_key)
+                                    api_key=self.api_key, engines=engines)
         self.client = self.backend.client
         self.weight_sync = self.backend.make_weight_sync()  # None in distributed mode (each stage sends its own)
         d = cfg.data
@@ -141,12 +142,18 @@ class WeightSyncer:
     engines; every stage's source rank broadcasts its own buckets over its own group (`dapo_weight_sync_pp{p}`,
     port `DAPO_WEIGHT_SYNC_PORT + p`) to all engine ranks; rank 0 flushes and resumes."""
 
-    def __init__(self, cfg: Config, stage: "RolloutStage | None"):
+    def __init__(self, cfg: Config, stage: "RolloutStage | None", engines=None):
         from megatron.core import parallel_state as ps
 
         self.cfg, self.stage = cfg, stage
         self.mode = broadcast_from_rank0(stage.backend.weight_sync_mode() if stage is not None else None)
         self.bucket_mb = cfg.rollout.weight_sync_bucket_mb
+        # tensor mode with per-node engines: every engine host receives the stream and feeds its own engine
+        self.dsts, self.sink = [0], stage.weight_sync if stage is not None else None
+        if self.mode == "tensor" and engines is not None and engines.host_ranks:
+            self.dsts = engines.host_ranks
+            if stage is None and dist.get_rank() in self.dsts:
+                self.sink = engines.weight_sink()
         self.sender = None
         if self.mode == "distributed":
             urls, key = broadcast_from_rank0((stage.client.worker_urls, stage.api_key) if stage is not None else None)
@@ -155,17 +162,20 @@ class WeightSyncer:
                                             stage.backend.version if stage is not None else None)
 
     def sync(self, actor, version: int) -> dict:
+        from . import sync_check
         from .weight_stream import WeightStream
 
-        stream = WeightStream(actor, dst=0, bucket_mb=self.bucket_mb)
+        stream = WeightStream(actor, dst=self.dsts, bucket_mb=self.bucket_mb)
         if self.mode == "distributed":
             return self._sync_distributed(stream, version)
-        stream.run(lambda buckets: self.stage.weight_sync.sync_buckets(buckets, version)
-                   if self.stage is not None else None)
+        with sync_check.probe() as rss:  # DAPO_CHECK_SYNC=1 (tests): peak RSS during the sync
+            stream.run(lambda buckets: self.sink.sync_buckets(buckets, version) if self.sink is not None else None)
+        checked = sync_check.check(actor, self.dsts, self.sink, self.bucket_mb, rss)  # {} unless DAPO_CHECK_SYNC=1
         if self.stage is None:
             return {}
         info = self.stage.weight_sync.last_sync
-        return {"time/engine_weight_update_s": info.get("seconds", 0.0), "sync/gb": info.get("bytes", 0) / 1e9}
+        return {"time/engine_weight_update_s": info.get("seconds", 0.0), "sync/gb": info.get("bytes", 0) / 1e9,
+                **checked}
 
     def _sync_distributed(self, stream, version: int) -> dict:
         from ..rollout.client import run_sync

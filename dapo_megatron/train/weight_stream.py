@@ -4,6 +4,8 @@ Weights: every pipeline stage's source rank (data-parallel rank 0, tensor-parall
 HF tensors (gathered over TP one tensor at a time) and sends them in buckets of about `bucket_bytes` to one
 destination rank (the rank hosting the engine, or writing the disk copy), which consumes them one bucket at a
 time. No rank ever holds more than its own stage's parameters plus one bucket, and nothing touches a filesystem.
+With per-node engines there are several destinations (each node's engine host); every source sends each bucket to
+each of them, and every destination takes the stages in pipeline order.
 
 Wire format of one bucket (point-to-point on the default group): an int64 header `[meta_bytes, payload_bytes]`,
 the metadata as UTF-8 JSON in a uint8 tensor (names, dtypes, shapes), then the payload as one flat uint8 tensor;
@@ -92,10 +94,12 @@ class WeightStream:
     TP gathers). Returns the bytes this rank sent or received.
     """
 
-    def __init__(self, actor, dst: int = 0, bucket_mb: float = DEFAULT_BUCKET_MB):
+    def __init__(self, actor, dst=0, bucket_mb: float = DEFAULT_BUCKET_MB):
         from megatron.core import parallel_state as ps
 
-        self.actor, self.dst, self.bucket_bytes = actor, dst, int(bucket_mb * 2 ** 20)
+        # dst: one rank, or a list (each node's engine host): a source sends every bucket to each of them in turn
+        self.dsts = [dst] if isinstance(dst, int) else sorted(set(dst))
+        self.actor, self.dst, self.bucket_bytes = actor, self.dsts[0], int(bucket_mb * 2 ** 20)
         self.sources = stage_source_ranks()
         # DP rank 0 of each stage gathers over TP; with expert parallel every rank takes part in the expert gathers
         self.is_member = ps.get_data_parallel_rank() == 0 or ps.get_expert_model_parallel_world_size() > 1
@@ -108,11 +112,25 @@ class WeightStream:
             yield bucket
             del bucket  # held by neither side while the next one is built
 
+    def _send_local(self, also_here: bool) -> Iterator[list]:
+        """This source's buckets to every other destination (each bucket yielded here too if this rank is one)."""
+        rank = dist.get_rank()
+        for bucket in self._local_buckets():
+            for d in self.dsts:
+                if d != rank:
+                    send_bucket(bucket, d)
+            if also_here:
+                yield bucket
+            del bucket
+        for d in self.dsts:
+            if d != rank:
+                send_end(d)
+
     def _all_buckets(self) -> Iterator[list]:
         rank = dist.get_rank()
-        for src in self.sources:
+        for src in self.sources:  # every destination takes the stages in the same order: no send/recv cycle
             if src == rank:
-                yield from self._local_buckets()
+                yield from self._send_local(also_here=True)
             else:
                 for bucket in recv_buckets(src):
                     self.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
@@ -120,7 +138,11 @@ class WeightStream:
 
     def run(self, consume=None) -> int:
         rank = dist.get_rank()
-        if rank == self.dst:
+        if rank in self.dsts:
+            if len(self.dsts) > 1 and self.is_member and not self.is_source:
+                raise RuntimeError("weight sync to several engine hosts needs each host to be a stage's source or "
+                                   "no stage member (expert_model_parallel_size > 1 with per-node engines is not "
+                                   "built); use one node's engine or rollout.weight_sync=disk")
             if consume is None:
                 raise ValueError("WeightStream.run on the destination rank needs a consumer")
             done = [False]
@@ -132,13 +154,12 @@ class WeightStream:
             consume(guarded())
             if not done[0]:
                 raise RuntimeError("the weight-sync consumer stopped before the end of the stream")
+        elif self.is_source:
+            for _ in self._send_local(also_here=False):
+                pass
         elif self.is_member:
-            for bucket in self._local_buckets():
-                if self.is_source:
-                    send_bucket(bucket, self.dst)
+            for bucket in self._local_buckets():  # TP (and expert) peers take part in the source's gathers
                 del bucket
-            if self.is_source:
-                send_end(self.dst)
         return self.nbytes
 
 
