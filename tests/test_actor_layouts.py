@@ -62,7 +62,8 @@ def test_layouts_and_recompute_equal_padded(single):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), pytest.param(1, 1, marks=pytest.mark.slow)],
+                         ids=["tp2", "pp2", "dp2"])  # DP=2 with the packed layout: also tests/test_parallel_dp.py
 def test_packed_and_response_head_at_tp2_pp2_dp2(hf, single, tmp_path, torchrun, tp, pp):
     # dp2: two data-parallel ranks on a token-balanced partition, one with a token budget per micro-batch
     out = tmp_path / "r.pt"

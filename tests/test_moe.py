@@ -100,14 +100,24 @@ def _hf_logits(hf_dir, ids):
         return model(ids).logits
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
-@pytest.mark.parametrize("tp, pp, ep, etp, nproc", [
+MOE_LAYOUTS = [  # tp, pp, ep, etp, nproc
     (1, 1, 2, 1, 2),  # EP=2 (DP=2)
     (2, 1, 2, 1, 2),  # TP=2 x EP=2 with expert TP 1 (sequence parallel on, uneven dispatch splits)
-    pytest.param(2, 1, 2, 2, 4, marks=pytest.mark.slow),  # TP=2 x EP=2 with expert TP 2
+    (2, 1, 2, 2, 4),  # TP=2 x EP=2 with expert TP 2
     (1, 2, 2, 1, 4),  # PP=2 x EP=2 (DP=2)
-])
+]
+
+
+def _moe_case(family, layout):
+    # default suite: every layout but expert TP 2 for Qwen3-MoE, EP=2 for Qwen2-MoE (the shared expert); the rest slow
+    default = layout[3] == 1 and (family == "qwen3_moe" or layout[:2] == (1, 1))
+    return pytest.param(*layout, family, marks=() if default else pytest.mark.slow,
+                        id="-".join(map(str, (*layout, family))))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("tp, pp, ep, etp, nproc, family",
+                         [_moe_case(f, layout) for layout in MOE_LAYOUTS for f in ("qwen3_moe", "qwen2_moe")])
 def test_moe_logits_equal_hf(torchrun, tmp_path, family, tp, pp, ep, etp, nproc):
     """Logits at EP=2, TP=2 x EP=2, PP=2 x EP=2 equal HF's; the weight sync returns every HF tensor bit for bit."""
     hf_dir = make_tiny_hf_model(tmp_path / family, family, seed=3)

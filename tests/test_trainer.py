@@ -59,7 +59,7 @@ def _weights(torchrun, ckpt_dir, tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp, pp", [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)], ids=["tp2", "pp2"])
 def test_dapo_steps_sync_and_checkpoint(toy, tmp_path, torchrun, tp, pp):
     run = tmp_path / "run"
     _train(_args(toy, run, steps=3, tp=tp, pp=pp, extra=[f"eval.path={toy[1]}", "eval.n_samples=2", "eval.max_prompts=5",
@@ -93,6 +93,7 @@ def test_dapo_steps_sync_and_checkpoint(toy, tmp_path, torchrun, tp, pp):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # ~2 min; tests/test_checkpoint_resume.py::test_kill_mid_log_then_resume_is_exact is the default one
 def test_resume_after_sigkill_is_exact(toy, tmp_path, torchrun):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     # vocabulary 128 padded to a multiple of 64 x TP: the same 128 rows at TP=1 and TP=2, so the TP=2 resume below
