@@ -22,8 +22,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _real_torchrun() -> bool:
+    return torch.cuda.is_available() or os.environ.get("DAPO_TEST_REAL_TORCHRUN", "") not in ("", "0")
+
+
 def run_torchrun(script, nproc, *args, timeout=300, env=None):
-    """Run `script` under torchrun with `nproc` local processes (gloo on CPU); fail the test with its output."""
+    """Run `script` on `nproc` local ranks (gloo on CPU) as torchrun --standalone would; fail the test with its
+    output. On CPU the ranks are forked from a warm process (tests/helpers/forked.py: the same environment, without
+    ~10 s of imports per rank); with CUDA, or DAPO_TEST_REAL_TORCHRUN=1, the real torchrun starts them."""
+    if not _real_torchrun():
+        from tests.helpers.forked import run_ranks
+
+        rc, out, err = run_ranks(script, nproc, args, env=env, timeout=timeout)
+        if rc != 0:
+            pytest.fail(f"ranks of {script} failed (rc={rc}):\n{out[-4000:]}\n{err[-8000:]}")
+        return out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}

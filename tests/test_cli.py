@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
-from tests.helpers.cli_fork import run_cli
+from tests.helpers.forked import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 from dapo_megatron.config import ConfigError, build_config, load_config
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.parallel import ParallelConfig, check_sizes, check_supported, planned_world_size
-from tests.helpers.cli_fork import run_cli
+from tests.helpers.forked import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 
 from dapo_megatron.config import build_config
 from dapo_megatron.placement import PlacementError, make_plan
-from tests.helpers.cli_fork import run_cli
+from tests.helpers.forked import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 R32, R7 = "examples/dapo_qwen2.5_32b/config.yaml", "examples/dapo_qwen2.5_7b/config.yaml"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
-from tests.helpers.cli_fork import run_cli
+from tests.helpers.forked import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 READ_CKPT = REPO / "tests" / "dist_scripts" / "read_checkpoint.py"
@@ -36,7 +36,7 @@ def _args(toy, run_dir, steps, tp=1, extra=(), pp=1):
 
 def _train(args, env=None, check=True):
     # Output goes to files, not pipes: after a SIGKILL the verifier pool's orphans would hold pipes open.
-    # `dapo-megatron train` as a process of its own, forked from a warm one (tests/helpers/cli_fork.py); whatever
+    # `dapo-megatron train` as a process of its own, forked from a warm one (tests/helpers/forked.py); whatever
     # the run leaves behind is killed with its process group.
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"dapo_train_{os.getpid()}_{len(args)}.log"
     rc, text, _ = run_cli(["train", *args], env=env, timeout=600, log=log)
