@@ -100,7 +100,7 @@ def test_config_and_yaml_errors(toy, tmp_path):
     assert rc != 0 and "Traceback" in err
 
 
-def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_state.json")):
+def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_state.json"), vocab=None):
     from dapo_megatron.train import ckpt_layout as layout
 
     d = root / layout.iter_name(n)
@@ -110,7 +110,7 @@ def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_stat
         else:
             (d / part).mkdir(parents=True)
             (d / part / "__0_0.distcp").write_bytes(b"x" * 1000)
-    layout.write_manifest(d, "train", n, arch=arch)
+    layout.write_manifest(d, "train", n, arch=arch, vocab=vocab)
     layout.write_latest(root, d.name)
     return d
 
@@ -148,11 +148,31 @@ def test_convert_of_a_truncated_checkpoint_is_one_line(toy, tmp_path):
     assert rc == 0, err
     manifest = json.loads((tmp_path / "mg" / "iter_0000000" / "manifest.json").read_text())
     assert manifest["kind"] == "model" and manifest["arch"]["hidden_size"] > 0  # the converter's kind
+    assert manifest["vocab"] == {"padded_vocab_size": 128, "tensor_model_parallel_size": 1,
+                                 "make_vocab_size_divisible_by": 128}  # what preflight compares on resume
     shard = max((tmp_path / "mg" / "iter_0000000" / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:100])
     rc, out, err = cli("convert", "megatron-to-hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "back")
     assert_one_line(rc, out, err, rf"iter_0000000 is damaged: model/{shard.name} has 100 bytes")
     assert not (tmp_path / "back").exists()
+
+
+def test_resume_at_a_tp_with_another_padded_vocab_is_one_line_before_launch(toy, tmp_path):
+    """The tiny vocabulary (128) pads to 128 rows at TP=1 and to 256 at TP=2: megatron's load would be a shape
+    mismatch on every rank; preflight refuses from the manifest, before any rank starts."""
+    from dapo_megatron.train import ckpt_layout as layout
+
+    _, hf, _ = toy
+    # what `convert hf-to-megatron` (default TP=1) records; test_convert_of_a_truncated_checkpoint checks it does
+    _fake_ckpt(tmp_path / "mg", 0, arch=layout.arch_summary(hf), vocab=layout.vocab_record(128, 1, 128))
+    rc, out, err = cli("train", *_args(toy, **{"trainer.load": tmp_path / "mg", "trainer.save": tmp_path / "s",
+                                               "parallel.tensor_model_parallel_size": 2}))
+    assert_one_line(rc, out, err, r"config error: checkpoint .*iter_0000000 has its vocabulary padded to 128 "
+                    r"rows \(TP=1, make_vocab_size_divisible_by=128\) but this run pads vocab_size=128 to 256 "
+                    r"\(parallel\.tensor_model_parallel_size=2, model\.make_vocab_size_divisible_by=128\); resume at "
+                    r"parallel\.tensor_model_parallel_size=1, or set model\.make_vocab_size_divisible_by=64 so the "
+                    r"padded sizes agree, or convert it through HF")
+    assert "launching" not in out and not (tmp_path / "s").exists()  # no rank started, nothing written
 
 
 def test_unreachable_server_and_serve_errors(toy, tmp_path):
