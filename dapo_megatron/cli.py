@@ -3,7 +3,8 @@
 Every command registered in COMMANDS runs inside one error boundary (`run_command`): a user error (config, data,
 checkpoint, model, an unreachable server, a full disk) prints one line naming the thing and the fix and exits 2;
 `--debug` or DAPO_DEBUG=1 shows the traceback instead. Ranks that `train` launches under torchrun print their one
-line the same way, and the launching process exits with their code, without torchrun's report.
+line the same way (a line raised on every rank once), and the launching process exits with their code, without
+torchrun's report.
 """
 import argparse
 import errno
@@ -46,6 +47,10 @@ def _launch_ranks(nproc: int, argv: list) -> int:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["DAPO_PREFLIGHT_DONE"] = "1"  # the data file was checked here: ranks need not read it again
+    import shutil
+    import tempfile
+
+    os.environ["DAPO_ERROR_DIR"] = errors = tempfile.mkdtemp(prefix="dapo-megatron-errors-")  # see _first_to_say
     print(f"launching {nproc} processes: torchrun --standalone --nproc_per_node={nproc} -m dapo_megatron.cli "
           f"{' '.join(argv)}", flush=True)
     if not _debug():
@@ -55,6 +60,8 @@ def _launch_ranks(nproc: int, argv: list) -> int:
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c > 0), 1)
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
     return 0
 
 
@@ -165,9 +172,29 @@ def run_command(name: str, argv: list) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
-        print(f"dapo-megatron {name}: {describe(e)} (DAPO_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+        line = f"dapo-megatron {name}: {describe(e)} (DAPO_DEBUG=1 for the traceback)"
+        if _first_to_say(line):
+            print(line, file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     return 0
+
+
+def _first_to_say(line: str) -> bool:
+    """False when another rank that `train` launched already printed this very line (a user error raised on every
+    rank prints once; different lines all print). Ranks of an outside torchrun / srun each print theirs."""
+    folder = os.environ.get("DAPO_ERROR_DIR")
+    if not folder or "RANK" not in os.environ:
+        return True
+    import hashlib
+
+    try:
+        os.close(os.open(os.path.join(folder, hashlib.sha256(line.encode()).hexdigest()[:32]),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # the folder is gone or unwritable: say it rather than lose it
+        return True
+    return True
 
 
 def main(argv=None):

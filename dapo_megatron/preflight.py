@@ -41,7 +41,17 @@ def _check_checkpoint(cfg, layout) -> None:
         return
     path, manifest = layout.resolve(cfg.trainer.load, log=lambda *_: None)
     layout.check_compatible(manifest, path, cfg.model.path)
+    _check_vocab(cfg, layout, manifest, path)
     if taken and path.parent.resolve() != root.resolve():
         raise layout.CheckpointError(
             f"trainer.load={cfg.trainer.load} is outside the save folder {root}, which already holds another run's "
             f"checkpoints (newest {taken[0].name}); choose another trainer.run_dir/trainer.save")
+
+
+def _check_vocab(cfg, layout, manifest, path) -> None:
+    """The padded vocabulary depends on TP: a checkpoint saved with another padded size cannot load here."""
+    from .models.hf_config import arch_from_hf, load_hf_config
+
+    vocab_size = arch_from_hf(load_hf_config(cfg.model.path)).vocab_size
+    layout.check_vocab(manifest, path, vocab_size, cfg.model.make_vocab_size_divisible_by,
+                       cfg.parallel.tensor_model_parallel_size)

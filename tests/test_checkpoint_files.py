@@ -1,8 +1,10 @@
 """Checkpoint folder rules that need no process group (train/ckpt_layout.py): manifest, damage, fallback, lineage."""
 import json
+import re
 
 import pytest
 
+from dapo_megatron.models.hf_config import padded_vocab_size
 from dapo_megatron.train import ckpt_layout as layout
 from dapo_megatron.train.ckpt_layout import CheckpointDamaged, CheckpointError
 
@@ -131,3 +133,37 @@ def test_architecture_mismatch_is_one_line(tmp_path):
                                               rf"hidden_size={arch['hidden_size']}; set model.path"):
         layout.check_compatible(layout.read_manifest(d), d, hf)
     layout.check_compatible({"arch": arch}, d, hf)  # same architecture: accepted
+
+
+def test_padded_vocab_mismatch_names_the_keys_and_the_fix(tmp_path):
+    """Qwen's 151936 rows: padded 151936 at TP=1 and 152064 at TP=2 (divisor 128); old manifests are not checked."""
+    saved = layout.vocab_record(151936, tp=1, divisor=128)
+    assert layout.vocab_mismatch(saved, 151936, 128, tp=1) is None
+    assert layout.vocab_mismatch(saved, 151936, 64, tp=2) is None  # 151936 = 64 x 2 x 1187: same rows, loads
+    why = layout.vocab_mismatch(saved, 151936, 128, tp=2)
+    assert why == ("has its vocabulary padded to 151936 rows (TP=1, make_vocab_size_divisible_by=128) but this run "
+                   "pads vocab_size=151936 to 152064 (parallel.tensor_model_parallel_size=2, model.make_vocab_size_"
+                   "divisible_by=128); resume at parallel.tensor_model_parallel_size=1, or set model.make_vocab_size_"
+                   "divisible_by=64 so the padded sizes agree, or convert it through HF (convert megatron-to-hf, "
+                   "then hf-to-megatron --tensor-model-parallel-size 2: weights only)")
+    # the same TP with another divisor: TP is not the fix; the divisor it was saved with is
+    why = layout.vocab_mismatch(layout.vocab_record(256, tp=2, divisor=128), 128, 64, tp=2)
+    assert "resume at" not in why and "set model.make_vocab_size_divisible_by=128 so" in why
+    # no divisor recorded (the trainer's manifests): found from the rows; none exists when TP does not divide them
+    why = layout.vocab_mismatch(layout.vocab_record(768, tp=4), 700, 256, tp=2)  # this run: 1024 rows
+    assert "resume at" not in why  # TP=4 with divisor 256 gives 1024 rows too
+    d = int(re.search(r"make_vocab_size_divisible_by=(\d+) so", why).group(1))
+    assert d == 192 and padded_vocab_size(700, d, 2) == 768  # the largest divisor <= 256 that gives 768 rows
+    why = layout.vocab_mismatch(layout.vocab_record(129, tp=1), 129, 1, tp=2)
+    assert "make_vocab_size_divisible_by" not in why.split(";")[1] and "convert it through HF" in why
+    assert layout.vocab_mismatch(None, 151936, 128, tp=2) is None  # an old manifest: no field, no check
+    assert layout.vocab_mismatch({}, 151936, 128, tp=2) is None
+    # check_vocab reads the manifest make_ckpt / the trainer wrote
+    d = make_ckpt(tmp_path, 1)
+    layout.check_vocab(layout.read_manifest(d), d, 151936, 128, 2)  # no "vocab" in the manifest: passes
+    layout.write_manifest(d, "train", 1, vocab=saved)
+    manifest = layout.read_manifest(d)
+    assert manifest["vocab"] == {"padded_vocab_size": 151936, "tensor_model_parallel_size": 1,
+                                 "make_vocab_size_divisible_by": 128}
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*iter_0000001 has its vocabulary padded to 151936"):
+        layout.check_vocab(manifest, d, 151936, 128, 2)

@@ -150,7 +150,14 @@ def test_disk_full_during_save_is_one_line_and_leaves_no_tmp(toy, reference, tmp
 
 
 def kill_plan(seed: int) -> tuple[str, int]:
-    return POINTS[seed], random.Random(seed).randint(2, STEPS)
+    """(point, step): seeds 0-4 kill at log@3, save_model@3, save_manifest@4 (the last step), save_latest@3, train@2.
+    Step 1 is never drawn: a run killed before its first checkpoint has nothing to resume."""
+    return POINTS[seed], random.Random(str(seed)).randint(2, STEPS)
+
+
+def whole_rows(run_dir) -> int:
+    """The metrics.jsonl lines a resume would keep (a torn last line is not one)."""
+    return (Path(run_dir) / "metrics.jsonl").read_bytes().count(b"\n")
 
 
 def _kill_and_resume(toy, reference, tmp_path, torchrun, seed):
@@ -158,13 +165,23 @@ def _kill_and_resume(toy, reference, tmp_path, torchrun, seed):
     run = tmp_path / "run"
     rc, text = train(toy, run, env={"DAPO_FAULT": f"{point}@{step}"})
     assert rc == -9, (point, step, text[-3000:])  # SIGKILLed where planned
+    # where planned: a kill mid-step or mid-log leaves step-1 whole lines; a kill mid-save comes after its step's log
+    assert whole_rows(run) == step - (point in ("train", "log")), (point, step)
     ck = run / "checkpoints"
+    assert layout.read_latest(ck) == layout.iter_name(step - 1), (point, step)  # `latest` is never ahead of a kill
     ok(train(toy, run, extra=[f"trainer.load={ck}"]))
-    assert rows(run) == rows(reference), (point, step)  # every step once, same numbers
+    want = rows(reference)  # real numbers: one row per step, with a loss that moves from step to step
+    assert [r["step"] for r in want] == list(range(1, STEPS + 1)) and len(set(r["actor/pg_loss"] for r in want)) > 1
+    assert rows(run) == want, (point, step)  # every step once, same numbers
     assert (ck / "latest").read_text().strip() == layout.iter_name(STEPS) and not list(ck.glob("*.tmp"))
     final = layout.iter_name(STEPS)
-    a, b = weights(torchrun, tmp_path, reference / "checkpoints" / final, ck / final)
+    a, b, before = weights(torchrun, tmp_path, reference / "checkpoints" / final, ck / final,
+                           reference / "checkpoints" / layout.iter_name(STEPS - 1))
+    assert a and not same_weights(a, before)  # the last step moved the weights: equality below means something
     assert same_weights(a, b), (point, step)
+    manifest = layout.read_manifest(ck / final)  # and the trainer records the padded vocabulary it saved
+    assert manifest["vocab"] == {"padded_vocab_size": 128, "tensor_model_parallel_size": 1,
+                                 "make_vocab_size_divisible_by": None}
 
 
 @pytest.mark.dist

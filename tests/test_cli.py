@@ -96,7 +96,7 @@ def test_config_and_yaml_errors(toy, tmp_path):
     assert rc != 0 and "Traceback" in err
 
 
-def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_state.json")):
+def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_state.json"), vocab=None):
     from dapo_megatron.train import ckpt_layout as layout
 
     d = root / layout.iter_name(n)
@@ -106,7 +106,7 @@ def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_stat
         else:
             (d / part).mkdir(parents=True)
             (d / part / "__0_0.distcp").write_bytes(b"x" * 1000)
-    layout.write_manifest(d, "train", n, arch=arch)
+    layout.write_manifest(d, "train", n, arch=arch, vocab=vocab)
     layout.write_latest(root, d.name)
     return d
 
@@ -144,11 +144,31 @@ def test_convert_of_a_truncated_checkpoint_is_one_line(toy, tmp_path):
     assert rc == 0, err
     manifest = json.loads((tmp_path / "mg" / "iter_0000000" / "manifest.json").read_text())
     assert manifest["kind"] == "model" and manifest["arch"]["hidden_size"] > 0  # the converter's kind
+    assert manifest["vocab"] == {"padded_vocab_size": 128, "tensor_model_parallel_size": 1,
+                                 "make_vocab_size_divisible_by": 128}  # what preflight compares on resume
     shard = max((tmp_path / "mg" / "iter_0000000" / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:100])
     rc, out, err = cli("convert", "megatron-to-hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "back")
     assert_one_line(rc, out, err, rf"iter_0000000 is damaged: model/{shard.name} has 100 bytes")
     assert not (tmp_path / "back").exists()
+
+
+def test_resume_at_a_tp_with_another_padded_vocab_is_one_line_before_launch(toy, tmp_path):
+    """The tiny vocabulary (128) pads to 128 rows at TP=1 and to 256 at TP=2: megatron's load would be a shape
+    mismatch on every rank; preflight refuses from the manifest, before any rank starts."""
+    from dapo_megatron.train import ckpt_layout as layout
+
+    _, hf, _ = toy
+    # what `convert hf-to-megatron` (default TP=1) records; test_convert_of_a_truncated_checkpoint checks it does
+    _fake_ckpt(tmp_path / "mg", 0, arch=layout.arch_summary(hf), vocab=layout.vocab_record(128, 1, 128))
+    rc, out, err = cli("train", *_args(toy, **{"trainer.load": tmp_path / "mg", "trainer.save": tmp_path / "s",
+                                               "parallel.tensor_model_parallel_size": 2}))
+    assert_one_line(rc, out, err, r"config error: checkpoint .*iter_0000000 has its vocabulary padded to 128 "
+                    r"rows \(TP=1, make_vocab_size_divisible_by=128\) but this run pads vocab_size=128 to 256 "
+                    r"\(parallel\.tensor_model_parallel_size=2, model\.make_vocab_size_divisible_by=128\); resume at "
+                    r"parallel\.tensor_model_parallel_size=1, or set model\.make_vocab_size_divisible_by=64 so the "
+                    r"padded sizes agree, or convert it through HF")
+    assert "launching" not in out and not (tmp_path / "s").exists()  # no rank started, nothing written
 
 
 def test_unreachable_server_and_serve_errors(toy, tmp_path):
@@ -163,14 +183,17 @@ def test_unreachable_server_and_serve_errors(toy, tmp_path):
 
 @pytest.mark.dist
 def test_an_error_inside_torchrun_ranks_is_a_line_not_a_traceback_wall(toy, tmp_path):
-    """TP=2: `train` launches two ranks; a full disk in their save prints the rank's line and the CLI exits 2."""
+    """TP=2: `train` launches two ranks; a full disk in their save (on both ranks) prints one line, the CLI exits 2."""
     from test_trainer import _args as trainer_args
 
     root, hf, data = toy
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     rc, out, err = cli("train", *trainer_args((hf, data), tmp_path / "run", 1, tp=2),
-                       env={"DAPO_FAULT": "enospc:save_model@1"})
+                       env={"DAPO_FAULT": "enospc:save_model@1", "TMPDIR": str(tmp)})
     assert rc == 2, (out[-3000:], err[-6000:])
     assert "Traceback" not in out + err and "ChildFailedError" not in out + err, err[-6000:]
     lines = [x for x in err.splitlines() if x.startswith("dapo-megatron train:")]
-    assert 1 <= len(lines) <= 2 and all("saving checkpoint iter_0000001" in x and "disk is full" in x for x in lines)
+    assert len(lines) == 1 and "saving checkpoint iter_0000001" in lines[0] and "disk is full" in lines[0], lines
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+    assert not list(tmp.glob("dapo-megatron-errors-*"))  # the ranks' shared note of printed lines is removed

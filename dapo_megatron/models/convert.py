@@ -346,7 +346,9 @@ def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pip
             (tmp / HF_CONFIG_DIR).mkdir()
             copy_hf_metadata_files(hf_dir, tmp / HF_CONFIG_DIR)
             ckpt_layout.write_manifest(tmp / iter_name, ckpt_layout.KIND_MODEL, 0,
-                                       arch=ckpt_layout.arch_summary(tmp / HF_CONFIG_DIR))  # last: seals the folder
+                                       arch=ckpt_layout.arch_summary(tmp / HF_CONFIG_DIR),  # last: seals the folder
+                                       vocab=ckpt_layout.vocab_record(padded, tensor_model_parallel_size,
+                                                                      make_vocab_size_divisible_by))
             ckpt_layout.write_latest(tmp, iter_name)
     log(f"wrote {save_dir} ({arch.family}, {arch.num_layers} layers, vocabulary {arch.vocab_size} padded to "
         f"{padded}); it loads at any PP and at TP={tensor_model_parallel_size}")

@@ -144,7 +144,8 @@ def _write(root: Path, tmp: Path, iteration: int, actor, trainer_state: dict, hf
         arch = layout.arch_summary(hf_config_dir) if hf_config_dir is not None else None
         fault("save_manifest", iteration)
         layout.write_manifest(tmp, layout.KIND_TRAIN, iteration, parent=layout.read_latest(root), arch=arch,
-                              world_size=dist.get_world_size())
+                              world_size=dist.get_world_size(),
+                              vocab=layout.vocab_record(module.vocab_size, module.config.tensor_model_parallel_size))
 
 
 def _copy_hf_config(src, dst: Path) -> None:

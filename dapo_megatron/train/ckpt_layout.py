@@ -7,7 +7,7 @@
         optim/                    dist_checkpointing of the optimizer          (kind "train" only)
         rng/rank{r}.pt            RNG state of each rank                       (kind "train" only)
         trainer_state.json        step, scheduler, data/rollout state          (kind "train" only)
-        manifest.json             written LAST: kind, iteration, parent, every file with its size
+        manifest.json             written LAST: kind, iteration, parent, arch, padded vocabulary, every file + size
     ROOT/abandoned_<timestamp>/   checkpoints a rollback moved aside (never deleted)
 
 Two kinds, told apart by `manifest.json["kind"]`: "train" (written by the trainer; resumes the run exactly) and
@@ -98,14 +98,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_manifest(folder, kind: str, iteration: int, parent: Optional[str] = None, arch: Optional[dict] = None,
-                   world_size: Optional[int] = None) -> dict:
-    """Record every file of `folder` (call it last, once every part is on disk)."""
+                   world_size: Optional[int] = None, vocab: Optional[dict] = None) -> dict:
+    """Record every file of `folder` (call it last, once every part is on disk). `vocab`: see `vocab_record`."""
     folder = Path(folder)
     missing = [p for p in REQUIRED[kind] if not (folder / p).exists()]
     if missing:
         raise CheckpointDamaged(f"{folder}: cannot seal a {kind} checkpoint without {missing[0]}")
     manifest = {"format": 1, "kind": kind, "iteration": iteration, "parent": parent, "arch": arch,
-                "world_size": world_size, "files": _files(folder)}
+                "world_size": world_size, **({"vocab": vocab} if vocab else {}), "files": _files(folder)}
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -283,3 +283,57 @@ def claim_for_resume(save_root, loaded: Path, manifest: dict, log=print) -> None
                "run's lineage", log)
     if manifest["kind"] == KIND_TRAIN and read_latest(save_root) != Path(loaded).name:
         write_latest(save_root, Path(loaded).name)
+
+
+def vocab_record(padded: int, tp: int, divisor: Optional[int] = None) -> dict:
+    """The manifest's "vocab": the embedding / output layer rows saved, and the TP (and divisor) that padded them."""
+    return {"padded_vocab_size": int(padded), "tensor_model_parallel_size": int(tp),
+            "make_vocab_size_divisible_by": divisor}
+
+
+def _divisor_for(padded: int, vocab_size: int, tp: int, near: int) -> Optional[int]:
+    """A make_vocab_size_divisible_by that pads `vocab_size` to `padded` at `tp`: the largest <= `near`, else the
+    smallest; None when there is none."""
+    from ..models.hf_config import padded_vocab_size
+
+    if padded % tp or padded < vocab_size:
+        return None
+    fits = [d for d in range(1, padded // tp + 1)
+            if (padded // tp) % d == 0 and padded_vocab_size(vocab_size, d, tp) == padded]
+    below = [d for d in fits if d <= near]
+    return max(below) if below else (min(fits) if fits else None)
+
+
+def vocab_mismatch(saved: Optional[dict], vocab_size: int, divisor: int, tp: int) -> Optional[str]:
+    """Why a checkpoint whose manifest records `saved` (its "vocab") cannot load into a model padded at `tp` with
+    `divisor`, or None when it can (or when an old manifest records nothing). The fix, without the folder's name."""
+    from ..models.hf_config import padded_vocab_size
+
+    if not saved or not saved.get("padded_vocab_size"):
+        return None
+    have, want = saved["padded_vocab_size"], padded_vocab_size(vocab_size, divisor, tp)
+    if have == want:
+        return None
+    saved_tp, saved_div = saved.get("tensor_model_parallel_size"), saved.get("make_vocab_size_divisible_by")
+    fixes = []
+    if saved_tp and saved_tp != tp and padded_vocab_size(vocab_size, divisor, saved_tp) == have:
+        fixes.append(f"resume at parallel.tensor_model_parallel_size={saved_tp}")
+    d = saved_div if saved_div and padded_vocab_size(vocab_size, saved_div, tp) == have else \
+        _divisor_for(have, vocab_size, tp, divisor)
+    if d is not None:
+        fixes.append(f"set model.make_vocab_size_divisible_by={d} so the padded sizes agree")
+    fixes.append(f"convert it through HF (convert megatron-to-hf, then hf-to-megatron --tensor-model-parallel-size "
+                 f"{tp}: weights only)")
+    how = ", ".join(x for x in (f"TP={saved_tp}" if saved_tp else "",
+                                f"make_vocab_size_divisible_by={saved_div}" if saved_div else "") if x)
+    return (f"has its vocabulary padded to {have} rows{f' ({how})' if how else ''} but this run pads "
+            f"vocab_size={vocab_size} to {want} (parallel.tensor_model_parallel_size={tp}, "
+            f"model.make_vocab_size_divisible_by={divisor}); {', or '.join(fixes)}")
+
+
+def check_vocab(manifest: dict, folder, vocab_size: int, divisor: int, tp: int) -> None:
+    """Refuse, in one line, a checkpoint whose padded vocabulary differs from this run's (megatron's load would
+    fail with a shape mismatch on every rank)."""
+    why = vocab_mismatch(manifest.get("vocab"), vocab_size, divisor, tp)
+    if why:
+        raise CheckpointError(f"checkpoint {folder} {why}")
