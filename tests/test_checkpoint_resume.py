@@ -16,6 +16,7 @@ from dapo_megatron.train import ckpt_layout as layout
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from test_trainer import _args, _metrics
+from tests.helpers.forked import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 READ = REPO / "tests" / "dist_scripts" / "read_checkpoints.py"
@@ -24,25 +25,13 @@ POINTS = ["log", "save_model", "save_manifest", "save_latest", "train"]  # seed 
 
 
 def train(toy, run_dir, steps=STEPS, extra=(), env=None):
-    """(rc, output) of `dapo-megatron train` on the toy setup, a checkpoint every step."""
-    import os
-    import signal
-    import sys
-
+    """(rc, output) of `dapo-megatron train` on the toy setup, a checkpoint every step: a process of its own, forked
+    from a warm one (tests/helpers/forked.py), its output in a file (after a SIGKILL the verifier pool's orphans
+    would hold pipes), and whatever it leaves behind killed with its process group."""
     args = _args(toy, run_dir, steps, extra=["trainer.save_interval=1", *extra])
     log = Path(run_dir).parent / f"{Path(run_dir).name}.{len(list(Path(run_dir).parent.glob('*.log')))}.log"
-    with open(log, "w") as out:  # files, not pipes: after a SIGKILL the reward pool's orphans would hold pipes
-        proc = subprocess.Popen([sys.executable, "-m", "dapo_megatron.cli", "train", *args], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
-        try:
-            rc = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return rc, log.read_text()
+    rc, text, _ = run_cli(["train", *args], env=env, timeout=600, log=log)
+    return rc, text
 
 
 def ok(result):
