@@ -58,8 +58,10 @@ def test_sbatch_preempted_by_usr1_saves_requeues_and_resumes_exactly(toy, tmp_pa
 
     run, job_log = tmp_path / "slurm_run", tmp_path / "job.out"
     args = _args(toy, run, steps=STEPS, extra=["trainer.save_interval=0", "trainer.tensorboard=true"])
+    # The trainer holds after step 1 until the signal arrives (faults.py): however fast the steps run, the signal
+    # lands mid-run, and the save at the signal is iter_0000001.
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "RUN_DIR": str(run), "CKPT": str(run / "checkpoints")}
+           "RUN_DIR": str(run), "CKPT": str(run / "checkpoints"), "DAPO_FAULT": "hold_for_signal@1"}
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
          f"--job-name=dapo_test_{os.getpid()}", f"--chdir={tmp_path}", f"--output={job_log}", "--export=ALL",
@@ -83,7 +85,7 @@ def test_sbatch_preempted_by_usr1_saves_requeues_and_resumes_exactly(toy, tmp_pa
     saved = re.search(r"preempted: checkpoint saved at step (\d+)", trainer_log)
     assert saved and "trainer exited with 75" in text, (text + trainer_log)[-4000:]
     k = int(saved.group(1))
-    assert 1 <= k < STEPS  # saved at the signal: save_interval=0 would only save at the end
+    assert k == 1  # saved at the signal, after the held step 1: save_interval=0 would only save at the end
     assert (run / "checkpoints" / f"iter_{k:07d}" / "trainer_state.json").is_file()
     assert re.search(r"restart 1 resume trainer\.load=", text), text[-4000:]  # the requeued start resumed
     assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"

@@ -16,7 +16,7 @@ from ..rollout.backends import start_node_engines
 from .actor import Actor, train_on_batch
 from . import ckpt_layout
 from .checkpoint import load_checkpoint, save_checkpoint
-from .faults import fault
+from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger
 from .reference import build_reference
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
@@ -75,6 +75,7 @@ def run(cfg: Config) -> dict:
             with _timer(times, "save"):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
+        hold_for_signal(step + 1, lambda: preemption.signum is not None)  # preemption tests only (faults.py)
         if step + 1 < cfg.trainer.num_steps and preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
             if not _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
