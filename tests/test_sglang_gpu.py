@@ -6,10 +6,11 @@ different log-probs (mean |diff| ~4) while SGLang's bf16 differs from the fp32 H
 0.15. The CPU tests hold the embedded engine to < 1e-4 in fp32.
 """
 import asyncio
-import socket
 
 import pytest
 import torch
+
+from dapo_megatron.rollout.sglang_launcher import free_port_block
 
 pytestmark = pytest.mark.gpu
 
@@ -17,17 +18,6 @@ SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 4,
          "vocab_size": 1024}
 PROMPT = [5, 6, 7, 8, 9]
 TOL = 0.15  # mean |engine log-prob - HF fp32 log-prob| for bf16 serving
-
-
-def free_port_block(width: int = 40) -> int:
-    """A base port with `width` free ports above it (servers use base + 10 * i and + 1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + width < 65000:
-            return base
-    raise RuntimeError("no free port block")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.rollout.client import RolloutClient
-from dapo_megatron.rollout.sglang_launcher import SGLangServers
+from dapo_megatron.rollout.sglang_launcher import SGLangServers, free_port_block
 from dapo_megatron.rollout.weight_sync import make_weight_sync
 from test_rollout_client import HELD_SERVER, _bounded
 from test_sglang_cpu import READY, TOOLS_PY
@@ -22,18 +22,6 @@ from waiting import async_wait_until
 
 pytestmark = [pytest.mark.sglang_cpu,
               pytest.mark.skipif(not READY, reason="needs the sglang tools venv: bash tools/setup_sglang_cpu.sh")]
-
-
-def free_port_block(width: int = 30) -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + width < 65000:
-            return base
-    raise RuntimeError("no free port block")
 
 
 def server_info(url: str) -> dict:
@@ -46,7 +34,7 @@ def routed(tmp_path):
     """Worker 0: a plain embedded server; worker 1: one that holds every request; the real router in front."""
     model = make_tiny_hf_model(tmp_path / "m", family="qwen2.5")
     (tmp_path / "logs").mkdir()  # SGLangServers does not create a log_dir it is given
-    s = SGLangServers(model, num_servers=2, router=True, base_port=free_port_block(), router_policy="round_robin",
+    s = SGLangServers(model, num_servers=2, router=True, base_port=free_port_block(30), router_policy="round_robin",
                       log_dir=tmp_path / "logs", startup_timeout_s=180, python=str(TOOLS_PY))
 
     def worker_command(i):

@@ -273,6 +273,7 @@ def stage3_dapo(out: Path) -> dict:
     data = out / "toy_train.jsonl"  # the toy recipe's prompts (examples/toy/run.py makes the same rows)
     data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                             for a in range(5) for b in range(5)))
+    from dapo_megatron.rollout.sglang_launcher import free_port_block
     runs, skipped = stage3_runs(out, path, data, torch.cuda.device_count(), base_port=free_port_block(300))
     numbers, ok, detail = {}, True, []
     for run in runs:
@@ -289,19 +290,6 @@ def stage3_dapo(out: Path) -> dict:
     detail.append("tensor: CUDA IPC handles to the colocated sglang server (/update_weights_from_tensor); disk: "
                   "safetensors + /update_weights_from_disk; distributed: NCCL broadcast to an engine on GPU 1")
     return {"ok": ok, "numbers": numbers, "detail": "\n".join(detail)}
-
-
-def free_port_block(width: int = 40) -> int:
-    """A base port with `width` ports above it free of listeners (servers use base + 10 * i and + 1)."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + width < 65000:
-            return base
-    raise RuntimeError("no free port block")
 
 
 def stage4_mfu(out: Path) -> dict:

@@ -30,6 +30,19 @@ from .server import log_tail, wait_for_health
 PORT_STRIDE = 10  # ports per server: the HTTP port, its NCCL port (port + 1), spare room
 
 
+
+def free_port_block(width: int = 40) -> int:
+    """A base port with `width` ports above it below 65000 (servers use base + 10 * i and + 1)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + width < 65000:
+            return base
+    raise RuntimeError("no free port block")
+
 class SGLangServers:
     def __init__(self, model_path, num_servers: int = 1, tp_size: int = 1, mem_fraction_static: float = 0.8,
                  base_port: int = 30000, enable_memory_saver: bool = False, router: bool = False, *,
