@@ -106,13 +106,21 @@ def _plan(argv):
     main(argv)
 
 
+def _engines(argv):
+    from .rollout.node_engines import main
 
-COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert, "plan": _plan}
+    sys.exit(main(argv))
+
+
+
+COMMANDS = {"train": _train, "eval": _eval, "serve": _serve, "convert": _convert, "plan": _plan,
+            "engines": _engines}
 HELP = {"train": "DAPO training from a YAML config and dotted overrides",
         "eval": "avg@k accuracy of model.path on eval.path",
         "serve": "serve an HF model with the embedded engine (SGLang's HTTP API)",
         "convert": "checkpoint conversion: hf-to-megatron | megatron-to-hf",
-        "plan": "print where every trainer rank and rollout engine runs (--nodes N --gpus-per-node G)"}
+        "plan": "print where every trainer rank and rollout engine runs (--nodes N --gpus-per-node G)",
+        "engines": "start the engines the plan puts on this node (one with no trainer rank); serve until SIGTERM"}
 
 
 def _debug() -> bool:

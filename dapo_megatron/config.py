@@ -73,6 +73,10 @@ class RolloutConfig:
     # filesystem shared with the engines) | distributed (NCCL; engines on GPUs of their own)
     weight_sync: str = "auto"
     weight_sync_bucket_mb: float = 512  # each pipeline stage sends its weights in buckets of this size
+    # disk sync: the folder rank 0 writes and the engines read (only under it); default <run_dir>/weight_sync. Name a
+    # shared folder when engines run on nodes of their own (`dapo-megatron engines`) with run folders of their own.
+    weight_sync_dir: Optional[str] = None
+    engine_wait_s: float = 900.0  # how long the trainer waits for engines on nodes with no trainer rank (/health)
     sglang_num_servers: int = 1
     sglang_tp_size: int = 1
     sglang_ep_size: int = 1  # MoE: SGLang --ep-size, experts split over this many of each server's TP ranks
@@ -108,6 +112,13 @@ class RolloutConfig:
                               "(colocate=true, sglang_num_servers=1, sglang_tp_size=1); use disk or distributed")
         if self.rollout_nodes < 0:
             raise ConfigError(f"rollout.rollout_nodes={self.rollout_nodes}; use 0 or more nodes")
+        if self.weight_sync_dir and (self.weight_sync in ("tensor", "distributed")
+                                     or self.weight_sync == "auto" and self.backend == "embedded"):
+            raise ConfigError(f"rollout.weight_sync_dir is the folder of disk weight sync, and rollout.weight_sync="
+                              f"{self.weight_sync} (backend {self.backend}) writes none; unset it or set "
+                              f"rollout.weight_sync=disk")
+        if not self.engine_wait_s > 0:
+            raise ConfigError(f"rollout.engine_wait_s={self.engine_wait_s}; use a number of seconds > 0")
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
 

@@ -1,19 +1,20 @@
 """Placement as data: which node and GPU runs every trainer rank and every rollout engine, validated before launch.
 
-    dapo-megatron plan --config X --nodes N --gpus-per-node G
+    dapo-megatron plan --config X --nodes N --gpus-per-node G [--print engine-nodes]
 
 Three placements, read from the rollout section:
 - colocated (`rollout.colocate: true`): engines share the trainer's GPUs on every node and release their memory while
   the actor trains; `sglang_num_servers / N` servers per node.
 - disaggregated (`colocate: false`, `rollout.rollout_nodes: K`): the trainer on the first N - K nodes, the engines on
-  the last K nodes, each engine `sglang_tp_size` GPUs.
+  the last K nodes, each engine `sglang_tp_size` GPUs (the embedded engine: one per node).
 - external (`backend: http`): engines someone else runs, at `rollout.urls`.
 
-Engines start per node (`node_engine_hosts`, rollout/backends.py: `start_node_engines`): each engine node's local
-rank 0 starts the engines the plan puts there, bound to `engine_bind_host`, and every rank learns all their URLs.
-The embedded engine on several nodes is one engine per node, in that node's local rank 0. Disaggregated engines sit on
-nodes with no trainer rank, so nothing of this launch can start them: `backend=sglang` refuses that plan at start-up;
-start them there and use `backend=http`.
+Engines on a trainer node start with the trainer (`node_engine_hosts`, rollout/backends.py: `start_node_engines`):
+that node's local rank 0 starts them, bound to `engine_bind_host`, and every rank learns all their URLs. The embedded
+engine on several trainer nodes is one engine per node, in that node's local rank 0. Engines on a node with no
+trainer rank (disaggregated) start there with `dapo-megatron engines` (rollout/node_engines.py;
+launch/slurm/dapo.sbatch runs it as a second step); the trainer builds their URLs from the plan and the node host
+list (`node_hosts`: $DAPO_NODE_HOSTS, else SLURM's node list) and waits for their /health.
 
 Global trainer ranks follow megatron-core's order (TP fastest, then DP, then PP), node by node. A pipeline stage's
 weight-sync source is its DP-0, TP-0 rank.
@@ -51,6 +52,12 @@ class Plan:
     urls: list = field(default_factory=list)
     sync_mode: str = "disk"
     bucket_mb: float = 512
+    backend: str = "sglang"
+    engine_tp: int = 1  # GPU ranks per engine (rollout.sglang_tp_size); external engines too
+
+    def engine_only_nodes(self) -> list:
+        """Nodes with engines and no trainer rank: `dapo-megatron engines` starts theirs."""
+        return sorted({e.node for e in self.engines} - set(self.trainer_nodes))
 
     @property
     def trainer_world(self) -> int:
@@ -70,26 +77,37 @@ class Plan:
             stages = sorted({r // (self.tp * self.dp) for r in ranks})
             lines.append(f"  node {n}: global ranks {ranks.start}-{ranks.stop - 1} on GPUs 0-{len(ranks) - 1}, "
                          f"PP stage(s) {','.join(map(str, stages))}")
+        remote = self.engine_only_nodes()
         if self.kind == "external":
             lines.append(f"engines: external, {len(self.urls)} URL(s): {' '.join(self.urls)}")
-        elif self.engines[0].port == 0 and len(self.engines) == 1:
+        elif self.backend == "embedded" and len(self.engines) == 1 and not remote:
             lines.append("engines: 1 embedded engine inside global rank 0's process")
-        elif self.engines[0].port == 0:
-            lines.append(f"engines: {len(self.engines)} embedded engines, one per node, HTTP on a free port")
+        elif self.backend == "embedded":
+            lines.append(f"engines: {len(self.engines)} embedded engines, one per node, HTTP"
+                         + ("" if remote else " on a free port"))
             for e in self.engines:
-                lines.append(f"  engine {e.index}: node {e.node}, in global rank {e.node * g}'s process")
+                where = (f"HTTP port {e.port}" if e.node in remote else
+                         f"in global rank {self.trainer_nodes.index(e.node) * g}'s process")
+                lines.append(f"  engine {e.index}: node {e.node}, {where}")
         else:
             lines.append(f"engines: {len(self.engines)} x SGLang TP {len(self.engines[0].gpus)}")
             for e in self.engines:
                 lines.append(f"  engine {e.index}: node {e.node} GPUs {e.gpus[0]}-{e.gpus[-1]} port {e.port}")
+        if remote:
+            lines.append(f"engine-only node(s) {', '.join(map(str, remote))}: started there by `dapo-megatron engines` "
+                         f"(launch/slurm/dapo.sbatch does), reached via $DAPO_NODE_HOSTS or SLURM's node list")
         if self.sync_mode == "distributed":
-            engine_ranks = sum(len(e.gpus) for e in self.engines)
+            if self.kind == "external":
+                target = (f"{len(self.urls) * self.engine_tp} engine GPU ranks ({len(self.urls)} rollout.urls x "
+                          f"rollout.sglang_tp_size={self.engine_tp})")
+            else:
+                target = f"all {sum(len(e.gpus) for e in self.engines)} engine GPU ranks"
             for p, src in enumerate(self.stage_sources()):
-                lines.append(f"sync group dapo_weight_sync_pp{p}: trainer rank {src} (stage {p}) -> all "
-                             f"{engine_ranks} engine GPU ranks, rendezvous port {SYNC_PORT_ENV_DEFAULT + p}")
+                lines.append(f"sync group dapo_weight_sync_pp{p}: trainer rank {src} (stage {p}) -> {target}, "
+                             f"rendezvous port {SYNC_PORT_ENV_DEFAULT + p}")
         elif self.sync_mode == "disk":
-            lines.append("sync: stages stream buckets to rank 0, which writes run_dir/weight_sync; the engines must "
-                         "share that filesystem")
+            lines.append("sync: stages stream buckets to rank 0, which writes rollout.weight_sync_dir (default "
+                         "run_dir/weight_sync); the engines must share that filesystem")
         elif len(self.engines) > 1:
             hosts = sorted({self.trainer_nodes.index(e.node) * g for e in self.engines})
             lines.append(f"sync: every stage streams its buckets to each node's engine host (global ranks "
@@ -130,19 +148,23 @@ def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
     if trainer_gpus % (tp * pp):
         raise PlacementError(f"the trainer's {trainer_gpus} GPUs are not a multiple of TP {tp} x PP {pp}")
     plan = Plan(kind, nodes, gpus_per_node, tp, pp, trainer_gpus // (tp * pp), trainer_nodes,
-                sync_mode=_sync_mode(r), bucket_mb=r.weight_sync_bucket_mb)
+                sync_mode=_sync_mode(r), bucket_mb=r.weight_sync_bucket_mb, backend=r.backend,
+                engine_tp=r.sglang_tp_size)
     if kind == "external":
         plan.urls = list(r.urls)
         if plan.sync_mode == "tensor":
             raise PlacementError("rollout.weight_sync=tensor needs the engine in the trainer's process "
                                  "(backend embedded); use disk or distributed with rollout.urls")
         return plan
-    if r.backend == "embedded":  # one in-process engine on global rank 0, or one per trainer node (CPU tests, demo)
-        plan.engines = [Engine(i, n, [0], 0) for i, n in enumerate(trainer_nodes if kind == "colocated" else [0])]
+    if r.backend == "embedded":  # one in-process engine on global rank 0, or one per node (CPU tests, demo)
+        if kind == "colocated":  # in each trainer node's local rank 0, HTTP on a free port
+            plan.engines = [Engine(i, n, [0], 0) for i, n in enumerate(trainer_nodes)]
+        else:  # behind `dapo-megatron engines` on each rollout node, at the port the trainer's URL names
+            plan.engines = [Engine(i, n, [0], r.sglang_base_port) for i, n in enumerate(range(nodes - k, nodes))]
         if plan.sync_mode == "distributed":
             raise PlacementError("rollout.weight_sync=distributed needs SGLang engines; the embedded engine uses "
                                  "tensor (or disk)")
-        return plan
+        return _check_remote_sync(plan)
     etp, count = r.sglang_tp_size, r.sglang_num_servers
     if etp > gpus_per_node or gpus_per_node % etp:
         raise PlacementError(f"rollout.sglang_tp_size={etp} must divide the {gpus_per_node} GPUs of a node "
@@ -164,6 +186,17 @@ def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
         node, j = engine_nodes[i // per_node], i % per_node
         plan.engines.append(Engine(i, node, list(range(j * etp, (j + 1) * etp)),
                                    r.sglang_base_port + PORT_STRIDE * j))
+    return _check_remote_sync(plan)
+
+
+def _check_remote_sync(plan: Plan) -> Plan:
+    """Tensor sync streams over the trainer's process group: engines on nodes without a trainer rank are not in it."""
+    remote = plan.engine_only_nodes()
+    if remote and plan.sync_mode == "tensor":
+        raise PlacementError(f"rollout.weight_sync=tensor (the embedded engine's default) streams over the trainer's "
+                             f"process group, which the engines on node(s) {', '.join(map(str, remote))} (no trainer "
+                             f"rank) are not in; use rollout.weight_sync=disk with rollout.weight_sync_dir on a "
+                             f"filesystem those nodes share (SGLang engines: distributed)")
     return plan
 
 
@@ -174,29 +207,79 @@ def _sync_mode(r) -> str:
 
 
 def node_engine_hosts(plan: Plan) -> dict:
-    """{global rank of a node's local rank 0: the engines the plan puts on that node}, for the nodes that have engines
-    started by this launch (none for external engines). A trainer node runs `gpus_per_node` ranks."""
-    if plan.kind == "external":
-        return {}
+    """{global rank of a node's local rank 0: the engines the plan puts on that node}, for the trainer nodes with
+    engines (none for external engines; engine-only nodes start theirs with `dapo-megatron engines`). A trainer node
+    runs `gpus_per_node` ranks."""
     hosts: dict = {}
-    for e in plan.engines:
-        if e.node not in plan.trainer_nodes:
-            raise PlacementError(f"engine {e.index} is on node {e.node}, which runs no trainer rank, so this launch "
-                                 f"cannot start it; start the engines there and use rollout.backend=http with "
-                                 f"rollout.urls")
-        hosts.setdefault(plan.trainer_nodes.index(e.node) * plan.gpus_per_node, []).append(e)
+    for e in plan.engines if plan.kind != "external" else ():
+        if e.node in plan.trainer_nodes:
+            hosts.setdefault(plan.trainer_nodes.index(e.node) * plan.gpus_per_node, []).append(e)
     return hosts
 
 
-def ordered_urls(urls_by_rank: list, hosts: dict) -> list:
-    """Every engine's URL in engine-index order, from each rank's list (all_gather_object of the hosts' URLs)."""
-    by_index = {}
+def ordered_urls(urls_by_rank: list, hosts: dict, remote=()) -> list:
+    """Every engine's URL in engine-index order, from each rank's list (all_gather_object of the hosts' URLs) and
+    the (engine, URL) pairs of the engine-only nodes (`remote_engine_urls`)."""
+    by_index = {e.index: u for e, u in remote}
     for rank, engines in hosts.items():
         urls = urls_by_rank[rank] or []
         if len(urls) != len(engines):
             raise RuntimeError(f"global rank {rank} started {len(urls)} engine(s), the plan puts {len(engines)} there")
         by_index.update({e.index: u for e, u in zip(engines, urls)})
     return [by_index[i] for i in sorted(by_index)]
+
+
+def expand_nodelist(nodelist: str) -> list:
+    """SLURM's compressed host list (`gpu[01-03,7],cpu-a`, as `scontrol show hostnames` expands it) in order."""
+    hosts, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist + ","):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            if nodelist[start:i]:
+                hosts.extend(_expand_one(nodelist[start:i]))
+            start = i + 1
+    return hosts
+
+
+def _expand_one(name: str) -> list:
+    if "[" not in name:
+        return [name]
+    head, rest = name.split("[", 1)
+    ranges, tail = rest.split("]", 1)
+    out = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(f"{head}{n:0{len(lo)}d}" for n in range(int(lo), int(hi or lo) + 1))
+    return [h + t for h in out for t in _expand_one(tail)]
+
+
+def node_hosts(env=None) -> tuple:
+    """(host of every node of the job in node order, where the list came from): $DAPO_NODE_HOSTS (comma-separated;
+    torchrun users), else $SLURM_JOB_NODELIST; (None, None) when neither is set."""
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("DAPO_NODE_HOSTS"):
+        return [h.strip() for h in env["DAPO_NODE_HOSTS"].split(",") if h.strip()], "$DAPO_NODE_HOSTS"
+    if env.get("SLURM_JOB_NODELIST"):
+        return expand_nodelist(env["SLURM_JOB_NODELIST"]), "$SLURM_JOB_NODELIST"
+    return None, None
+
+
+def remote_engine_urls(plan: Plan, hosts, source) -> list:
+    """[(engine, URL)] of the engines on nodes with no trainer rank, from the node host list."""
+    remote = [e for e in plan.engines if e.node not in plan.trainer_nodes] if plan.kind != "external" else []
+    if not remote:
+        return []
+    nodes = ", ".join(map(str, plan.engine_only_nodes()))
+    if hosts is None:
+        raise PlacementError(f"the engines on node(s) {nodes} run no trainer rank and the trainer cannot find them: "
+                             f"set $DAPO_NODE_HOSTS=host0,host1,... (every node of the plan, in order) or run under "
+                             f"SLURM")
+    if len(hosts) != plan.nodes:
+        raise PlacementError(f"{source} names {len(hosts)} host(s), the plan has {plan.nodes} nodes; list every node "
+                             f"(trainer nodes first), in order")
+    return [(e, f"http://{hosts[e.node]}:{e.port}") for e in remote]
 
 
 LOOPBACK = ("127.", "localhost", "::1")
@@ -252,6 +335,9 @@ def main(argv=None):
     ap.add_argument("--config", required=True)
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--print", choices=["plan", "engine-nodes"], default="plan", dest="what",
+                    help="engine-nodes: only the indices of the nodes with engines and no trainer rank, one line "
+                         "(launch/slurm/dapo.sbatch starts `dapo-megatron engines` there)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from .config import ConfigError, build_config
@@ -260,7 +346,7 @@ def main(argv=None):
         plan = make_plan(build_config(args.config, args.overrides), args.nodes, args.gpus_per_node)
     except (ConfigError, PlacementError) as e:
         sys.exit(f"placement error: {e}")
-    print(plan.describe())
+    print(" ".join(map(str, plan.engine_only_nodes())) if args.what == "engine-nodes" else plan.describe())
 
 
 def startup_plan(cfg, world_size: int, local_world_size: int) -> str:

@@ -33,9 +33,9 @@ def test_embedded_engine_one_per_node_and_single_node_in_process():
     assert "2 embedded engines, one per node" in two and "each node's engine host (global ranks 0, 1)" in two
 
 
-def test_disaggregated_engines_are_refused_and_external_start_nothing():
-    with pytest.raises(PlacementError, match="node 2, which runs no trainer rank.*rollout.backend=http"):
-        node_engine_hosts(make_plan(build_config(str(REPO / R32)), 4, 8))
+def test_disaggregated_engines_start_on_their_own_nodes_and_external_start_nothing():
+    # the trainer starts none of them: `dapo-megatron engines` does, there (tests/test_engine_nodes.py)
+    assert node_engine_hosts(make_plan(build_config(str(REPO / R32)), 4, 8)) == {}
     ext = make_plan(build_config(None, ["rollout.backend=http", "rollout.urls=[http://a:1]",
                                         "rollout.weight_sync=disk"]), 2, 8)
     assert node_engine_hosts(ext) == {}
@@ -102,7 +102,7 @@ def test_rollout_host_is_refused_where_nothing_binds():
     try:
         with pytest.raises(ConfigError, match="lives in rank 0's process and binds nothing; unset rollout.host"):
             start_node_engines(build_config(None, ["rollout.host=0.0.0.0"]))
-        one = start_node_engines(build_config(None, []), api_key="k")  # one node: the backend's in-process engine
+        one = start_node_engines(build_config(None, ["rollout.api_key=k"]))  # one node: the in-process engine
         assert (one.host_ranks, one.urls, one.api_key) == ([], [], "k")
     finally:
         dist.destroy_process_group()

@@ -3,8 +3,9 @@
 A backend owns its client, its default weight sync, memory release while the actor trains, and shutdown; it also
 owns the trainer side's one `WeightVersion` (shared with its client and weight sync). It lives on global rank 0.
 
-The engines themselves start per node, before it (`start_node_engines`, collective): each node's local rank 0 starts
-what the plan puts on its node (`start_engines` of the backend class), and every rank gets all nodes' URLs.
+The engines themselves start per node, before it (`start_node_engines`, collective): each trainer node's local rank 0
+starts what the plan puts on its node (`start_engines` of the backend class), engine-only nodes run `dapo-megatron
+engines` (rollout/node_engines.py, the same `start_engines`), and every rank gets all nodes' URLs.
 """
 import contextlib
 import os
@@ -52,54 +53,91 @@ class NodeEngines:
             self.servers = None
 
 
-def start_node_engines(cfg, api_key=None) -> NodeEngines:
-    """Collective, once at start-up: each engine node's local rank 0 starts the engines the plan puts on its node,
-    bound to its address (placement.engine_bind_host); every rank gets every URL in engine order. `api_key` is read on
-    global rank 0 and shared with the other nodes' engines. One node with the embedded engine: nothing is started
-    here (the backend builds its in-process engine); external engines: rollout.urls."""
+def run_api_key(cfg) -> str:
+    """rollout.api_key, else $DAPO_ROLLOUT_API_KEY, else a fresh key for this run (never logged or saved)."""
+    import secrets
+
+    return configured_api_key(cfg) or secrets.token_urlsafe(32)
+
+
+def configured_api_key(cfg):
+    from .server import API_KEY_ENV
+
+    return cfg.rollout.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def sync_dir(cfg) -> Path:
+    """The folder of disk weight sync: rollout.weight_sync_dir, else <run_dir>/weight_sync."""
+    return Path(cfg.rollout.weight_sync_dir or Path(cfg.trainer.run_dir) / "weight_sync")
+
+
+def start_node_engines(cfg) -> NodeEngines:
+    """Collective, once at start-up: each trainer node's local rank 0 starts the engines the plan puts on its node,
+    bound to its address (placement.engine_bind_host); engines on nodes with no trainer rank (`dapo-megatron
+    engines` runs them) are found from the node host list (placement.node_hosts) and waited for. Every rank gets
+    every URL in engine order. The run's API key is resolved here, once, on global rank 0 (`run_api_key`) and
+    shared with the other nodes' engines; engine-only nodes need it configured, the same on both sides. One node
+    with the embedded engine: nothing is started here (the backend builds its in-process engine); external engines:
+    rollout.urls."""
     import socket
 
     import torch.distributed as dist
 
     from ..config import ConfigError
     from ..placement import PlacementError, engine_bind_host, launch_plan, local_world_size, node_engine_hosts, \
-        ordered_urls
+        node_hosts, ordered_urls, remote_engine_urls
 
     r, world, rank = cfg.rollout, dist.get_world_size(), dist.get_rank()
     local = local_world_size(world)
-    if r.backend == "embedded" and world <= local and r.host:
-        raise ConfigError(f"rollout.host={r.host}: the embedded engine of a one-node run lives in rank 0's process and "
-                          f"binds nothing; unset rollout.host (it applies to SGLang servers and multi-node engines)")
-    if r.backend == "http" or (r.backend == "embedded" and world <= local):
-        return NodeEngines(urls=r.urls if r.backend == "http" else (), api_key=api_key if rank == 0 else None)
+    if r.backend == "http":
+        return NodeEngines(urls=r.urls, api_key=run_api_key(cfg) if rank == 0 else None)
     try:  # the same on every rank: all raise, none waits
-        hosts = node_engine_hosts(launch_plan(cfg, world, local))
+        plan = launch_plan(cfg, world, local)
     except PlacementError as e:
         raise ConfigError(str(e)) from None
-    box = [api_key]
+    hosts, remote_nodes = node_engine_hosts(plan), plan.engine_only_nodes()
+    if r.backend == "embedded" and world <= local and not remote_nodes:
+        if r.host:
+            raise ConfigError(f"rollout.host={r.host}: the embedded engine of a one-node run lives in rank 0's "
+                              f"process and binds nothing; unset rollout.host (it applies to SGLang servers and "
+                              f"multi-node engines)")
+        return NodeEngines(api_key=run_api_key(cfg) if rank == 0 else None)
+    box = [(configured_api_key(cfg), run_api_key(cfg)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    started, error = None, None
+    configured, key = box[0]
+    if remote_nodes and not configured:
+        raise ConfigError(f"the engines on node(s) {', '.join(map(str, remote_nodes))} (`dapo-megatron engines`) "
+                          f"and this trainer must share the run's API key: set $DAPO_ROLLOUT_API_KEY (or "
+                          f"rollout.api_key) to the same value for both (launch/slurm/dapo.sbatch makes one per job)")
+    started, error, remote = None, None, []
     if rank in hosts:
         try:
             bind, url_host = engine_bind_host(r.host, world // local, os.environ.get("DAPO_ROLLOUT_HOST"),
                                               lambda: socket.gethostbyname(socket.gethostname()))
-            started = BACKENDS[r.backend].start_engines(cfg, hosts[rank], bind, url_host, box[0])
+            started = BACKENDS[r.backend].start_engines(cfg, hosts[rank], bind, url_host, key)
         except PlacementError as e:
             error = ConfigError(f"node {rank // local}: {e}")
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
             error = RuntimeError(f"node {rank // local} could not start its engines: {' '.join(str(e).split())}")
+    if rank == 0 and error is None and remote_nodes:
+        from .node_engines import wait_for_engines
+
+        try:
+            remote = remote_engine_urls(plan, *node_hosts())
+            wait_for_engines(remote, key, r.engine_wait_s)
+        except (PlacementError, ConfigError) as e:
+            error = ConfigError(str(e))
     gathered = [None] * world
     dist.all_gather_object(gathered, (None if error is None else (type(error).__name__, str(error)),
-                                      started.urls if started is not None else None))
-    failed = [e for e, _ in gathered if e]
+                                      started.urls if started is not None else None, remote))
+    failed = [e for e, _, _ in gathered if e]
     if failed:
         if started is not None:
             started.shutdown()
         kind, msg = failed[0]
         raise (ConfigError if kind == "ConfigError" else RuntimeError)(msg)
-    urls = ordered_urls([u for _, u in gathered], hosts)
-    return NodeEngines(sorted(hosts), urls, api_key=box[0], engine=getattr(started, "engine", None),
-                       servers=started)
+    urls = ordered_urls([u for _, u, _ in gathered], hosts, gathered[0][2])
+    return NodeEngines(sorted(hosts), urls, api_key=key, engine=getattr(started, "engine", None), servers=started)
 
 
 class RolloutBackend:
@@ -129,8 +167,9 @@ class RolloutBackend:
 
     @property
     def sync_dir(self) -> Path:
-        """The only folder disk weight updates are written to (and, for the embedded server, read from)."""
-        return self.run_dir / "weight_sync"
+        """The only folder disk weight updates are written to (and, for the embedded server, read from):
+        rollout.weight_sync_dir, else <run_dir>/weight_sync."""
+        return Path(self.cfg.weight_sync_dir) if self.cfg.weight_sync_dir else self.run_dir / "weight_sync"
 
     def weight_sync_mode(self) -> str:
         mode = self.cfg.weight_sync
@@ -175,14 +214,13 @@ class EmbeddedBackend(RolloutBackend):
 
     @classmethod
     def start_engines(cls, cfg, engines: list, bind: str, url_host: str, api_key):
-        from pathlib import Path
-
         from .server import launch_embedded_server
 
         if len(engines) != 1:
             raise RuntimeError(f"the embedded backend runs one engine per node, the plan puts {len(engines)} here")
-        server = launch_embedded_server(cfg.model.path, 0, host=bind, mode="thread", api_key=api_key,
-                                        weights_root=Path(cfg.trainer.run_dir) / "weight_sync",
+        # port: the plan's (engine-only nodes: the trainer builds the URL from it), 0 (a free one) on trainer nodes
+        server = launch_embedded_server(cfg.model.path, engines[0].port, host=bind, mode="thread", api_key=api_key,
+                                        weights_root=sync_dir(cfg),
                                         max_batch_size=cfg.rollout.engine_max_batch_size,
                                         seed=cfg.trainer.seed + engines[0].index,
                                         deterministic=cfg.rollout.deterministic)
@@ -211,7 +249,12 @@ class SGLangBackend(RolloutBackend):
     weight_sync_classes = {"tensor": "cuda_ipc"}
 
     def _start(self):
-        servers = self.engines.servers  # this node's, started by start_node_engines; the other nodes' URLs below
+        from .sglang_launcher import servers_for
+
+        servers, self._own = self.engines.servers, None  # this node's, started by start_node_engines
+        if servers is None:  # every engine on nodes of its own: no local server, a router (if any) on this node
+            servers = self._own = servers_for(self.model_path, self.cfg, num_servers=0, router=False,
+                                              api_key=self.api_key)
         servers.remote_worker_urls = [u for u in self.engines.urls if u not in servers.local_urls]
         if self.cfg.sglang_router:
             servers.start_router()  # on this node, over every node's servers
@@ -240,4 +283,6 @@ class SGLangBackend(RolloutBackend):
             yield
 
     def shutdown(self):
-        pass  # the servers stop with their NodeEngines (every node's own)
+        if self._own is not None:  # the router this rank started in front of other nodes' servers
+            self._own.shutdown()
+        # the servers stop with their NodeEngines (every node's own)

@@ -203,6 +203,14 @@ for _path in ("/init_weights_update_group", "/update_weights_from_distributed", 
     _ROUTES[_path] = _unsupported(f"{_path} (NCCL weight sync) needs a real SGLang server; the embedded engine "
                                   "supports weight sync modes 'disk' and 'tensor'")
 
+if os.environ.get("DAPO_CHECK_SYNC", "") not in ("", "0"):  # test hook (train/sync_check.py): remote engines' weights
+    async def _weights_digest(engine: Engine, payload: dict):
+        from .node_engines import weights_digest
+
+        return 200, await asyncio.to_thread(weights_digest, engine.model)
+    _ROUTES["/debug/weights_digest"] = _weights_digest
+
+
 
 # --------------------------------------------------------------------------- aiohttp app
 MAX_JSON_DEPTH = 64  # SGLang payloads nest 3-4 levels; a deeper body is refused (400), never a 500

@@ -50,8 +50,8 @@ class SGLangServers:
                  base_gpu_id: int = 0, dtype: Optional[str] = None, seed: int = 0, extra_args=(),
                  log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable,
                  api_key: Optional[str] = None, ep_size: int = 1, url_host: Optional[str] = None):
-        if num_servers < 1 or tp_size < 1:
-            raise ValueError(f"num_servers and tp_size must be >= 1, got {num_servers} and {tp_size}")
+        if num_servers < 0 or tp_size < 1:  # 0 servers: only a router, over `remote_worker_urls`
+            raise ValueError(f"num_servers must be >= 0 and tp_size >= 1, got {num_servers} and {tp_size}")
         if not 0 < mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static}")
         if ep_size < 1 or tp_size % ep_size:

@@ -20,7 +20,7 @@ from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger
 from .reference import build_reference
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
-from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, run_api_key
+from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch
 
 
 def run(cfg: Config) -> dict:
@@ -31,7 +31,7 @@ def run(cfg: Config) -> dict:
     actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
     reference = build_reference(cfg, pad_id=tokenizer.pad_token_id or 0)  # None unless algorithm.kl_coef > 0
     with preemption.shield_children():  # each node's local rank 0 starts its engines; every rank learns all URLs
-        engines = start_node_engines(cfg, api_key=run_api_key(cfg) if rank0 else None)
+        engines = start_node_engines(cfg)  # resolves the run's API key, once
         stage = RolloutStage(cfg, tokenizer, engines) if rank0 else None
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
     syncer = WeightSyncer(cfg, stage, engines)

@@ -16,7 +16,7 @@ from ..config import Config
 from ..data.dataset import PromptDataset
 from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
-from ..rollout.backends import make_backend
+from ..rollout.backends import make_backend, run_api_key  # noqa: F401 (run_api_key: tests import it here)
 from ..types import Sample
 from .progress import RolloutProgress
 from .weight_stream import broadcast_samples
@@ -29,7 +29,7 @@ class RolloutStage:
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         r = cfg.rollout
-        self.api_key = engines.api_key if engines is not None and engines.api_key else run_api_key(cfg)
+        self.api_key = engines.api_key if engines is not None else run_api_key(cfg)  # no engines: `eval` alone
         # engines: rollout/backends.py start_node_engines (every node's engines, started by its local rank 0)
         self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
                                     api_key=self.api_key, engines=engines)
@@ -220,10 +220,3 @@ def _stage_sender(cfg: Config, urls: list, api_key, pp_rank: int, version):
                             master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")) + pp_rank,
                             engine_ranks=r.sglang_tp_size, group_name=f"dapo_weight_sync_pp{pp_rank}",
                             bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version, manage_generation=False)
-
-
-def run_api_key(cfg: Config) -> str:
-    """rollout.api_key, else $DAPO_ROLLOUT_API_KEY, else a fresh key for this run (never logged or saved)."""
-    import secrets
-
-    return cfg.rollout.api_key or os.environ.get("DAPO_ROLLOUT_API_KEY") or secrets.token_urlsafe(32)

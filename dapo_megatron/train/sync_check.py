@@ -4,9 +4,10 @@ and how much memory did each rank take for the sync?
 `probe()` measures a rank's peak resident memory over the sync: it resets the kernel's high-water mark
 (/proc/self/clear_refs, "5") before and reads VmHWM after, over the VmRSS just before (no sampling, nothing missed).
 `check()` then streams the trainer's HF weights a second time, the same way (train/weight_stream.py), and each engine
-host compares every tensor with its engine's parameter (`torch.equal`). Rank 0 gets, as metrics:
-`debug/sync_tensors_checked` and `debug/sync_mismatches` (summed over engine hosts), and per rank r
-`debug/sync_rss_growth_mb/rank{r}`, `debug/stage_mb/rank{r}` (its parameters) and `debug/sync_largest_tensor_mb`.
+host compares every tensor with its engine's parameter (`torch.equal`); with disk sync, rank 0 compares each
+tensor's sha256 with every engine's over HTTP (/debug/weights_digest, served by the embedded server with the hook
+on). Rank 0 gets, as metrics: `debug/sync_tensors_checked` and `debug/sync_mismatches` (summed over engine hosts),
+and per rank r `debug/sync_rss_growth_mb/rank{r}`, `debug/stage_mb/rank{r}` (its parameters) and `debug/sync_largest_tensor_mb`.
 Off by default: a second stream per step is for tests, not for runs.
 """
 import contextlib
@@ -69,11 +70,26 @@ def check(actor, dsts: list, sink, bucket_mb: float, rss: _RSS) -> dict:
                     covered.add(p.untyped_storage().data_ptr())
                 counts["largest_mb"] = max(counts["largest_mb"], t.numel() * t.element_size() / 2 ** 20)
 
-    WeightStream(actor, dst=dsts, bucket_mb=bucket_mb).run(compare if engine is not None else
-                                                           lambda buckets: [None for _ in buckets])
+    client = getattr(sink, "client", None) if engine is None else None  # disk sync: engines over HTTP
+    if client is not None and getattr(client, "engine", None) is not None:
+        client = None  # an in-process engine has no HTTP digest to compare with
+    sent = {}
+
+    def digest(buckets):
+        from ..rollout.node_engines import tensor_digest
+
+        for bucket in buckets:
+            for name, t in bucket:
+                sent[name] = tensor_digest(t)
+                counts["largest_mb"] = max(counts["largest_mb"], t.numel() * t.element_size() / 2 ** 20)
+
+    WeightStream(actor, dst=dsts, bucket_mb=bucket_mb).run(
+        compare if engine is not None else digest if client is not None else lambda buckets: [None for _ in buckets])
     if engine is not None:  # an engine parameter the trainer never sent is a mismatch too
         counts["mismatches"] += sum(p.untyped_storage().data_ptr() not in covered
                                     for p in engine.model.parameters())
+    if client is not None:
+        _compare_remote(client, sent, counts)
     stage_mb = sum(p.numel() * p.element_size() for p in actor.model.parameters()) / 2 ** 20
     mine = {"rss": rss.growth_mb, "stage_mb": stage_mb, **counts}
     everyone = [None] * dist.get_world_size()
@@ -87,3 +103,19 @@ def check(actor, dsts: list, sink, bucket_mb: float, rss: _RSS) -> dict:
         out[f"debug/sync_rss_growth_mb/rank{r}"] = e["rss"]
         out[f"debug/stage_mb/rank{r}"] = e["stage_mb"]
     return out
+
+
+def _compare_remote(client, sent: dict, counts: dict) -> None:
+    """Every engine the disk sync updated, over HTTP (its /debug/weights_digest, served with the check on)."""
+    import json
+    import urllib.request
+
+    from ..rollout.node_engines import compare_digests
+
+    for url in client.worker_urls:
+        req = urllib.request.Request(f"{url}/debug/weights_digest", data=b"{}", headers={
+            **client._headers, "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            served = json.loads(r.read())
+        counts["checked"] += len(sent)
+        counts["mismatches"] += compare_digests(sent, served)
