@@ -185,3 +185,26 @@ def test_paper_recipe_passes_its_start_up_checks_dry(monkeypatch, tmp_path):
     assert len(routers) == 1 and all(u in routers[0] for u in urls)  # sglang_router: true, on rank 0's node
     assert backend.make_weight_sync() is None  # distributed: every stage's source rank sends its own
     backend.shutdown()
+
+
+def test_remote_sync_check_digests_catch_one_flipped_bit_and_an_unsent_tensor():
+    """DAPO_CHECK_SYNC over HTTP (train/sync_check.py): the sha256 per tensor compared with the engine's digest."""
+    import torch
+
+    from dapo_megatron.rollout.node_engines import compare_digests, tensor_digest, weights_digest
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    sent = {n: tensor_digest(p.detach().clone()) for n, p in model.named_parameters()}
+    assert compare_digests(sent, weights_digest(model)) == 0
+    with torch.no_grad():  # one bit of one weight
+        w = model[1].weight.view(-1)[:1].view(torch.int32)
+        w ^= 1
+    # the tensor, and the engine parameter no matching tensor covers (as the in-process check counts them)
+    assert compare_digests(sent, weights_digest(model)) == 2
+    with torch.no_grad():
+        w ^= 1
+    partial = {n: d for n, d in sent.items() if n != "0.bias"}  # never sent: the engine keeps its own
+    assert compare_digests(partial, weights_digest(model)) == 1
+    zeros = [torch.zeros(2), torch.zeros(1, 2), torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.float64)]
+    assert len({tensor_digest(t) for t in zeros}) == 4  # same bytes, another shape or dtype: another tensor

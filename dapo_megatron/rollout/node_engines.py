@@ -143,9 +143,9 @@ def tensor_digest(t) -> str:
 
     import torch
 
-    t = t.detach().cpu().contiguous().reshape(-1)
+    t = t.detach().cpu()
     head = f"{t.dtype}{tuple(t.shape)}".encode()
-    return hashlib.sha256(head + t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(head + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def weights_digest(model) -> dict:

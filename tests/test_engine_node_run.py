@@ -1,0 +1,95 @@
+"""A trainer node and an engines-only node on one host: node 1 runs only `dapo-megatron engines` (the embedded engine
+behind its HTTP server, on the plan's port), node 0 runs the trainer (PP=2 under torchrun, 2 ranks), each with its
+own TMPDIR and run folder. The trainer builds the engine's URL from the plan and $DAPO_NODE_HOSTS, waits for its
+/health with the shared API key, generates on it and syncs weights to it by disk through the one folder the config
+names (rollout.weight_sync_dir). After every sync (DAPO_CHECK_SYNC=1) the engine's weights equal the trainer's bit
+for bit, compared by sha256 over HTTP; the engines process stops cleanly on SIGTERM at the end."""
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dapo_megatron.rollout.server import free_port
+from tests.helpers.forked import run_cli
+from tests.test_trainer import _args, toy  # noqa: F401 (toy is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = str(REPO / "examples" / "toy" / "config.yaml")
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def _wait_for_line(proc, log: Path, text: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = log.read_text(errors="replace")
+        if text in out:
+            return out
+        if proc.poll() is not None:
+            pytest.fail(f"the engines process exited with {proc.returncode} before printing {text!r}:\n{out[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"no {text!r} from the engines process after {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def test_trainer_node_and_engines_only_node(toy, tmp_path):  # noqa: F811
+    shared, port, key = tmp_path / "shared_sync", free_port(), secrets.token_urlsafe(16)
+    placement = ["rollout.colocate=false", "rollout.rollout_nodes=1", "rollout.weight_sync=disk",
+                 f"rollout.weight_sync_dir={shared}", f"rollout.sglang_base_port={port}", "rollout.engine_wait_s=300",
+                 "actor.recompute_old_logprobs=true"]
+    env = {}
+    for node in (0, 1):
+        (tmp_path / f"node{node}" / "tmp").mkdir(parents=True)
+        env[node] = {**os.environ, "TMPDIR": str(tmp_path / f"node{node}" / "tmp"), "OMP_NUM_THREADS": "1",
+                     "PYTHONPATH": str(REPO), "DAPO_ROLLOUT_API_KEY": key, "DAPO_CHECK_SYNC": "1",
+                     "DAPO_NODE_HOSTS": "127.0.0.1,127.0.0.1", "DAPO_ROLLOUT_HOST": "127.0.0.1"}
+
+    def args(node):
+        return _args(toy, tmp_path / f"node{node}" / "run", steps=3, pp=2, extra=placement)
+
+    log1 = tmp_path / "node1" / "engines.log"
+    with open(log1, "w") as f:  # node 1: 2 nodes of 2 ranks in the plan (the trainer's torchrun has 2 per node)
+        engines = subprocess.Popen([sys.executable, "-m", "dapo_megatron.cli", "engines", "--config", TOY,
+                                    "--nodes", "2", "--gpus-per-node", "2", "--node-rank", "1", *args(1)],
+                                   stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path / "node1", env=env[1])
+    try:
+        printed = _wait_for_line(engines, log1, "engine 0: ", 300)
+        assert f"engine 0: http://127.0.0.1:{port} (node 1, backend embedded)" in printed and key not in printed
+        rc, out, _ = run_cli(["train", "--config", TOY, *args(0)], env=env[0], cwd=tmp_path / "node0",
+                             timeout=900, log=tmp_path / "node0" / "train.log")
+        assert rc == 0, out[-6000:] + "\n---- engines\n" + log1.read_text()[-3000:]
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/get_weight_version",
+                                     headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert str(json.loads(r.read())["weight_version"]) == "3"  # the engines node serves the last sync
+    finally:
+        if engines.poll() is None:
+            engines.send_signal(signal.SIGTERM)
+        try:
+            rc_engines = engines.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            engines.kill()
+            pytest.fail("the engines process did not stop within 60 s of SIGTERM")
+    assert rc_engines == 0 and "engines on node 1 stopped" in log1.read_text(), log1.read_text()[-3000:]
+    assert "engine-only node(s) 1: started there by `dapo-megatron engines`" in out  # start-up prints the plan
+    assert key not in out and key not in log1.read_text()
+    rows = [json.loads(x) for x in (tmp_path / "node0" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    from safetensors import safe_open
+
+    with safe_open(str(toy[0] / "model.safetensors"), "pt") as f:
+        n_tensors = len(list(f.keys()))
+    for r in rows:  # the remote engine holds what both stages trained, every tensor, bit for bit
+        assert r["debug/sync_mismatches"] == 0 and r["debug/sync_tensors_checked"] == n_tensors, r
+        assert r["rollout/train_infer_logprob_diff_max"] < 1e-4 and r["sync/gb"] > 0
+    assert sorted(p.name for p in shared.iterdir()) == ["weights_v000003"]  # the named folder, keep_last 1
+    assert not (tmp_path / "node1" / "run").exists()  # the engines node writes no run folder
+    outside = {p for p in tmp_path.rglob("*") if p.is_file() and not any(
+        str(p).startswith(str(tmp_path / d)) for d in ("node0", "node1", "shared_sync"))}
+    assert not outside, sorted(outside)[:5]
