@@ -94,8 +94,8 @@ class Plan:
             for e in self.engines:
                 lines.append(f"  engine {e.index}: node {e.node} GPUs {e.gpus[0]}-{e.gpus[-1]} port {e.port}")
         if remote:
-            lines.append(f"engine-only node(s) {', '.join(map(str, remote))}: started there by `dapo-megatron engines` "
-                         f"(launch/slurm/dapo.sbatch does), reached via $DAPO_NODE_HOSTS or SLURM's node list")
+            lines.append(f"engine-only node(s) {', '.join(map(str, remote))}: `dapo-megatron engines` starts theirs "
+                         f"(the sbatch does), found via SLURM's node list or $DAPO_NODE_HOSTS")
         if self.sync_mode == "distributed":
             if self.kind == "external":
                 target = (f"{len(self.urls) * self.engine_tp} engine GPU ranks ({len(self.urls)} rollout.urls x "
@@ -106,8 +106,8 @@ class Plan:
                 lines.append(f"sync group dapo_weight_sync_pp{p}: trainer rank {src} (stage {p}) -> {target}, "
                              f"rendezvous port {SYNC_PORT_ENV_DEFAULT + p}")
         elif self.sync_mode == "disk":
-            lines.append("sync: stages stream buckets to rank 0, which writes rollout.weight_sync_dir (default "
-                         "run_dir/weight_sync); the engines must share that filesystem")
+            lines.append("sync: stages stream buckets to rank 0, which writes rollout.weight_sync_dir; the engines "
+                         "must share that filesystem")
         elif len(self.engines) > 1:
             hosts = sorted({self.trainer_nodes.index(e.node) * g for e in self.engines})
             lines.append(f"sync: every stage streams its buckets to each node's engine host (global ranks "

@@ -77,7 +77,7 @@ def test_trainer_node_and_engines_only_node(toy, tmp_path):  # noqa: F811
             engines.kill()
             pytest.fail("the engines process did not stop within 60 s of SIGTERM")
     assert rc_engines == 0 and "engines on node 1 stopped" in log1.read_text(), log1.read_text()[-3000:]
-    assert "engine-only node(s) 1: started there by `dapo-megatron engines`" in out  # start-up prints the plan
+    assert "engine-only node(s) 1: `dapo-megatron engines` starts theirs" in out  # start-up prints the plan
     assert key not in out and key not in log1.read_text()
     rows = [json.loads(x) for x in (tmp_path / "node0" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -72,7 +72,7 @@ def test_tensor_sync_to_engine_only_nodes_is_refused_and_the_new_keys_are_real_o
         make_plan(build_config(None, DISAGG[:2]), 2, 1)
     plan = make_plan(build_config(None, [*DISAGG, "rollout.sglang_base_port=31000"]), 2, 1)
     assert [(e.node, e.port) for e in plan.engines] == [(1, 31000)] and plan.trainer_nodes == [0]
-    assert "engine-only node(s) 1: started there by `dapo-megatron engines`" in plan.describe()
+    assert "engine-only node(s) 1: `dapo-megatron engines` starts theirs" in plan.describe()
     with pytest.raises(ConfigError, match="rollout.weight_sync_dir is the folder of disk weight sync"):
         build_config(None, ["rollout.weight_sync_dir=/x"])  # embedded: tensor by default, writes no folder
     with pytest.raises(ConfigError, match="rollout.engine_wait_s=0"):
@@ -139,8 +139,8 @@ def test_plan_prints_the_node_split_for_the_sbatch():
      "leaves no node for the trainer"),
 ])
 def test_engines_command_refuses_in_one_line(args, env, message):
-    rc, out, err = run_cli(["engines", "--config", R32, *args], env={"DAPO_ROLLOUT_API_KEY": "", "DAPO_ROLLOUT_HOST": "127.0.0.1", **env},
-                           timeout=120)
+    env = {"DAPO_ROLLOUT_API_KEY": "", "DAPO_ROLLOUT_HOST": "127.0.0.1", **env}
+    rc, out, err = run_cli(["engines", "--config", R32, *args], env=env, timeout=120)
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, (rc, out, err)
     assert message in err and "Traceback" not in err
 
@@ -208,3 +208,30 @@ def test_remote_sync_check_digests_catch_one_flipped_bit_and_an_unsent_tensor():
     assert compare_digests(partial, weights_digest(model)) == 1
     zeros = [torch.zeros(2), torch.zeros(1, 2), torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.float64)]
     assert len({tensor_digest(t) for t in zeros}) == 4  # same bytes, another shape or dtype: another tensor
+
+
+def test_an_engine_that_refuses_the_key_is_named_in_one_line():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dapo_megatron.placement import Engine
+
+    class Handler(BaseHTTPRequestHandler):  # SGLang's --api-key semantics: /health free, the rest needs the key
+        def do_GET(self):
+            ok = self.path == "/health" or self.headers.get("Authorization") == "Bearer right"
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        wait_for_engines([(Engine(0, 1, [0], 1), url)], "right", 10)
+        with pytest.raises(ConfigError, match=f"engine 0 at {url} refuses this run's API key") as e:
+            wait_for_engines([(Engine(0, 1, [0], 1), url)], "wrong", 10)
+        assert "\n" not in str(e.value)
+    finally:
+        server.shutdown()

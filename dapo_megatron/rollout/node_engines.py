@@ -65,13 +65,16 @@ def engines_here(plan, node: int, source: str) -> list:
     return mine
 
 
-def _health(url: str, api_key, timeout_s: float = 5.0) -> bool:
-    req = urllib.request.Request(f"{url}/health", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+def _get(url: str, path: str, api_key, timeout_s: float = 5.0):
+    """The HTTP status of GET url+path with the key (None: nothing answered)."""
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return r.status == 200
-    except (OSError, urllib.error.HTTPError):
-        return False
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
 
 
 def wait_for_engines(engines_urls: list, api_key, timeout_s: float) -> None:
@@ -81,12 +84,15 @@ def wait_for_engines(engines_urls: list, api_key, timeout_s: float) -> None:
 
     deadline = time.monotonic() + timeout_s
     for engine, url in engines_urls:
-        while not _health(url, api_key, timeout_s=max(0.1, min(5.0, deadline - time.monotonic()))):
+        while _get(url, "/health", api_key, timeout_s=max(0.1, min(5.0, deadline - time.monotonic()))) != 200:
             if time.monotonic() >= deadline:
                 raise ConfigError(f"engine {engine.index} at {url} (node {engine.node}) did not answer /health within "
                                   f"{timeout_s:g} s (rollout.engine_wait_s): start it there with `dapo-megatron "
                                   f"engines` and check the node host list ($DAPO_NODE_HOSTS or SLURM's)")
             time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        if _get(url, "/get_model_info", api_key, timeout_s=30.0) in (401, 403):  # /health asks for no key
+            raise ConfigError(f"engine {engine.index} at {url} refuses this run's API key: set the same "
+                              f"$DAPO_ROLLOUT_API_KEY (or rollout.api_key) for the trainer and `dapo-megatron engines`")
 
 
 def main(argv=None):
@@ -118,7 +124,10 @@ def main(argv=None):
     stop = threading.Event()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption is the trainer's business; stopped after it
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    started = BACKENDS[cfg.rollout.backend].start_engines(cfg, mine, bind, url_host, key)
+    try:
+        started = BACKENDS[cfg.rollout.backend].start_engines(cfg, mine, bind, url_host, key)
+    except (RuntimeError, OSError) as e:  # a port in use, a server that exits: the user's to fix, in one line
+        raise ConfigError(f"node {node} could not start its engines: {' '.join(str(e).split())[:500]}") from None
     try:
         for e, url in zip(mine, started.urls):
             print(f"engine {e.index}: {url} (node {node}, backend {cfg.rollout.backend})", flush=True)

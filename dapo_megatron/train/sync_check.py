@@ -7,7 +7,8 @@ and how much memory did each rank take for the sync?
 host compares every tensor with its engine's parameter (`torch.equal`); with disk sync, rank 0 compares each
 tensor's sha256 with every engine's over HTTP (/debug/weights_digest, served by the embedded server with the hook
 on). Rank 0 gets, as metrics: `debug/sync_tensors_checked` and `debug/sync_mismatches` (summed over engine hosts),
-and per rank r `debug/sync_rss_growth_mb/rank{r}`, `debug/stage_mb/rank{r}` (its parameters) and `debug/sync_largest_tensor_mb`.
+and per rank r `debug/sync_rss_growth_mb/rank{r}`, `debug/stage_mb/rank{r}` (its parameters) and
+`debug/sync_largest_tensor_mb`.
 Off by default: a second stream per step is for tests, not for runs.
 """
 import contextlib
