@@ -81,7 +81,7 @@ class RolloutConfig:
     sglang_tp_size: int = 1
     sglang_ep_size: int = 1  # MoE: SGLang --ep-size, experts split over this many of each server's TP ranks
     sglang_mem_fraction_static: float = 0.7
-    sglang_base_port: int = 30000
+    sglang_base_port: int = 30000  # server i: + 10 i; the embedded engine of an engine-only node listens here
     sglang_router: bool = False
     colocate: bool = True  # engines share the trainer's GPUs and release memory while it trains (GPU)
     rollout_nodes: int = 0  # colocate=false: the last N nodes run the engines (`dapo-megatron plan` shows where)

@@ -16,7 +16,7 @@ from ..config import Config
 from ..data.dataset import PromptDataset
 from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
-from ..rollout.backends import make_backend, run_api_key  # noqa: F401 (run_api_key: tests import it here)
+from ..rollout.backends import make_backend, run_api_key
 from ..types import Sample
 from .progress import RolloutProgress
 from .weight_stream import broadcast_samples
