@@ -12,13 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "dapo.sbatch"
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
-echo "srun $*" >> "$FAKE_LOG"
-echo "${DAPO_ROLLOUT_API_KEY:-none}" >> "$FAKE_LOG.keys"
 if [[ " $* " == *" engines "* ]]; then
   trap 'echo "engines step got TERM" >> "$FAKE_LOG"; exit 0' TERM
+  echo "srun $*" >> "$FAKE_LOG"
+  echo "${DAPO_ROLLOUT_API_KEY:-none}" >> "$FAKE_LOG.keys"
+  touch "$FAKE_LOG.engines_up"
   for _ in $(seq 600); do sleep 0.1; done  # bounded: the sbatch stops it long before
   exit 3
 fi
+if [ -n "${FAKE_WAIT_ENGINES:-}" ]; then  # the trainer step runs while the engines step is up, as on a cluster
+  for _ in $(seq 600); do [ -e "$FAKE_LOG.engines_up" ] && break; sleep 0.1; done
+fi
+echo "srun $*" >> "$FAKE_LOG"
+echo "${DAPO_ROLLOUT_API_KEY:-none}" >> "$FAKE_LOG.keys"
 exit "${FAKE_TRAINER_RC:-0}"
 """
 FAKE_SCONTROL = r"""#!/usr/bin/env bash
@@ -47,7 +53,8 @@ def _run(tmp_path, config, nodes, trainer_rc=0, env_extra=None):
 
 
 def test_engine_only_nodes_get_their_own_step_with_the_trainers_key(tmp_path):
-    out, calls, keys = _run(tmp_path, "examples/dapo_qwen2.5_32b/config.yaml", 4, trainer_rc=75)
+    out, calls, keys = _run(tmp_path, "examples/dapo_qwen2.5_32b/config.yaml", 4, trainer_rc=75,
+                            env_extra={"FAKE_WAIT_ENGINES": "1"})
     assert out.returncode == 0, out.stdout + out.stderr
     sruns = [c for c in calls if c.startswith("srun ")]
     assert len(sruns) == 2
