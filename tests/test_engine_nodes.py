@@ -79,8 +79,10 @@ def test_tensor_sync_to_engine_only_nodes_is_refused_and_the_new_keys_are_real_o
         build_config(None, ["rollout.engine_wait_s=0"])
     from dapo_megatron.rollout.backends import sync_dir
 
-    assert sync_dir(build_config(None, [*DISAGG, "rollout.weight_sync_dir=/shared/sync"])) == Path("/shared/sync")
-    assert sync_dir(build_config(None, ["trainer.run_dir=/r"])) == Path("/r/weight_sync")
+    named = build_config(None, [*DISAGG, "rollout.weight_sync_dir=/shared/sync"])
+    assert sync_dir(named.rollout, named.trainer.run_dir) == Path("/shared/sync")
+    default = build_config(None, ["trainer.run_dir=/r"])
+    assert sync_dir(default.rollout, default.trainer.run_dir) == Path("/r/weight_sync")
 
 
 def test_external_distributed_plan_names_its_engine_ranks():

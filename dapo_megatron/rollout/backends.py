@@ -66,9 +66,9 @@ def configured_api_key(cfg):
     return cfg.rollout.api_key or os.environ.get(API_KEY_ENV) or None
 
 
-def sync_dir(cfg) -> Path:
+def sync_dir(rollout, run_dir) -> Path:
     """The folder of disk weight sync: rollout.weight_sync_dir, else <run_dir>/weight_sync."""
-    return Path(cfg.rollout.weight_sync_dir or Path(cfg.trainer.run_dir) / "weight_sync")
+    return Path(rollout.weight_sync_dir or Path(run_dir) / "weight_sync")
 
 
 def start_node_engines(cfg) -> NodeEngines:
@@ -169,7 +169,7 @@ class RolloutBackend:
     def sync_dir(self) -> Path:
         """The only folder disk weight updates are written to (and, for the embedded server, read from):
         rollout.weight_sync_dir, else <run_dir>/weight_sync."""
-        return Path(self.cfg.weight_sync_dir) if self.cfg.weight_sync_dir else self.run_dir / "weight_sync"
+        return sync_dir(self.cfg, self.run_dir)
 
     def weight_sync_mode(self) -> str:
         mode = self.cfg.weight_sync
@@ -220,7 +220,7 @@ class EmbeddedBackend(RolloutBackend):
             raise RuntimeError(f"the embedded backend runs one engine per node, the plan puts {len(engines)} here")
         # port: the plan's (engine-only nodes: the trainer builds the URL from it), 0 (a free one) on trainer nodes
         server = launch_embedded_server(cfg.model.path, engines[0].port, host=bind, mode="thread", api_key=api_key,
-                                        weights_root=sync_dir(cfg),
+                                        weights_root=sync_dir(cfg.rollout, cfg.trainer.run_dir),
                                         max_batch_size=cfg.rollout.engine_max_batch_size,
                                         seed=cfg.trainer.seed + engines[0].index,
                                         deterministic=cfg.rollout.deterministic)
