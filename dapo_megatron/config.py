@@ -130,6 +130,13 @@ class TrainerConfig:
     seed: int = 1234
     tensorboard: bool = True
     progress_interval_s: float = 30.0  # off a terminal: a rollout progress line per round or this often
+    # Stop after the step whose generated response tokens (all generated groups, kept or filtered, counted since
+    # step 1, across resumes) reach this many: a compute-matched budget (tools/ablation.py). 0 = no limit.
+    max_generated_tokens: int = 0
+
+    def __post_init__(self):
+        if self.max_generated_tokens < 0:
+            raise ConfigError(f"trainer.max_generated_tokens={self.max_generated_tokens}; use 0 (no limit) or more")
 
 
 @dataclass

@@ -106,3 +106,13 @@ def test_async_run_lags_one_version_and_resumes_exactly(toy, tmp_path):  # noqa:
     _train(_args(toy, part, 2, extra=extra))
     _train(_args(toy, part, 4, extra=[*extra, f"trainer.load={part / 'checkpoints'}"]))
     assert _metrics(part) == rows
+
+
+@pytest.mark.dist
+def test_token_budget_stops_at_the_step_that_spends_it(toy, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    _train(_args(toy, run, 20, extra=["trainer.max_generated_tokens=150"]))
+    totals = [r["rollout/generated_tokens_total"] for r in _metrics(run)]
+    assert totals == sorted(totals) and totals[0] == _metrics(run)[0]["rollout/generated_tokens"]
+    assert len(totals) < 20 and totals[-1] >= 150 > totals[-2], totals  # stopped at the first step over the budget
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{len(totals):07d}"  # and saved it

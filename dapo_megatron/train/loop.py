@@ -21,7 +21,7 @@ from .metrics import MetricsLogger
 from .reference import build_reference
 from .rollout_ahead import RolloutAhead
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
-from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, run_api_key
+from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, broadcast_from_rank0, run_api_key
 
 
 def run(cfg: Config) -> dict:
@@ -51,7 +51,8 @@ def run(cfg: Config) -> dict:
         with _timer(times, "rollout"):  # with rollout.async_steps=1, the rollout started during the last step
             groups, rollout_metrics = ahead.next() if rank0 else (None, None)
             batch = broadcast_batch(assign_advantages(groups, cfg) if rank0 else None)
-        if rank0 and step + 1 < cfg.trainer.num_steps and not _due(step, cfg.trainer.save_interval, 0):
+        final = step + 1 == cfg.trainer.num_steps or _out_of_budget(cfg, rollout_metrics)
+        if rank0 and not final and not _due(step, cfg.trainer.save_interval, 0):
             ahead.start()  # async_steps=1: the next rollout generates while this step trains (drained before a save)
         train_metrics = {}
         if batch:  # an empty batch means the dynamic-sampling bound was hit with on_exhausted=skip
@@ -72,18 +73,20 @@ def run(cfg: Config) -> dict:
             with _timer(times, "sync"):
                 train_metrics.update(syncer.sync(actor, version=step + 1))
         eval_metrics = {}
-        if cfg.eval.path and cfg.trainer.eval_interval and (step + 1) % cfg.trainer.eval_interval == 0:
+        if cfg.eval.path and cfg.trainer.eval_interval and ((step + 1) % cfg.trainer.eval_interval == 0 or final):
             eval_metrics = stage.evaluate(tokenizer) if rank0 else {}
             dist.barrier()
         last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
         logger.log(step + 1, last)  # before the save: a checkpoint's steps are always in metrics.jsonl
-        if _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+        if final or _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
             with _timer(times, "save"):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
         hold_for_signal(step + 1, lambda: preemption.signum is not None)  # preemption tests only (faults.py)
-        if step + 1 < cfg.trainer.num_steps and preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
+        if final:  # trainer.num_steps, or trainer.max_generated_tokens spent
+            break
+        if preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
             if not _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
@@ -153,6 +156,15 @@ def _inject_fault(step: int) -> None:
 def _trainer_state(iteration: int, ahead) -> dict:
     # Only rank 0 writes trainer_state.json, and only rank 0 has the rollout stage.
     return {"rollout": ahead.state_dict() if ahead is not None else None, "tensorboard_step": iteration}
+
+
+def _out_of_budget(cfg: Config, rollout_metrics) -> bool:
+    """trainer.max_generated_tokens: has this step's rollout spent the run's budget? (Collective when set.)"""
+    budget = cfg.trainer.max_generated_tokens
+    if not budget:
+        return False
+    spent = rollout_metrics["rollout/generated_tokens_total"] if rollout_metrics is not None else None
+    return broadcast_from_rank0(spent >= budget if spent is not None else None)
 
 
 def _staleness_bound(cfg: Config) -> int:
