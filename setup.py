@@ -26,7 +26,7 @@ setup(
         "aiohttp",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "matplotlib"],  # matplotlib: tools/ablation.py plots
         # sglang / sglang-router: the versions whose parser and router tests/test_sglang_cpu.py runs on CPU
         "gpu": ["transformer-engine[pytorch]", "sglang==0.5.23", "sglang-router==0.3.2"],
     },

@@ -91,8 +91,14 @@ class RolloutConfig:
     # Engines and router answer only `Authorization: Bearer <key>` (SGLang's --api-key). Default: env
     # DAPO_ROLLOUT_API_KEY, else a fresh key per run. Never written to config.json or logs.
     api_key: Optional[str] = None
+    # 0: generate, then train. 1: the next step's rollout generates while this step trains (one step off-policy;
+    # train/rollout_ahead.py); every sample is at most one weight version behind, and the pipeline drains before
+    # each checkpoint so that a resume is exact.
+    async_steps: int = 0
 
     def __post_init__(self):
+        if self.async_steps not in (0, 1):
+            raise ConfigError(f"rollout.async_steps={self.async_steps}; use 0 (synchronous) or 1 (one step off-policy)")
         if self.sglang_ep_size < 1 or self.sglang_tp_size % self.sglang_ep_size:
             raise ConfigError(f"rollout.sglang_ep_size={self.sglang_ep_size} must divide rollout.sglang_tp_size="
                               f"{self.sglang_tp_size} (SGLang splits each server's TP ranks into EP groups)")
@@ -135,6 +141,13 @@ class TrainerConfig:
     seed: int = 1234
     tensorboard: bool = True
     progress_interval_s: float = 30.0  # off a terminal: a rollout progress line per round or this often
+    # Stop after the step whose generated response tokens (all generated groups, kept or filtered, counted since
+    # step 1, across resumes) reach this many: a compute-matched budget (tools/ablation.py). 0 = no limit.
+    max_generated_tokens: int = 0
+
+    def __post_init__(self):
+        if self.max_generated_tokens < 0:
+            raise ConfigError(f"trainer.max_generated_tokens={self.max_generated_tokens}; use 0 (no limit) or more")
 
 
 @dataclass
@@ -314,6 +327,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if cfg.algorithm.rollout_correction.enabled and not cfg.actor.recompute_old_logprobs:
         raise ConfigError("algorithm.rollout_correction (or tis_cap) weighs trainer vs engine log-probs; with "
                           "actor.recompute_old_logprobs=false they are the same: set it true or turn the correction off")
+    _check_async(cfg)
     if not cfg.model.path:
         raise ConfigError("model.path is required: a Hugging Face model folder (config.json + safetensors)")
     if not (Path(cfg.model.path) / "config.json").is_file():
@@ -354,6 +368,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         load = Path(cfg.trainer.load)
         if not ((load / "latest").is_file() or (load / "model").is_dir() or any(load.glob("iter_*"))):
             raise ConfigError(f"trainer.load={load} holds no checkpoint (no `latest` file or model/ folder)")
+
+
+def _check_async(cfg: Config) -> None:
+    r = cfg.rollout
+    if not r.async_steps:
+        return
+    if cfg.sampling().keep_partial:
+        raise ConfigError("dynamic_sampling.keep_partial carries surplus groups one more weight version behind; with "
+                          "rollout.async_steps=1 they would be two behind: set keep_partial=false")
+    if r.backend == "sglang" and r.colocate:
+        raise ConfigError("rollout.async_steps=1 generates while the actor trains, but colocated engines release their "
+                          "GPUs then: set rollout.colocate=false (engines on GPUs of their own) or async_steps=0")
+    if cfg.trainer.save_interval == 1:
+        raise ConfigError("rollout.async_steps=1 drains the rollout before every checkpoint, so with "
+                          "trainer.save_interval=1 no rollout overlaps training: save less often or use async_steps=0")
 
 
 def _check_batch_sizes(cfg: Config, dp: int) -> None:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
 TRL_PACKAGES = ["torch==2.13.0", "trl==1.16.0"]
-PHASES = ("rollout", "old_logprobs", "train", "sync")
+PHASES = ("rollout", "old_logprobs", "train", "rollout_wait", "sync")  # rollout_wait: async_steps=1 only
 TRAIN_FRAME = "train_step (dapo_megatron/train/actor.py"
 PROFILE_PHASES = {
     "rollout (stage.collect)": "collect (dapo_megatron/train/stages.py",
@@ -80,11 +80,12 @@ def run_ours(a, work: Path, name: str, overrides: list = (), profile_to: Path = 
         sys.exit(f"ours ({name}) failed with exit code {rc}; see {run_dir / 'log.txt'}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][a.warmup:]
     steps = [sum(r.get(f"time/{p}_s", 0.0) for p in PHASES) for r in rows]
-    rollout = [r["time/rollout_s"] for r in rows]
+    # generation time: with rollout.async_steps=1 it overlaps train, and time/rollout_s is only the hand-over
+    rollout = [r.get("time/rollout_generate_s", r["time/rollout_s"]) for r in rows]
     train = [r.get("time/train_s", 0.0) + r.get("time/old_logprobs_s", 0.0) for r in rows]
-    phases = {p: bc.median([r.get(f"time/{p}_s", 0.0) for r in rows]) for p in PHASES}
+    phases = {p: bc.median([r.get(f"time/{p}_s", 0.0) for r in rows]) for p in (*PHASES, "rollout_generate")}
     gen = bc.median([r["rollout/response_length_mean"] * a.prompts * a.group for r in rows])
-    return summarize(a, name, steps, rollout, train, gen, peak, wall, phases)
+    return {**summarize(a, name, steps, rollout, train, gen, peak, wall, phases), "overrides": " ".join(overrides)}
 
 
 def run_trl(a, work: Path, name: str, checkpointing: bool) -> dict:
@@ -182,14 +183,22 @@ def print_table(results: list) -> None:
     for r in results:
         print(f"{r['name']:16}{r['step_s']:8.2f}{1 / r['step_s']:9.4f}{r['gen_tok_s']:11.0f}{r['train_tok_s']:13.0f}"
               f"{r['peak_pss_gib']:14.2f}{r['peak_rss_gib']:14.2f}")
-    ours = results[0] if results and results[0]["name"] == "ours" else None
-    for trl in (r for r in results if ours and r["name"].startswith("trl")):
-        ratio = {k: ours[k] / trl[k] for k in ("gen_tok_s", "train_tok_s", "peak_pss_gib", "peak_rss_gib")}
-        print(f"{'ours/' + trl['name']:16}{'':8}{trl['step_s'] / ours['step_s']:8.2f}x{ratio['gen_tok_s']:10.2f}x"
-              f"{ratio['train_tok_s']:12.2f}x{ratio['peak_pss_gib']:13.2f}x{ratio['peak_rss_gib']:13.2f}x")
-    if ours and len(results) > 1:
+    mine = [r for r in results if r["name"].startswith("ours")]
+    for ours in mine:
+        for trl in (r for r in results if r["name"].startswith("trl")):
+            ratio = {k: ours[k] / trl[k] for k in ("gen_tok_s", "train_tok_s", "peak_pss_gib", "peak_rss_gib")}
+            print(f"{ours['name'] + '/' + trl['name']:16}{'':8}{trl['step_s'] / ours['step_s']:8.2f}x"
+                  f"{ratio['gen_tok_s']:10.2f}x{ratio['train_tok_s']:12.2f}x{ratio['peak_pss_gib']:13.2f}x"
+                  f"{ratio['peak_rss_gib']:13.2f}x")
+    if mine and len(results) > 1:
         print("(steps/s, tokens/s: higher is better; memory: lower is better. Peak PSS splits pages shared by "
               "forked children; RSS counts them once per process)")
+    for r in mine:  # rollout.async_steps=1: how close the step comes to the larger of its two overlapped halves
+        ph = r["phases_s"]
+        if "rollout.async_steps=1" in r["overrides"]:
+            bound = max(ph["rollout_generate"], ph["old_logprobs"] + ph["train"])
+            print(f"{r['name']}: step {r['step_s']:.2f} s = {r['step_s'] / bound:.2f}x max(generate "
+                  f"{ph['rollout_generate']:.2f} s, old log-probs + train {ph['old_logprobs'] + ph['train']:.2f} s)")
     for r in results:
         print(f"{r['name']} phase medians (s): " + ", ".join(f"{k}={v:.2f}" for k, v in r["phases_s"].items()))
 

@@ -216,6 +216,7 @@ class DynamicSamplingBuffer:
             "rollout/accuracy": stats["correct"] / n,
             "rollout/reward_mean": stats["reward_sum"] / n,
             "rollout/response_length_max": stats["response_length_max"],
+            "rollout/generated_tokens": stats["response_tokens"],  # every generated group, kept or not
             "rollout/exhausted": int(num_kept < self.cfg.rollout_batch_size or skipped),
             "rollout/step_skipped": int(skipped),
         })

@@ -19,8 +19,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger
 from .reference import build_reference
+from .rollout_ahead import RolloutAhead
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
-from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch
+from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, broadcast_from_rank0
 
 
 def run(cfg: Config) -> dict:
@@ -43,12 +44,16 @@ def run(cfg: Config) -> dict:
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if cfg.trainer.load:
         syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
+    ahead = RolloutAhead(stage, cfg.rollout.async_steps, _staleness_bound(cfg)) if rank0 else None
     last, preempted = {}, False
     for step in range(start, cfg.trainer.num_steps):
         times = {}
-        with _timer(times, "rollout"):
-            groups, rollout_metrics = stage.collect() if rank0 else (None, None)
+        with _timer(times, "rollout"):  # with rollout.async_steps=1, the rollout started during the last step
+            groups, rollout_metrics = ahead.next() if rank0 else (None, None)
             batch = broadcast_batch(assign_advantages(groups, cfg) if rank0 else None)
+        final = step + 1 == cfg.trainer.num_steps or _out_of_budget(cfg, rollout_metrics)
+        if rank0 and not final and not _due(step, cfg.trainer.save_interval, 0):
+            ahead.start()  # async_steps=1: the next rollout generates while this step trains (drained before a save)
         train_metrics = {}
         if batch:  # an empty batch means the dynamic-sampling bound was hit with on_exhausted=skip
             with colocated(stage):  # colocated SGLang engines release GPU memory while the actor works
@@ -62,26 +67,33 @@ def run(cfg: Config) -> dict:
                 _inject_fault(step)
                 with _timer(times, "train"):
                     train_metrics.update(_mean(train_on_batch(actor, batch)))
+            if rank0:
+                with _timer(times, "rollout_wait"):  # the engines take new weights only between rollouts
+                    ahead.wait()
             with _timer(times, "sync"):
                 train_metrics.update(syncer.sync(actor, version=step + 1))
         eval_metrics = {}
-        if cfg.eval.path and cfg.trainer.eval_interval and (step + 1) % cfg.trainer.eval_interval == 0:
+        if cfg.eval.path and cfg.trainer.eval_interval and ((step + 1) % cfg.trainer.eval_interval == 0 or final):
             eval_metrics = stage.evaluate(tokenizer) if rank0 else {}
             dist.barrier()
         last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
         logger.log(step + 1, last)  # before the save: a checkpoint's steps are always in metrics.jsonl
-        if _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+        if final or _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
             with _timer(times, "save"):
-                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
+                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
         hold_for_signal(step + 1, lambda: preemption.signum is not None)  # preemption tests only (faults.py)
-        if step + 1 < cfg.trainer.num_steps and preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
+        if final:  # trainer.num_steps, or trainer.max_generated_tokens spent
+            break
+        if preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
             if not _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
-                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, stage), cfg.model.path,
+                save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
             preempted = True
             break
+    if ahead is not None:
+        ahead.close()
     logger.close()
     syncer.close()
     if stage is not None:
@@ -141,9 +153,24 @@ def _inject_fault(step: int) -> None:
     fault("train", step + 1)  # DAPO_FAULT=train@N (see faults.py)
 
 
-def _trainer_state(iteration: int, stage) -> dict:
+def _trainer_state(iteration: int, ahead) -> dict:
     # Only rank 0 writes trainer_state.json, and only rank 0 has the rollout stage.
-    return {"rollout": stage.state_dict() if stage is not None else None, "tensorboard_step": iteration}
+    return {"rollout": ahead.state_dict() if ahead is not None else None, "tensorboard_step": iteration}
+
+
+def _out_of_budget(cfg: Config, rollout_metrics) -> bool:
+    """trainer.max_generated_tokens: has this step's rollout spent the run's budget? (Collective when set.)"""
+    budget = cfg.trainer.max_generated_tokens
+    if not budget:
+        return False
+    spent = rollout_metrics["rollout/generated_tokens_total"] if rollout_metrics is not None else None
+    return broadcast_from_rank0(spent >= budget if spent is not None else None)
+
+
+def _staleness_bound(cfg: Config) -> int:
+    """Versions a sample may lag the trainer: rollout.async_steps, plus the one of groups carried by keep_partial
+    (refused with async_steps, config.py)."""
+    return cfg.rollout.async_steps + int(cfg.sampling().keep_partial)
 
 
 def _due(step: int, interval: int, num_steps: int) -> bool:

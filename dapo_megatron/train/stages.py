@@ -42,6 +42,7 @@ class RolloutStage:
         self.buffer = DynamicSamplingBuffer(cfg.sampling(), self.dataset, self._generate_group, self.scorer,
                                             cfg.overlong_buffer, r.max_response_length)
         self.step = 0
+        self.generated_tokens = 0  # every generated response token since step 1 (trainer.max_generated_tokens)
         self._eval_items = None
 
     @contextmanager
@@ -73,7 +74,8 @@ class RolloutStage:
         finally:
             progress.close()
         self.step += 1
-        return groups, metrics
+        self.generated_tokens += metrics["rollout/generated_tokens"]
+        return groups, {**metrics, "rollout/generated_tokens_total": self.generated_tokens}
 
     def evaluate(self, tokenizer) -> dict:
         e = self.cfg.eval
@@ -97,11 +99,12 @@ class RolloutStage:
         return {f"eval/avg@{e.n_samples}": acc, "eval/num_prompts": len(items)}
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "step": self.step}
+        return {"buffer": self.buffer.state_dict(), "step": self.step, "generated_tokens": self.generated_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer.load_state_dict(state["buffer"])
         self.step = state["step"]
+        self.generated_tokens = state.get("generated_tokens", 0)  # absent in checkpoints of earlier versions
 
     def close(self):
         if self.weight_sync is not None:

@@ -1,0 +1,303 @@
+"""DAPO's Table 1 at CPU scale: the six cumulative configurations of examples/ablation/configs.yaml, several seeds
+each, the same generated-token budget for every run; writes a markdown table and plots to docs/ablation/.
+
+    python tools/ablation.py                                  # 6 configurations x 3 seeds (about an hour, 2 cores)
+    python tools/ablation.py --configs naive_grpo,dynamic_sampling --seeds 1 --budget-tokens 3000   # smoke
+
+The task: `qz|3+4=` -> `Answer: 7`, the 25 sums a+b with a, b in 0..4, each behind random two-letter prefixes: 6
+prefixes per sum for training (150 prompts), 2 others for the held-out split (50 prompts never trained on: the same
+sums behind unseen strings; a 2-layer model this small does not generalise to unseen sums, so the split measures what
+transfers beyond the trained strings). Prompts differ in difficulty through the warm start's decoys, so many groups
+come back all-wrong early and all-right late.
+
+Warm start (disclosed; per seed, as `make demo` does): a random-init Qwen2.5-shaped model (2 layers, hidden 128, the
+toy character tokenizer) gets 80 steps of supervised training on the *format* only: the prompt, 0-10 filler dots,
+then `Answer: d` with d never the right sum (a fixed decoy per prompt half of the time). It never sees a correct
+answer, so every correct answer is found by RL, and the correct token starts with low probability (below 1 in 9:
+the Clip-Higher regime). `Answer: d<eos>` is 3 tokens, so with 0-10 dots about 45% of the first responses overrun
+rollout.max_response_length=8 and the overlong techniques have something to change.
+
+Budget: every run stops at the step whose generated response tokens (all generated groups, kept or filtered) reach
+--budget-tokens (trainer.max_generated_tokens), so dynamic sampling pays for its extra generation.
+Reported per configuration, mean +- std over seeds: final held-out avg@4 (eval at the last step), steps to reach
+--target on the training rollouts' accuracy (5-step moving mean), final entropy, mean response length and
+truncated fraction (means over the last 5 steps).
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import shlex
+import statistics
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "examples" / "ablation"
+FILLER_MAX = 10
+TAIL = 5  # steps averaged for the "final" columns
+
+
+# ---- the task ----------------------------------------------------------------------------------------------------
+def make_task(work: Path, train_prefixes: int = 6, heldout_prefixes: int = 2, seed: int = 0) -> None:
+    """train.jsonl and heldout.jsonl: the 25 sums a+b (a, b in 0..4), each behind random two-letter prefixes
+    (`qz|3+4=`); the held-out prompts use prefixes that no training prompt has. Same files for every run."""
+    rng = random.Random(seed)
+    prefixes = rng.sample([x + y for x in string.ascii_lowercase for y in string.ascii_lowercase],
+                          train_prefixes + heldout_prefixes)
+    facts = [(a, b) for a in range(5) for b in range(5)]
+
+    def rows(pres):
+        return [{"question": f"{p}|{a}+{b}=", "answer": str(a + b)} for p in pres for a, b in facts]
+
+    train, heldout = rows(prefixes[:train_prefixes]), rows(prefixes[train_prefixes:])
+    rng.shuffle(train)
+    for name, items in (("train", train), ("heldout", heldout)):
+        (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+
+
+def warm_start(model_dir: Path, train_file: Path, seed: int, steps: int = 80) -> float:
+    """Format-only SFT (module docstring): filler, then `Answer: d` with d never the right sum. Each prompt has a
+    fixed wrong decoy, the target half of the time (another wrong digit otherwise), so the model learns the format
+    and to tell prompts apart, and starts below chance on the right answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dapo_megatron.models.tiny import make_tiny_hf_model
+
+    torch.manual_seed(seed)
+    make_tiny_hf_model(model_dir, "qwen2.5", seed=seed, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    rng = random.Random(seed)
+    wrong = {r["question"]: [d for d in range(9) if str(d) != r["answer"]] for r in rows}
+    decoy = {q: rng.choice(ds) for q, ds in wrong.items()}
+    for _ in range(steps):
+        batch = rng.sample(rows, 16)
+        prompts = [r["question"] for r in batch]
+        digits = [decoy[p] if rng.random() < 0.5 else rng.choice(wrong[p]) for p in prompts]
+        texts = [p + "." * rng.randint(0, FILLER_MAX) + f"Answer: {d}<|im_end|>" for p, d in zip(prompts, digits)]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        labels = enc.input_ids.clone()
+        for i, p in enumerate(prompts):
+            labels[i, :len(tok(p).input_ids)] = -100
+        labels[enc.attention_mask == 0] = -100
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return float(loss.detach())
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+def load_configs() -> dict:
+    """name -> cumulative dotted overrides (each configuration adds its switches to all above it)."""
+    import yaml
+
+    raw = yaml.safe_load((CONFIG_DIR / "configs.yaml").read_text())
+    out, acc = {}, {}
+    for name, switches in raw.items():
+        acc = {**acc, **switches}
+        out[name] = dict(acc)
+    return out
+
+
+def _value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def run_one(a, work: Path, name: str, overrides: dict, seed: int) -> dict:
+    seed_dir = work / f"seed{seed}"
+    run_dir = work / "runs" / f"{name}_seed{seed}"
+    base = (CONFIG_DIR / "base.yaml").read_text().replace("WORK", str(seed_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "base.yaml").write_text(base)
+    args = [f"{k}={_value(v)}" for k, v in overrides.items()] + [
+        f"trainer.run_dir={run_dir}", f"trainer.save={run_dir / 'checkpoints'}", f"trainer.seed={seed}",
+        f"data.seed={seed}", f"trainer.max_generated_tokens={a.budget_tokens}", *a.override]
+    cmd = [sys.executable, "-m", "dapo_megatron.cli", "train", "--config", str(run_dir / "base.yaml"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=a.timeout)
+    if rc:
+        sys.exit(f"{name} seed {seed} failed (exit {rc}); see {run_dir / 'log.txt'}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"name": name, "seed": seed, "rows": rows, "wall_s": time.perf_counter() - t0,
+            "command": shlex.join(["dapo-megatron", "train", "--config", "examples/ablation/base.yaml", *args[:len(overrides)]])}
+
+
+# ---- summary -----------------------------------------------------------------------------------------------------
+def _moving(xs, k=5):
+    return [statistics.fmean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+
+
+def summarize_run(run: dict, target: float) -> dict:
+    rows = run["rows"]
+    acc = [r["rollout/accuracy"] for r in rows]
+    evals = [r for r in rows if "eval/avg@4" in r]
+    reached = next((i + 1 for i, v in enumerate(_moving(acc)) if v >= target), None)
+    tail = rows[-TAIL:]
+    return {"heldout": evals[-1]["eval/avg@4"] if evals else float("nan"), "steps": len(rows),
+            "steps_to_target": reached,
+            "entropy": statistics.fmean(r["actor/entropy"] for r in tail if "actor/entropy" in r),
+            "length": statistics.fmean(r["rollout/response_length_mean"] for r in tail),
+            "truncated": statistics.fmean(r["rollout/truncation_rate"] for r in tail),
+            "train_acc": statistics.fmean(acc[-TAIL:]),
+            "tokens": rows[-1]["rollout/generated_tokens_total"]}
+
+
+def _ms(values, fmt="{:.3f}") -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "never"
+    text = fmt.format(statistics.fmean(vals))
+    if len(vals) > 1:
+        text += " ± " + fmt.format(statistics.stdev(vals))
+    missing = len(values) - len(vals)
+    return text + (f" ({missing} never)" if missing else "")
+
+
+def claims(summary: dict) -> list[str]:
+    """The paper's claims, checked against our means (the note beside each is written by hand in README.md)."""
+    names = list(summary)
+    mean = {n: {k: statistics.fmean([s[k] for s in summary[n] if s[k] is not None] or [float("nan")])
+                for k in ("heldout", "entropy", "truncated", "train_acc")} for n in names}
+    lines = []
+    order = sorted(names, key=lambda n: mean[n]["heldout"])
+    lines.append(f"- Ordering of final held-out accuracy (low to high): {' < '.join(order)}; the paper's order is "
+                 f"{' < '.join(names)}: {'agrees' if order == names else 'disagrees'}.")
+    if "clip_higher" in mean and "overlong_filtering" in mean:
+        hi, lo = mean["clip_higher"]["entropy"], mean["overlong_filtering"]["entropy"]
+        lines.append(f"- Entropy with Clip-Higher {hi:.3f} vs without {lo:.3f} (final, the configurations either side "
+                     f"of the switch): {'agrees' if hi > lo else 'disagrees'}.")
+    if "dynamic_sampling" in summary and "token_level_loss" in summary:
+        def steps(n):
+            got = [s["steps_to_target"] for s in summary[n]]
+            return statistics.fmean([g if g is not None else s["steps"] + 1 for g, s in zip(got, summary[n])])
+        ds, no = steps("dynamic_sampling"), steps("token_level_loss")
+        lines.append(f"- Steps to the target with dynamic sampling {ds:.1f} vs without {no:.1f} (runs that never reach "
+                     f"it count as their length + 1): {'agrees' if ds < no else 'disagrees'}.")
+    if "naive_grpo" in mean and "soft_overlong_punishment" in mean:
+        t0, t1 = mean["naive_grpo"]["truncated"], mean["soft_overlong_punishment"]["truncated"]
+        lines.append(f"- Truncated fraction, naive GRPO {t0:.3f} vs with both overlong techniques {t1:.3f}: "
+                     f"{'agrees' if t1 < t0 else 'disagrees'}.")
+    return lines
+
+
+def write_table(a, out: Path, summary: dict, runs: list, elapsed: float, cpu_s: float) -> Path:
+    lines = ["# DAPO ablation at CPU scale", "",
+             f"Made by `python tools/ablation.py {' '.join(a.argv)}`".rstrip() + f" in {elapsed / 60:.1f} min wall "
+             f"({cpu_s / 60:.1f} CPU-minutes of the trainer processes) on {os.cpu_count()} cores.",
+             f"{len(next(iter(summary.values())))} seeds per configuration; every run stops at "
+             f"{a.budget_tokens:,} generated response tokens. Target: a 5-step moving mean of training-rollout "
+             f"accuracy >= {a.target}. Final columns: the last {TAIL} steps.", "",
+             "| configuration | held-out avg@4 | steps to target | steps run | final entropy | mean response length "
+             "| truncated fraction | train accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for name, items in summary.items():
+        lines.append(f"| {name} | {_ms([s['heldout'] for s in items])} | "
+                     f"{_ms([s['steps_to_target'] for s in items], '{:.1f}')} | "
+                     f"{_ms([s['steps'] for s in items], '{:.0f}')} | {_ms([s['entropy'] for s in items])} | "
+                     f"{_ms([s['length'] for s in items], '{:.2f}')} | {_ms([s['truncated'] for s in items])} | "
+                     f"{_ms([s['train_acc'] for s in items])} |")
+    lines += ["", "Claims of the paper, checked by the tool:", "", *claims(summary), "",
+              "One run's command (per seed the tool adds trainer.seed, data.seed, the folders and the budget):", ""]
+    lines += [f"- `{r['command']}`" for r in runs if r["seed"] == runs[0]["seed"]]
+    path = out / "table.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(out: Path, runs: list, names: list) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, label, fname in (("rollout/accuracy", "training-rollout accuracy", "accuracy.png"),
+                              ("eval/avg@4", "held-out avg@4", "heldout.png"),
+                              ("actor/entropy", "entropy", "entropy.png"),
+                              ("rollout/response_length_mean", "mean response length (tokens)", "length.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name in names:
+            series = [{r["step"]: r[key] for r in run["rows"] if key in r} for run in runs if run["name"] == name]
+            steps = sorted(set().union(*series))
+            mean, lo, hi, xs = [], [], [], []
+            for s in steps:
+                vals = [d[s] for d in series if s in d]
+                if len(vals) < len(series):  # seeds stop at different steps: plot where all have data
+                    continue
+                m, sd = statistics.fmean(vals), statistics.pstdev(vals)
+                xs.append(s), mean.append(m), lo.append(m - sd), hi.append(m + sd)
+            line, = ax.plot(xs, mean, label=name, marker="o" if key.startswith("eval") else None, markersize=3)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("step"), ax.set_ylabel(label), ax.grid(alpha=0.3), ax.legend(fontsize=7)
+        ax.set_title(f"{label} (mean ± std over seeds)")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="all", help="comma-separated names from examples/ablation/configs.yaml")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget-tokens", type=int, default=40000, help="generated response tokens per run")
+    p.add_argument("--target", type=float, default=0.2, help="training-rollout accuracy for 'steps to target'")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
+    p.add_argument("--work", default="/tmp/dapo_ablation")
+    p.add_argument("--out", default=str(REPO / "docs" / "ablation"))
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--override", action="append", default=[], help="extra trainer override for every run")
+    a = p.parse_args(argv)
+    a.argv = argv
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True), out.mkdir(parents=True, exist_ok=True)
+    configs = load_configs()
+    names = list(configs) if a.configs == "all" else a.configs.split(",")
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        sys.exit(f"--configs: unknown {unknown}; choose from {list(configs)}")
+    t0 = time.perf_counter()
+    for seed in range(a.seeds):
+        seed_dir = work / f"seed{seed}"
+        seed_dir.mkdir(exist_ok=True)
+        make_task(seed_dir)
+        loss = warm_start(seed_dir / "init_model", seed_dir / "train.jsonl", seed)
+        print(f"seed {seed}: format-only warm start, final SFT loss {loss:.3f}", flush=True)
+    jobs = [(n, s) for s in range(a.seeds) for n in names]
+    before = os.times()
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        futures = {pool.submit(run_one, a, work, n, configs[n], s): (n, s) for n, s in jobs}
+        runs = []
+        for f in concurrent.futures.as_completed(futures):
+            r = f.result()
+            runs.append(r)
+            print(f"{r['name']} seed {r['seed']}: {len(r['rows'])} steps in {r['wall_s']:.0f} s", flush=True)
+    after = os.times()
+    cpu_s = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    runs.sort(key=lambda r: (r["seed"], names.index(r["name"])))
+    summary = {n: [summarize_run(r, a.target) for r in runs if r["name"] == n] for n in names}
+    table = write_table(a, out, summary, runs, time.perf_counter() - t0, cpu_s)
+    plots = plot(out, runs, names)
+    (out / "runs.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in runs]))
+    print(table.read_text())
+    print("plots: " + ", ".join(str(x) for x in plots))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
