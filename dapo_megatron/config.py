@@ -87,6 +87,9 @@ class RolloutConfig:
     # Engines and router answer only `Authorization: Bearer <key>` (SGLang's --api-key). Default: env
     # DAPO_ROLLOUT_API_KEY, else a fresh key per run. Never written to config.json or logs.
     api_key: Optional[str] = None
+    # MoE: engines return the experts each token was routed to (SGLang --enable-return-routed-experts + the request's
+    # return_routed_experts). Set by actor.routing_replay=r3 (validate); do not set it alone.
+    return_routed_experts: bool = False
 
     def __post_init__(self):
         if self.sglang_ep_size < 1 or self.sglang_tp_size % self.sglang_ep_size:
@@ -303,6 +306,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if cfg.algorithm.rollout_correction.enabled and not cfg.actor.recompute_old_logprobs:
         raise ConfigError("algorithm.rollout_correction (or tis_cap) weighs trainer vs engine log-probs; with "
                           "actor.recompute_old_logprobs=false they are the same: set it true or turn the correction off")
+    if cfg.rollout.return_routed_experts and cfg.actor.routing_replay != "r3":
+        raise ConfigError("rollout.return_routed_experts is set by actor.routing_replay=r3; remove it (or set "
+                          "actor.routing_replay=r3)")
+    cfg.rollout.return_routed_experts = cfg.actor.routing_replay == "r3"
     if not cfg.model.path:
         raise ConfigError("model.path is required: a Hugging Face model folder (config.json + safetensors)")
     if not (Path(cfg.model.path) / "config.json").is_file():
@@ -316,6 +323,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by)
     except ValueError as e:
         raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
+    if cfg.actor.routing_replay != "none" and arch.moe is None:
+        raise ConfigError(f"actor.routing_replay={cfg.actor.routing_replay} replays MoE routing; model.path="
+                          f"{cfg.model.path} has no experts: set actor.routing_replay=none")
     world = world_size or world_size_from_env()
     try:
         check_sizes(cfg.parallel, world)
