@@ -123,3 +123,24 @@ def test_routing_replay_in_the_actor(torchrun, tmp_path, tp, pp, ep, nproc):
     assert got["r2"]["replay_checked"] > 0 and got["r2"]["replay_mismatch"] == 0
     assert got["r2"]["update_tokens"] > 0 and got["r2"]["update_changed"] == 0
     assert got["none"]["update_changed"] > 0  # the perturbation does change the routing without replay
+
+
+def test_moe_load_metrics_hand_count():
+    """Known routing of 4 tokens, top-2 over 4 experts: tokens per expert [3, 3, 2, 0] (mean 2): max/mean 1.5;
+    with a capacity of 2 per expert, one assignment of expert 0 and one of expert 1 are dropped."""
+    from dapo_megatron.train.moe_metrics import MoEStats, expert_load_metrics
+
+    stats = MoEStats.__new__(MoEStats)
+    stats.routers, stats.num_experts, stats.topk, stats.capacity = [(2, None)], 4, 2, 1.0
+    stats._reset()
+    stats.collecting = True
+    full = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    stats._hook(2)(None, None, (None, full))
+    assert stats.counts[2].tolist() == [3, 3, 2, 0] and stats.dropped == 0
+    kept = full.clone()
+    kept[2, 0] = kept[3, 1] = False  # the capacity drops 2 of the 8 assignments
+    stats._hook(2)(None, None, (None, kept))
+    assert stats.counts[2].tolist() == [5, 5, 4, 0] and stats.dropped == 2  # + [2, 2, 2, 0]
+    m = expert_load_metrics({2: torch.tensor([3.0, 3.0, 2.0, 0.0])}, dropped=2)
+    assert m == {"moe/load_max_over_mean/layer_2": 1.5, "moe/dropped_tokens": 2.0}
+    assert "moe/dropped_tokens" not in expert_load_metrics({0: torch.ones(4)}, None)  # drop-less: not logged

@@ -21,6 +21,7 @@ from ..models.weights import iter_hf_weights, load_hf_weights, safetensors_gette
 from ..types import Sample
 from .head import ResponseHead
 from .logprobs import vocab_parallel_logprobs
+from .moe_metrics import MoEStats
 from .routing_replay import MODES as ROUTING_REPLAY_MODES
 from .routing_replay import R2_KEY, RoutingReplay
 from .packing import (
@@ -141,6 +142,8 @@ class Actor:
         self.head = ResponseHead(module.output_layer) if ps.is_pipeline_last_stage() else None
         self.replay = RoutingReplay(module, cfg.routing_replay, self.arch.num_layers,
                                     self.arch.moe.topk if self.arch.moe else 1, bool(config.sequence_parallel))
+        self.moe_stats = MoEStats(module, self.arch.moe.num_experts, self.arch.moe.topk,
+                                  config.moe_expert_capacity_factor) if self.arch.moe else None
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _chunk(self, logits) -> int:
@@ -254,7 +257,8 @@ class Actor:
         mbs = self._microbatches(samples, self._layout(samples), replay=self.replay.active)
         total_tokens = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in mbs))
         total_seqs = torch.tensor(float(sum(int((mb["loss_mask"].sum(1) > 0).sum()) for mb in mbs)))
-        counts = torch.stack([total_tokens, total_seqs])
+        router_tokens = torch.tensor(float(sum(mb["tokens"].numel() for mb in mbs)))  # MoE aux-loss divisor
+        counts = torch.stack([total_tokens, total_seqs, router_tokens])
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         global_tokens, global_seqs = counts[0].clamp(min=1), counts[1].clamp(min=1)
         need_entropy = self.loss_cfg.entropy_coef != 0.0
@@ -280,10 +284,18 @@ class Actor:
 
         self.optimizer.zero_grad()
         self.model.zero_grad_buffer()
-        out = self._run(mbs, loss_fn, forward_only=False)
+        if self.moe_stats is None:
+            out = self._run(mbs, loss_fn, forward_only=False)
+        else:
+            with self.moe_stats.collect(aux_scale=1.0 / float(counts[2].clamp(min=1))):  # moe_metrics.py
+                out = self._run(mbs, loss_fn, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        return self._reduce_metrics(out if ps.is_pipeline_last_stage() else [], grad_norm, ok)
+        m = self._reduce_metrics(out if ps.is_pipeline_last_stage() else [], grad_norm, ok)
+        if self.moe_stats is not None:
+            m.update(self.moe_stats.metrics(self.arch.num_layers, [i for i, x in enumerate(self.arch.moe.layer_pattern)
+                                                                   if x], len(mbs)))
+        return m
 
     def _reduce_metrics(self, records, grad_norm, ok) -> dict:
         # Every metric policy_loss returns, weighted by the micro-batch's loss tokens (`*_seq_frac`: sequences).
