@@ -166,3 +166,22 @@ def test_sglang_launcher_passes_ep_size():
     assert "--ep-size" not in SGLangServers("/m", tp_size=8).server_command(0)
     with pytest.raises(ValueError, match="ep_size=3 must divide tp_size=8"):
         SGLangServers("/m", tp_size=8, ep_size=3)
+
+
+AUX = REPO / "tests" / "dist_scripts" / "moe_aux_grad.py"
+
+
+@pytest.mark.dist
+def test_aux_loss_gradient_is_the_token_weighted_mean(torchrun, tmp_path):
+    """Zero advantages: only the load-balancing loss trains the routers. Their gradient equals coeff x the gradient of
+    megatron's switch loss per micro-batch, weighted by its share of the step's router tokens (2 micro-batches).
+    Without the actor's aux-loss scale it was (router tokens per micro-batch) times larger."""
+    hf_dir = make_tiny_hf_model(tmp_path / "hf", "qwen3_moe", seed=3)
+    torchrun(AUX, 1, hf_dir, tmp_path / "aux.pt")
+    got = torch.load(tmp_path / "aux.pt")
+    assert got["grad_scale"] > 1e-4
+    assert got["max_abs_err"] < 1e-7, got  # the last MoE layer's router: its own aux loss only
+    assert all(abs(r - 1) < 1e-3 for r in got["ratios"]), got["ratios"]  # before: 2.0 (the sum over 2 micro-batches)
+    m = got["metrics"]
+    assert m["moe/aux_loss"] > 0 and m["moe/load_max_over_mean/layer_0"] >= 1.0
+    assert "moe/dropped_tokens" not in m and "moe/load_max_over_mean/layer_1" not in m  # layer 1 is dense

@@ -8,11 +8,13 @@ Metrics (README, "Metrics"), over the optimizer step's update forwards, all rank
   moe/dropped_tokens                    token-expert assignments dropped by the capacity factor (only logged with
                                         model.moe_expert_capacity_factor set; drop-less routing drops none)
 
-Aux-loss scale. With `calculate_per_token_loss` megatron multiplies each micro-batch's aux (and z) loss by its
-number of router tokens, expecting `finalize_model_grads` to divide every gradient by the step's token count. The
-actor's loss already carries the global divisor and its finalize does not divide, so without a correction the
-aux-loss gradient would be (tokens per micro-batch) times too large. `aux_loss_scale(1 / global router tokens)`
-makes it the token-weighted mean over the step's micro-batches on all DP ranks, as megatron intends.
+Aux-loss scale. The actor sets `calculate_per_token_loss` after the model is built, so the routers kept False and
+each micro-batch's aux (and z) loss got backward scale 1 (the schedule's per-token setting): the step's gradient
+was the *sum* over micro-batches and DP ranks (DDP sums), i.e. (micro-batches x DP) times the mean. With the
+routers' `calculate_per_token_loss` on, megatron multiplies each micro-batch's aux loss by its router tokens, and
+`aux_loss_scale(1 / the step's router tokens on all DP ranks)` makes the gradient the token-weighted mean over the
+step, as megatron intends (its finalize would divide by the token count; the actor's does not, its loss carries the
+global divisor). tests/test_moe.py checks the router gradient against a hand computation.
 """
 import contextlib
 
@@ -51,6 +53,8 @@ class MoEStats:
         from .routing_replay import local_routers
 
         self.routers = local_routers(model)
+        for _, r in self.routers:  # aux loss x micro-batch tokens; the update divides by the step's (module docstring)
+            r.calculate_per_token_loss = True
         self.num_experts, self.topk, self.capacity = num_experts, topk, capacity_factor
         self.collecting = False
         self._reset()
