@@ -144,3 +144,43 @@ def test_moe_load_metrics_hand_count():
     m = expert_load_metrics({2: torch.tensor([3.0, 3.0, 2.0, 0.0])}, dropped=2)
     assert m == {"moe/load_max_over_mean/layer_2": 1.5, "moe/dropped_tokens": 2.0}
     assert "moe/dropped_tokens" not in expert_load_metrics({0: torch.ones(4)}, None)  # drop-less: not logged
+
+
+@pytest.mark.parametrize("family, override, message", [
+    ("qwen2.5", ["actor.routing_replay=r3"], "actor.routing_replay=r3 replays MoE routing; model.path="),
+    ("qwen2.5", ["actor.routing_replay=r2"], "has no experts: set actor.routing_replay=none"),
+    ("qwen3_moe", ["actor.routing_replay=r4"], "actor.routing_replay='r4'; use one of none, r2, r3"),
+    ("qwen3_moe", ["actor.routing_replay=r2", "actor.recompute_old_logprobs=false"],
+     "actor.routing_replay=r2 replays the routing of the old-log-prob pass"),
+    ("qwen3_moe", ["actor.routing_replay=r3", "actor.recompute_granularity=full", "actor.recompute_method=uniform",
+                   "actor.recompute_num_layers=1"], "routing_replay with actor.recompute_granularity=full"),
+    ("qwen3_moe", ["rollout.return_routed_experts=true"], "rollout.return_routed_experts is set by"),
+])
+def test_routing_replay_settings_are_refused_in_one_line(tmp_path, family, override, message):
+    from dapo_megatron.config import ConfigError, load_config
+
+    hf = make_tiny_hf_model(tmp_path / "hf", family)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+1=", "answer": "2"}\n')
+    base = [f"model.path={hf}", f"data.path={data}", "rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4",
+            "actor.global_batch_size=8", "actor.micro_batch_size=2"]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, [*base, *override], world_size=1)
+    cfg = load_config(None, [*base, "actor.routing_replay=r3"], world_size=1) if family == "qwen3_moe" else None
+    assert cfg is None or cfg.rollout.return_routed_experts is True  # r3 asks the engines for their routing
+
+
+def test_sglang_launcher_asks_for_routed_experts():
+    from dapo_megatron.rollout.sglang_launcher import SGLangServers
+
+    assert "--enable-return-routed-experts" in SGLangServers("/m", enable_return_routed_experts=True).server_command(0)
+    assert "--enable-return-routed-experts" not in SGLangServers("/m").server_command(0)
+
+
+@pytest.mark.dist
+def test_broadcast_samples_carries_routed_experts(torchrun, tmp_path):
+    torchrun(REPO / "tests" / "dist_scripts" / "broadcast_routed.py", 2, tmp_path / "got.pt")
+    (p0, r0, e0), (p1, r1, e1) = torch.load(tmp_path / "got.pt")
+    assert (p0, r0, p1, r1, e1) == ([1, 2, 3], [4, 5, 6], [7], [8], None)
+    want = torch.arange(5 * 4 * 2, dtype=torch.int32).reshape(5, 4, 2)
+    assert torch.equal(rr.decode_routed_experts(e0, 4, 2), want)

@@ -130,7 +130,13 @@ class RoutingReplay:
                 return None
             cache = s.metadata.get("_routed_experts_t")
             if cache is None or cache[0] is not s.routed_experts:
-                cache = (s.routed_experts, decode_routed_experts(s.routed_experts, self.num_layers, self.topk))
+                t = decode_routed_experts(s.routed_experts, self.num_layers, self.topk)
+                want = len(s.prompt_ids) + len(s.response_ids) - 1
+                if t.shape[0] != want:
+                    raise ValueError(f"routed_experts of a sample holds {t.shape[0]} tokens, expected prompt + "
+                                     f"response - 1 = {want} (SGLang's layout [tokens, {self.num_layers} layers, "
+                                     f"{self.topk}]); the engine's routing does not match the sample")
+                cache = (s.routed_experts, t)
                 s.metadata["_routed_experts_t"] = cache
             return cache[1][:, layer]
         rec = s.metadata.get(R2_KEY)
