@@ -119,7 +119,8 @@ def test_routing_replay_in_the_actor(torchrun, tmp_path, tp, pp, ep, nproc):
         torchrun(REPLAY, nproc, hf_dir, tp, pp, ep, mode, tmp_path / "samples.pt", tmp_path / f"{mode}.pt")
         got[mode] = torch.load(tmp_path / f"{mode}.pt")
     assert got["r3"]["replay_checked"] > 0 and got["r3"]["replay_mismatch"] == 0
-    assert got["r3"]["old_vs_engine"] < 1e-4
+    assert got["r3"]["old_vs_engine"] < 1e-4 and got["r3"]["engine_route_flips"] == 0
+    assert got["r3"]["engine_route_tokens"] > 0
     assert got["r2"]["replay_checked"] > 0 and got["r2"]["replay_mismatch"] == 0
     assert got["r2"]["update_tokens"] > 0 and got["r2"]["update_changed"] == 0
     assert got["none"]["update_changed"] > 0  # the perturbation does change the routing without replay

@@ -98,7 +98,8 @@ class MoEStats:
         for layer, c in self.counts.items():
             table[layer, :-1] = c
         table[0, -1] = self.dropped
-        tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        trackers = get_moe_layer_wise_logging_tracker()  # by moe_router_load_balancing_type
+        tracker = next((trackers[k] for k in ("load_balancing_loss", "seq_load_balancing_loss") if k in trackers), None)
         aux = torch.zeros(num_layers, dtype=torch.float64)
         if tracker is not None:
             aux += tracker["values"].detach().cpu().double()

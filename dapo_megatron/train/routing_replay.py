@@ -100,6 +100,7 @@ class RoutingReplay:
             raise RuntimeError("routing replay needs the model built with moe_enable_routing_replay=True")
         self.sequence_parallel = sequence_parallel
         self.last_used: list = []  # [(layer, indices)] of the last replayed micro-batch (tests read it back)
+        self._decoded: dict = {}  # id(sample) -> (its routed_experts string, decoded tensor); not on the Sample
 
     @property
     def active(self) -> bool:
@@ -128,7 +129,7 @@ class RoutingReplay:
         if self.mode == "r3":
             if not s.routed_experts:
                 return None
-            cache = s.metadata.get("_routed_experts_t")
+            cache = self._decoded.get(id(s))  # decoded once per sample (a step reads it once per MoE layer)
             if cache is None or cache[0] is not s.routed_experts:
                 t = decode_routed_experts(s.routed_experts, self.num_layers, self.topk)
                 want = len(s.prompt_ids) + len(s.response_ids) - 1
@@ -137,7 +138,9 @@ class RoutingReplay:
                                      f"response - 1 = {want} (SGLang's layout [tokens, {self.num_layers} layers, "
                                      f"{self.topk}]); the engine's routing does not match the sample")
                 cache = (s.routed_experts, t)
-                s.metadata["_routed_experts_t"] = cache
+                if len(self._decoded) > 4096:
+                    self._decoded.clear()
+                self._decoded[id(s)] = cache
             return cache[1][:, layer]
         rec = s.metadata.get(R2_KEY)
         return None if rec is None else rec[1][:, j]

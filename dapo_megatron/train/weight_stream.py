@@ -104,7 +104,8 @@ class WeightStream:
         self.sources = stage_source_ranks()
         # DP rank 0 of each stage gathers over TP; with expert parallel every rank takes part in the expert gathers
         self.is_member = ps.get_data_parallel_rank() == 0 or ps.get_expert_model_parallel_world_size() > 1
-        self.is_source = self.is_member and ps.get_tensor_model_parallel_rank() == 0
+        # the sender: DP rank 0, TP rank 0 (= stage_source_ranks); other EP ranks only join the gathers
+        self.is_source = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
         self.nbytes = 0
 
     def _local_buckets(self) -> Iterator[list]:

@@ -19,7 +19,7 @@ def main():
     from dapo_megatron.algo.loss import PolicyLossConfig
     from dapo_megatron.models import ModelConfig
     from dapo_megatron.train.actor import Actor, ActorConfig
-    from dapo_megatron.train.routing_replay import local_routers, token_owners
+    from dapo_megatron.train.routing_replay import decode_routed_experts, local_routers, token_owners
     from dapo_megatron.types import Sample
 
     parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -79,17 +79,26 @@ def main():
     state["phase"] = "update"
     actor.train_step(samples)
     changed, total = 0, 0
+    engine = {tuple(s.prompt_ids + s.response_ids): decode_routed_experts(s.routed_experts, actor.arch.num_layers, topk)
+              for s in samples if s.routed_experts}
+    flipped, seen = 0, 0  # tokens the old-log-prob pass routed differently from the engine (any layer)
+    for (phase, key, layer), t in state["chosen"].items():
+        if phase == "old" and key in engine:
+            e = engine[key][:, layer].long().sort(dim=1).values
+            flipped += int((t[:len(e)] != e).any(dim=1).sum())
+            seen += len(e)
     for (phase, key, layer), t in state["chosen"].items():
         if phase == "update" and ("old", key, layer) in state["chosen"]:
             old = state["chosen"][("old", key, layer)]
             n = len(key) - 1  # the last token feeds no loss term (and the engine never routed it)
             changed += int((t[:n] != old[:n]).any(dim=1).sum())
             total += n
-    stats = torch.tensor([state["bad"], state["checked"], changed, total], dtype=torch.float64)
+    stats = torch.tensor([state["bad"], state["checked"], changed, total, flipped, seen], dtype=torch.float64)
     dist.all_reduce(stats)
     if dist.get_rank() == 0:
         torch.save({"old_vs_engine": diff, "replay_mismatch": stats[0].item(), "replay_checked": stats[1].item(),
-                    "update_changed": stats[2].item(), "update_tokens": stats[3].item()}, out_file)
+                    "update_changed": stats[2].item(), "update_tokens": stats[3].item(),
+                    "engine_route_flips": stats[4].item(), "engine_route_tokens": stats[5].item()}, out_file)
     parallel.destroy()
 
 
