@@ -22,8 +22,6 @@ from ..types import Sample
 from .head import ResponseHead
 from .logprobs import vocab_parallel_logprobs
 from .moe_metrics import MoEStats
-from .routing_replay import MODES as ROUTING_REPLAY_MODES
-from .routing_replay import R2_KEY, RoutingReplay
 from .packing import (
     TOKEN_FIELDS,
     dp_partition,
@@ -33,6 +31,8 @@ from .packing import (
     seq_len,
     to_rows,
 )
+from .routing_replay import MODES as ROUTING_REPLAY_MODES
+from .routing_replay import R2_KEY, RoutingReplay
 from .weight_stream import share_response_values
 
 
@@ -98,8 +98,8 @@ class ActorConfig:
         replay = {"moe_enable_routing_replay": True} if self.routing_replay != "none" else {}
         if self.recompute_granularity is None:
             return replay
-        return {**replay, "recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
-                "recompute_num_layers": self.recompute_num_layers}
+        return {**replay, "recompute_granularity": self.recompute_granularity,
+                "recompute_method": self.recompute_method, "recompute_num_layers": self.recompute_num_layers}
 
 
 class Actor:
