@@ -108,10 +108,12 @@ def test_engine_routed_experts_equal_hf_routing(tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow  # three actor runs: ~85 s (ep2) on an idle 2-core machine
-@pytest.mark.parametrize("tp, pp, ep, nproc", [(1, 1, 2, 2), (1, 2, 2, 4)], ids=["ep2", "pp2-ep2"])
+@pytest.mark.parametrize("tp, pp, ep, nproc", [(1, 1, 2, 2), (1, 2, 2, 4), (2, 1, 2, 2)],
+                         ids=["ep2", "pp2-ep2", "tp2-ep2"])
 def test_routing_replay_in_the_actor(torchrun, tmp_path, tp, pp, ep, nproc):
     """r3: the old-log-prob pass routes every token as the engine did (read back from megatron's routing maps);
-    r2: after the routers moved, the update still routes every token as the old-log-prob pass did (none: not)."""
+    r2: after the routers moved, the update still routes every token as the old-log-prob pass did (none: not).
+    TP=2 x EP=2 (expert TP 1): sequence parallel, each TP rank replays its shard of the tokens."""
     hf_dir = make_tiny_hf_model(tmp_path / "hf", "qwen3_moe", seed=1)
     torch.save(_engine_samples(hf_dir), tmp_path / "samples.pt")
     got = {}

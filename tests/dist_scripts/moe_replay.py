@@ -23,7 +23,7 @@ def main():
     from dapo_megatron.types import Sample
 
     parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                expert_model_parallel_size=ep))
+                                                expert_model_parallel_size=ep, expert_tensor_parallel_size=1))
     rows = torch.load(samples_file)
     samples = [Sample(**r) for r in rows]
     for i, s in enumerate(samples):
@@ -50,7 +50,15 @@ def main():
                     state["checked"] += 1
                     state["bad"] += int((chosen != t.sort(dim=1).values).any(dim=1).sum())
             mb = state["mb"]
-            if tp == 1 and not mb["dummy"]:
+            if tp > 1:  # sequence parallel: this rank routed 1/tp of the tokens; gather them (TP rank 0 counts)
+                from megatron.core import parallel_state as ps
+
+                parts = [torch.empty_like(chosen) for _ in range(tp)]
+                dist.all_gather(parts, chosen.contiguous(), group=ps.get_tensor_model_parallel_group())
+                chosen = torch.cat(parts)
+                if ps.get_tensor_model_parallel_rank() != 0:
+                    return
+            if not mb["dummy"]:
                 owner, pos = token_owners(mb["lengths"], True, mb["tokens"].shape[1])
                 for i, key in enumerate(mb["keys"]):
                     sel = owner == i
