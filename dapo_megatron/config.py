@@ -95,6 +95,9 @@ class RolloutConfig:
     # train/rollout_ahead.py); every sample is at most one weight version behind, and the pipeline drains before
     # each checkpoint so that a resume is exact.
     async_steps: int = 0
+    # MoE: engines return the experts each token was routed to (SGLang --enable-return-routed-experts + the request's
+    # return_routed_experts). Set by actor.routing_replay=r3 (validate); do not set it alone.
+    return_routed_experts: bool = False
 
     def __post_init__(self):
         if self.async_steps not in (0, 1):
@@ -328,6 +331,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError("algorithm.rollout_correction (or tis_cap) weighs trainer vs engine log-probs; with "
                           "actor.recompute_old_logprobs=false they are the same: set it true or turn the correction off")
     _check_async(cfg)
+    if cfg.rollout.return_routed_experts and cfg.actor.routing_replay != "r3":
+        raise ConfigError("rollout.return_routed_experts is set by actor.routing_replay=r3; remove it (or set "
+                          "actor.routing_replay=r3)")
+    cfg.rollout.return_routed_experts = cfg.actor.routing_replay == "r3"
     if not cfg.model.path:
         raise ConfigError("model.path is required: a Hugging Face model folder (config.json + safetensors)")
     if not (Path(cfg.model.path) / "config.json").is_file():
@@ -341,6 +348,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by)
     except ValueError as e:
         raise ConfigError(f"model.path={cfg.model.path}: {e}") from e
+    if cfg.actor.routing_replay != "none" and arch.moe is None:
+        raise ConfigError(f"actor.routing_replay={cfg.actor.routing_replay} replays MoE routing; model.path="
+                          f"{cfg.model.path} has no experts: set actor.routing_replay=none")
     world = world_size or world_size_from_env()
     try:
         check_sizes(cfg.parallel, world)

@@ -20,6 +20,10 @@ class Sample:
     correct: Optional[bool] = None
     loss_mask: Optional[list[int]] = None  # per response token; None means all ones
     weight_version: int = 0  # version of the engine weights that produced the response
+    # MoE: the experts the engine routed each token to, SGLang's `meta_info.routed_experts` as it came (base64 of
+    # int32 [len(prompt_ids) + len(response_ids) - 1, num_hidden_layers, num_experts_per_tok]); None unless
+    # actor.routing_replay=r3 asked the engine for it (train/routing_replay.py replays it)
+    routed_experts: Optional[str] = None
     metadata: dict = field(default_factory=dict)
 
     @property

@@ -44,7 +44,8 @@ def all_commands(tmp_path) -> list:
     """Every command SGLangServers builds for each shipped recipe, plus the variants a run can switch on."""
     out = []
     for path in RECIPES:
-        for kwargs in ({}, {"dtype": "bfloat16", "router": True}, {"enable_memory_saver": False}):
+        for kwargs in ({}, {"dtype": "bfloat16", "router": True}, {"enable_memory_saver": False},
+                       {"enable_return_routed_experts": True}):  # actor.routing_replay=r3
             s = recipe_servers(path, tmp_path, **kwargs)
             out += [(path.parent.name, s, s.server_command(i)) for i in range(s.num_servers)]
             if s.router:
@@ -81,6 +82,7 @@ def test_every_recipe_command_parses_to_what_the_launcher_meant(parsed):
             assert args["mem_fraction_static"] == pytest.approx(s.mem_fraction_static), name
             assert args["nccl_port"] == s.server_port(i) + 1 and args["random_seed"] == s.seed + i, name
             assert args["enable_memory_saver"] is s.enable_memory_saver, name
+            assert args["enable_return_routed_experts"] is s.enable_return_routed_experts, name
             assert args["dtype"] == (s.dtype or "auto") and args["trust_remote_code"] is True, name
             servers += 1
         else:
@@ -117,7 +119,7 @@ def test_client_request_fields_exist_in_sglang_request_dataclasses():
     generate = _dataclass_fields(io_struct, "GenerateReqInput")
     # what RolloutClient.generate sends, and the sampling params the rollout stage passes
     assert {"input_ids", "sampling_params", "rid", "return_logprob", "return_text_in_logprobs", "text",
-            "stream"} <= generate
+            "stream", "return_routed_experts"} <= generate
     assert {"model_path", "weight_version", "abort_all_requests"} <= _dataclass_fields(
         io_struct, "UpdateWeightFromDiskReqInput")
     assert {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"} <= \

@@ -151,7 +151,8 @@ class RolloutBackend:
         self.weight_sync_class().check_backend(self)  # refuse an impossible mode before any engine starts
         self.version = WeightVersion()
         self.client_kw = dict(max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s,
-                              weight_version=self.version)
+                              weight_version=self.version,
+                              return_routed_experts=getattr(r, "return_routed_experts", False))
         if api_key:
             self.client_kw["api_key"] = api_key
         self.client = self._start()

@@ -88,7 +88,7 @@ class RolloutClient:
     def __init__(self, urls: Optional[list] = None, *, engine=None, worker_urls: Optional[list] = None,
                  max_concurrency: int = 64, request_timeout_s: float = 600.0, max_retries: int = 3,
                  backoff_s: float = 0.5, connect_timeout_s: float = 10.0, weight_version=None,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, return_routed_experts: bool = False):
         if (not urls) == (engine is None):
             raise ValueError("RolloutClient needs either urls (SGLang / embedded HTTP servers) or engine= "
                              "(in-process), not both")
@@ -103,6 +103,8 @@ class RolloutClient:
         # SGLang's --api-key: sent as `Authorization: Bearer <key>` on every request (never logged).
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._abort_epoch = 0
+        # R3 routing replay: ask for SGLang's meta_info.routed_experts and keep it on the Sample
+        self.return_routed_experts = return_routed_experts
         self._rr = itertools.count()
         self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
 
@@ -148,6 +150,8 @@ class RolloutClient:
         n = int((sampling_params or {}).get("n") or 1)
         payload = {"input_ids": list(input_ids), "sampling_params": dict(sampling_params or {}), "rid": rid,
                    "return_logprob": return_logprob}
+        if self.return_routed_experts:
+            payload["return_routed_experts"] = True
         async with self._semaphore():
             if epoch != self._abort_epoch:
                 return _aborted(n, rid, len(input_ids), self.weight_version)
@@ -213,6 +217,11 @@ class RolloutClient:
         sample.response_text = out.get("text", "")
         sample.finish_reason = (meta.get("finish_reason") or {}).get("type", "stop")
         sample.weight_version = _version(meta.get("weight_version"), self.weight_version)
+        if self.return_routed_experts:
+            if "routed_experts" not in meta and sample.finish_reason != "abort":
+                raise RolloutServerError("the server returned no meta_info.routed_experts for return_routed_experts="
+                                         "true: launch SGLang with --enable-return-routed-experts")
+            sample.routed_experts = meta.get("routed_experts")
 
     async def abort_all(self):
         """Abort every in-flight request on every server; pending calls return finish_reason 'abort'."""

@@ -35,6 +35,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from .routed_experts import RoutingRecorder
+from .routed_experts import encode as encode_routed_experts
 from .sampling import SamplingParams, _is_int, sample_tokens  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class _Seq:
     logprobs: list = field(default_factory=list)
     finish: Optional[dict] = None
     generator: Optional[torch.Generator] = None
+    routing: list = field(default_factory=list)  # MoE: [tokens, num_layers, topk] int32 pieces, one per forward
 
     def abort(self):
         if self.finish is None:
@@ -68,6 +71,7 @@ class _Request:
     future: concurrent.futures.Future
     created: float
     seqs: list = field(default_factory=list)
+    return_routed_experts: bool = False  # SGLang's request flag (R3 routing replay)
     aborted: bool = False
     admitted: bool = False
 
@@ -146,6 +150,7 @@ class Engine:
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
         self.context_len = int(getattr(cfg, "max_position_embeddings", None) or 1 << 30)
         self.eos_ids = self._eos_ids()
+        self._routing = RoutingRecorder(self.model)  # MoE gates' top-k per forward (routed_experts.py)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
@@ -176,13 +181,16 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, input_ids, sampling_params=None, *, rid: Optional[str] = None, return_logprob: bool = True,
-               return_text_in_logprobs: bool = False) -> concurrent.futures.Future:
+               return_text_in_logprobs: bool = False, return_routed_experts: bool = False) -> concurrent.futures.Future:
         """Queue one prompt; the future resolves to a list of n SGLang-shaped outputs. ValueError on a bad request."""
         params = (sampling_params if isinstance(sampling_params, SamplingParams)
                   else SamplingParams.from_dict(sampling_params))
         prompt = self.check_input_ids(input_ids)
         req = _Request(str(rid) if rid is not None else uuid.uuid4().hex, prompt, params, bool(return_logprob),
-                       bool(return_text_in_logprobs), concurrent.futures.Future(), time.time())
+                       bool(return_text_in_logprobs), concurrent.futures.Future(), time.time(),
+                       return_routed_experts=bool(return_routed_experts))
+        if req.return_routed_experts and not self._routing.enabled:
+            raise ValueError("return_routed_experts=true needs a mixture-of-experts model; this one has no experts")
         with self._cv:
             if self._stopped:
                 raise RuntimeError("the rollout engine was shut down")
@@ -445,6 +453,12 @@ class Engine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _make_cache([])
         logits = self._forward(ids, mask, pos, cache)
+        routing = self._routing.take(ids.numel())
+        if routing is not None:  # rows (request, position) of the left-padded prompts; shared by a prompt's n samples
+            routing = routing.view(len(reqs), width, *routing.shape[1:])
+            for i, r in enumerate(reqs):
+                for s in r.seqs:
+                    s.routing = [routing[i, width - len(r.prompt_ids):]]
         rep = torch.tensor([i for i, r in enumerate(reqs) for _ in range(r.params.n)], device=self.device)
         rows = [s for r in reqs for s in r.seqs]
         for s in rows:
@@ -458,6 +472,10 @@ class Engine:
         b = self._batch
         mask = torch.cat([b.mask, torch.ones_like(b.mask[:, :1])], dim=1)
         logits = self._forward(b.pending[:, None], mask, b.next_pos[:, None], b.cache)
+        routing = self._routing.take(len(b.rows))
+        if routing is not None:
+            for s, row in zip(b.rows, routing):
+                s.routing.append(row[None])
         b.mask, b.next_pos = mask, b.next_pos + 1
         b.pending = self._sample(logits, b.rows)
 
@@ -546,6 +564,8 @@ class Engine:
             texts = ([self.tokenizer.decode([t]) for t in s.output_ids] if req.return_text_in_logprobs
                      else [None] * len(s.output_ids))
             meta["output_token_logprobs"] = [[lp, t, x] for lp, t, x in zip(s.logprobs, s.output_ids, texts)]
+        if req.return_routed_experts:  # one row per token fed: the prompt, then every output token but the last
+            meta["routed_experts"] = encode_routed_experts(s.routing, len(req.prompt_ids) + len(s.output_ids) - 1)
         return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
 
 

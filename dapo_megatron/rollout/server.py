@@ -103,8 +103,10 @@ async def _generate(engine: Engine, payload: dict):
     rids = _as_batch(rids, "rid", size, batched)
     logprob = _as_batch(payload.get("return_logprob", False), "return_logprob", size, batched)
     texts = bool(payload.get("return_text_in_logprobs", False))
+    experts = bool(payload.get("return_routed_experts", False))  # SGLang's flag: meta_info.routed_experts
     outs = await asyncio.gather(*[
-        engine.generate(p, sp, rid=rid, return_logprob=bool(lp), return_text_in_logprobs=texts)
+        engine.generate(p, sp, rid=rid, return_logprob=bool(lp), return_text_in_logprobs=texts,
+                        return_routed_experts=experts)
         for p, sp, rid, lp in zip(prompts, params, rids, logprob)])
     flat = [o for group in outs for o in group]
     return 200, (flat if batched or len(flat) > 1 else flat[0])

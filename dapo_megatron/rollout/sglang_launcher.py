@@ -49,7 +49,8 @@ class SGLangServers:
                  host: str = "127.0.0.1", router_port: Optional[int] = None, router_policy: str = "cache_aware",
                  base_gpu_id: int = 0, dtype: Optional[str] = None, seed: int = 0, extra_args=(),
                  log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable,
-                 api_key: Optional[str] = None, ep_size: int = 1, url_host: Optional[str] = None):
+                 api_key: Optional[str] = None, ep_size: int = 1, url_host: Optional[str] = None,
+                 enable_return_routed_experts: bool = False):
         if num_servers < 0 or tp_size < 1:  # 0 servers: only a router, over `remote_worker_urls`
             raise ValueError(f"num_servers must be >= 0 and tp_size >= 1, got {num_servers} and {tp_size}")
         if not 0 < mem_fraction_static < 1:
@@ -57,6 +58,7 @@ class SGLangServers:
         if ep_size < 1 or tp_size % ep_size:
             raise ValueError(f"ep_size={ep_size} must divide tp_size={tp_size} (SGLang's --ep-size)")
         self.ep_size = ep_size  # MoE expert parallelism inside each server
+        self.enable_return_routed_experts = enable_return_routed_experts  # R3: meta_info.routed_experts
         self.model_path, self.num_servers, self.tp_size = str(model_path), num_servers, tp_size
         self.mem_fraction_static, self.base_port, self.host = mem_fraction_static, base_port, host
         self.url_host = url_host or host  # where others reach them (host may be 0.0.0.0)
@@ -100,6 +102,8 @@ class SGLangServers:
                "--trust-remote-code"]
         if self.ep_size > 1:
             cmd += ["--ep-size", str(self.ep_size)]
+        if self.enable_return_routed_experts:
+            cmd.append("--enable-return-routed-experts")
         if self.dtype:
             cmd += ["--dtype", self.dtype]
         if self.enable_memory_saver:
@@ -217,7 +221,8 @@ def servers_for(model_path, rollout, **kwargs) -> SGLangServers:
     """The (not yet started) servers a `rollout` config section asks for; `server_command(i)` / `router_command()`
     give their command lines without starting anything."""
     kwargs = {"enable_memory_saver": rollout.colocate, "router": rollout.sglang_router,
-              "ep_size": rollout.sglang_ep_size, **kwargs}
+              "ep_size": rollout.sglang_ep_size,
+              "enable_return_routed_experts": getattr(rollout, "return_routed_experts", False), **kwargs}
     num_servers = kwargs.pop("num_servers", rollout.sglang_num_servers)  # per node: the plan's share of this node
     base_port = kwargs.pop("base_port", rollout.sglang_base_port)
     return SGLangServers(model_path, num_servers, rollout.sglang_tp_size,

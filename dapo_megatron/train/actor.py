@@ -21,6 +21,7 @@ from ..models.weights import iter_hf_weights, load_hf_weights, safetensors_gette
 from ..types import Sample
 from .head import ResponseHead
 from .logprobs import vocab_parallel_logprobs
+from .moe_metrics import MoEStats
 from .packing import (
     TOKEN_FIELDS,
     dp_partition,
@@ -30,6 +31,8 @@ from .packing import (
     seq_len,
     to_rows,
 )
+from .routing_replay import MODES as ROUTING_REPLAY_MODES
+from .routing_replay import R2_KEY, RoutingReplay
 from .weight_stream import share_response_values
 
 
@@ -59,8 +62,20 @@ class ActorConfig:
     recompute_old_logprobs: bool = True  # False: trust the engine's log-probs as the old policy
     logprob_chunk_size: Optional[int] = None  # tokens per log-prob chunk; None: a 16 MiB fp32 chunk on CPU, 512 on GPU
     pad_to_multiple_of: int = 8
+    # MoE routing replay (train/routing_replay.py): none | r2 (the update replays the experts the old-log-prob pass
+    # chose) | r3 (both passes replay the experts the rollout engine chose, SGLang's routed_experts)
+    routing_replay: str = "none"
 
     def __post_init__(self):
+        if self.routing_replay not in ROUTING_REPLAY_MODES:
+            raise ValueError(f"actor.routing_replay={self.routing_replay!r}; use one of "
+                             f"{', '.join(ROUTING_REPLAY_MODES)}")
+        if self.routing_replay == "r2" and not self.recompute_old_logprobs:
+            raise ValueError("actor.routing_replay=r2 replays the routing of the old-log-prob pass, which "
+                             "actor.recompute_old_logprobs=false skips: set it true, or use r3 (the engine's routing)")
+        if self.routing_replay != "none" and self.recompute_granularity == "full":
+            raise ValueError("actor.routing_replay with actor.recompute_granularity=full is not supported (the "
+                             "recomputed router would not see the micro-batch's indices): use selective or null")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"actor.global_batch_size={self.global_batch_size} must be a multiple of "
                              f"actor.micro_batch_size={self.micro_batch_size}")
@@ -80,10 +95,11 @@ class ActorConfig:
 
     def transformer_overrides(self) -> dict:
         """The TransformerConfig fields this section sets (activation recompute)."""
+        replay = {"moe_enable_routing_replay": True} if self.routing_replay != "none" else {}
         if self.recompute_granularity is None:
-            return {}
-        return {"recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
-                "recompute_num_layers": self.recompute_num_layers}
+            return replay
+        return {**replay, "recompute_granularity": self.recompute_granularity,
+                "recompute_method": self.recompute_method, "recompute_num_layers": self.recompute_num_layers}
 
 
 class Actor:
@@ -124,6 +140,10 @@ class Actor:
             wd_incr_steps=1, wd_incr_style="constant")
         self.config = config
         self.head = ResponseHead(module.output_layer) if ps.is_pipeline_last_stage() else None
+        self.replay = RoutingReplay(module, cfg.routing_replay, self.arch.num_layers,
+                                    self.arch.moe.topk if self.arch.moe else 1, bool(config.sequence_parallel))
+        self.moe_stats = MoEStats(module, self.arch.moe.num_experts, self.arch.moe.topk,
+                                  config.moe_expert_capacity_factor) if self.arch.moe else None
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _chunk(self, logits) -> int:
@@ -148,25 +168,34 @@ class Actor:
         """Sample indices of each micro-batch of this DP rank."""
         return self._layouts(samples)[self.dp_rank]
 
-    def _microbatches(self, samples, layout):
+    def _microbatches(self, samples, layout, replay: bool = False):
         fields = TOKEN_FIELDS
         if samples and all("ref_logprobs" in s.metadata for s in samples):  # the reference policy's (reference.py)
             fields = {**TOKEN_FIELDS, "ref_logprobs": lambda s: s.metadata["ref_logprobs"]}
-        return [pack_microbatch([samples[i] for i in idx], self.pad_id, self.cfg.pad_to_multiple_of,
-                                packed=self.cfg.use_remove_padding, token_fields=fields) for idx in layout]
+        mbs = [pack_microbatch([samples[i] for i in idx], self.pad_id, self.cfg.pad_to_multiple_of,
+                               packed=self.cfg.use_remove_padding, token_fields=fields) for idx in layout]
+        if replay:  # the experts each token must take (routing_replay.py); None where nothing is replayed
+            for mb, idx in zip(mbs, layout):
+                mb["replay"] = self.replay.targets([samples[i] for i in idx], mb, self.cfg.use_remove_padding)
+        return mbs
 
-    def _run(self, microbatches, loss_fn, forward_only):
+    def _run(self, microbatches, loss_fn, forward_only, record_routing: bool = False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.model.parameters()).device
         it = iter(microbatches)
+        replay = getattr(self, "replay", None)  # the reference policy has none
 
         def forward_step(data_iter, model):
             mb = next(data_iter)
             if self.head is not None:
                 self.head.index = mb["head_index"]
+            if replay is not None:
+                replay.before_forward(mb, record_routing)
             out = model(mb["tokens"].to(device), mb["position_ids"].to(device), None,
                         packed_seq_params=packed_seq_params(mb, device))
+            if replay is not None:
+                replay.after_forward(mb, record_routing)
             return out, lambda logits: loss_fn(logits[0], mb)  # logits [1, N, V_local]: response positions only
 
         seq = max(mb["tokens"].shape[1] for mb in microbatches)
@@ -188,14 +217,17 @@ class Actor:
         self.model.eval()
         layouts = self._layouts(samples)  # every sample lands on one DP rank, also when the batch is not divisible
         layout = layouts[self.dp_rank]
-        mbs = self._microbatches(samples, layout)
+        mode = getattr(self, "replay", None) and self.replay.active and key == "old_logprobs" and self.replay.mode
+        mbs = self._microbatches(samples, layout, replay=mode == "r3")
 
         def loss_fn(logits, mb):
             logp, _ = vocab_parallel_logprobs(logits, mb["targets"].to(logits.device), chunk_size=self._chunk(logits),
                                               vocab_size=self.arch.vocab_size)
             return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": to_rows(logp, mb).cpu()}
 
-        out = self._run(mbs, loss_fn, forward_only=True)
+        out = self._run(mbs, loss_fn, forward_only=True, record_routing=mode == "r2")
+        if mode == "r2":
+            self.replay.store_recorded(samples, mbs, layouts, self.dp_rank, self.cfg.use_remove_padding)
         # The last pipeline stage holds the values (identical on its TP ranks): TP rank 0 of each DP rank sends its
         # samples' response log-probs as one flat tensor, in its layout's order, and every rank receives all of them.
         values, sender = None, None
@@ -218,10 +250,15 @@ class Actor:
             raise ValueError(f"train_step got {len(samples)} samples, not a multiple of the data-parallel size "
                              f"{self.dp_size} (train_on_batch trims mini-batches to one)")
         self.model.train()
-        mbs = self._microbatches(samples, self._layout(samples))
+        r2_ready = all(R2_KEY in s.metadata for s in samples)
+        if self.replay.active and self.replay.mode == "r2" and not r2_ready:
+            raise RuntimeError("actor.routing_replay=r2: train_step got samples without the old-log-prob pass's "
+                               "routing (compute_logprobs records it)")
+        mbs = self._microbatches(samples, self._layout(samples), replay=self.replay.active)
         total_tokens = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in mbs))
         total_seqs = torch.tensor(float(sum(int((mb["loss_mask"].sum(1) > 0).sum()) for mb in mbs)))
-        counts = torch.stack([total_tokens, total_seqs])
+        router_tokens = torch.tensor(float(sum(mb["tokens"].numel() for mb in mbs)))  # MoE aux-loss divisor
+        counts = torch.stack([total_tokens, total_seqs, router_tokens])
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         global_tokens, global_seqs = counts[0].clamp(min=1), counts[1].clamp(min=1)
         need_entropy = self.loss_cfg.entropy_coef != 0.0
@@ -247,10 +284,18 @@ class Actor:
 
         self.optimizer.zero_grad()
         self.model.zero_grad_buffer()
-        out = self._run(mbs, loss_fn, forward_only=False)
+        if self.moe_stats is None:
+            out = self._run(mbs, loss_fn, forward_only=False)
+        else:
+            with self.moe_stats.collect(aux_scale=1.0 / float(counts[2].clamp(min=1))):  # moe_metrics.py
+                out = self._run(mbs, loss_fn, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        return self._reduce_metrics(out if ps.is_pipeline_last_stage() else [], grad_norm, ok)
+        m = self._reduce_metrics(out if ps.is_pipeline_last_stage() else [], grad_norm, ok)
+        if self.moe_stats is not None:
+            m.update(self.moe_stats.metrics(self.arch.num_layers, [i for i, x in enumerate(self.arch.moe.layer_pattern)
+                                                                   if x], len(mbs)))
+        return m
 
     def _reduce_metrics(self, records, grad_norm, ok) -> dict:
         # Every metric policy_loss returns, weighted by the micro-batch's loss tokens (`*_seq_frac`: sequences).

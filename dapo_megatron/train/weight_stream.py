@@ -11,6 +11,7 @@ Wire format of one bucket (point-to-point on the default group): an int64 header
 the metadata as UTF-8 JSON in a uint8 tensor (names, dtypes, shapes), then the payload as one flat uint8 tensor;
 a header of `[-1, 0]` ends a stage's stream.
 """
+import base64
 import json
 from typing import Iterable, Iterator
 
@@ -103,7 +104,8 @@ class WeightStream:
         self.sources = stage_source_ranks()
         # DP rank 0 of each stage gathers over TP; with expert parallel every rank takes part in the expert gathers
         self.is_member = ps.get_data_parallel_rank() == 0 or ps.get_expert_model_parallel_world_size() > 1
-        self.is_source = self.is_member and ps.get_tensor_model_parallel_rank() == 0
+        # the sender: DP rank 0, TP rank 0 (= stage_source_ranks); other EP ranks only join the gathers
+        self.is_source = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
         self.nbytes = 0
 
     def _local_buckets(self) -> Iterator[list]:
@@ -176,16 +178,18 @@ def broadcast_samples(samples, src: int = 0):
     """The step's samples from `src` to every rank as two flat tensors (int64 ids, float64 values).
 
     Other ranks get `Sample`s carrying what the actor reads: prompt/response ids, rollout log-probs, loss mask,
-    reward, score, advantage, group/index, weight version and finish reason (not texts or labels). `None` (no
-    rollout stage) stays `None`; `[]` stays `[]`."""
+    reward, score, advantage, group/index, weight version and finish reason (not texts or labels), and the engine's
+    routed experts (R3) as a third, int32 tensor. `None` (no rollout stage) stays `None`; `[]` stays `[]`."""
     from ..types import Sample
 
     dev = comm_device()
     rank = dist.get_rank()
-    sizes = torch.zeros(3, dtype=torch.int64, device=dev)  # [present, ints, floats]
+    sizes = torch.zeros(4, dtype=torch.int64, device=dev)  # [present, ints, floats, routed-expert ints]
     if rank == src:
         ints, floats = _encode(samples) if samples is not None else ([], [])
-        sizes = torch.tensor([samples is not None, len(ints), len(floats)], dtype=torch.int64, device=dev)
+        experts, n_experts = _routed_experts(samples or [])
+        sizes = torch.tensor([samples is not None, len(ints), len(floats), experts.numel()], dtype=torch.int64,
+                             device=dev)
     dist.broadcast(sizes, src)
     if not int(sizes[0]):
         return None
@@ -195,9 +199,37 @@ def broadcast_samples(samples, src: int = 0):
         torch.empty(int(sizes[2]), dtype=torch.float64, device=dev)
     dist.broadcast(i_t, src)
     dist.broadcast(f_t, src)
+    if int(sizes[3]):
+        e_t = experts.to(dev) if rank == src else torch.empty(int(sizes[3]), dtype=torch.int32, device=dev)
+        dist.broadcast(e_t, src)
+        n_t = torch.tensor(n_experts, dtype=torch.int64, device=dev) if rank == src else \
+            torch.empty(int(i_t[0]), dtype=torch.int64, device=dev)
+        dist.broadcast(n_t, src)
     if rank == src:
         return samples
-    return _decode(i_t.cpu().tolist(), f_t.cpu().tolist(), Sample)
+    out = _decode(i_t.cpu().tolist(), f_t.cpu().tolist(), Sample)
+    if int(sizes[3]):
+        o, flat = 0, e_t.cpu()
+        for s, n in zip(out, n_t.cpu().tolist()):
+            if n >= 0:
+                s.routed_experts = base64.b64encode(flat[o:o + n].numpy().tobytes()).decode("ascii")
+                o += n
+    return out
+
+
+def _routed_experts(samples) -> tuple:
+    """The samples' routed experts (SGLang's base64 int32) as one flat int32 tensor and per-sample counts
+    (-1: none)."""
+    parts, counts = [], []
+    for s in samples:
+        b64 = getattr(s, "routed_experts", None)
+        if b64:
+            t = torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.int32)
+            parts.append(t)
+            counts.append(t.numel())
+        else:
+            counts.append(-1)
+    return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)), counts
 
 
 def _encode(samples) -> tuple[list, list]:
