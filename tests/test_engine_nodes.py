@@ -10,7 +10,8 @@ import pytest
 from dapo_megatron.config import ConfigError, build_config
 from dapo_megatron.placement import PlacementError, expand_nodelist, launch_plan, make_plan, node_engine_hosts, \
     node_hosts, remote_engine_urls
-from dapo_megatron.rollout.node_engines import engines_here, node_index, wait_for_engines
+from dapo_megatron.rollout.engine_health import wait_for_engines
+from dapo_megatron.rollout.node_engines import engines_here, node_index
 from tests.helpers.forked import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_remote_sync_check_digests_catch_one_flipped_bit_and_an_unsent_tensor():
     """DAPO_CHECK_SYNC over HTTP (train/sync_check.py): the sha256 per tensor compared with the engine's digest."""
     import torch
 
-    from dapo_megatron.rollout.node_engines import compare_digests, tensor_digest, weights_digest
+    from dapo_megatron.rollout.weights_digest import compare_digests, tensor_digest, weights_digest
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

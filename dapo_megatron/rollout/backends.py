@@ -120,7 +120,7 @@ def start_node_engines(cfg) -> NodeEngines:
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
             error = RuntimeError(f"node {rank // local} could not start its engines: {' '.join(str(e).split())}")
     if rank == 0 and error is None and remote_nodes:
-        from .node_engines import wait_for_engines
+        from .engine_health import wait_for_engines
 
         try:
             remote = remote_engine_urls(plan, *node_hosts())

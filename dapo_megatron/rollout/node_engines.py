@@ -12,7 +12,7 @@ trainer saves, and the sbatch stops this step after it.
 
 The API key must be the trainer's: rollout.api_key or $DAPO_ROLLOUT_API_KEY, set for both (the sbatch makes one per
 job); a generated key could not match, so none is generated here. The trainer builds these engines' URLs from the
-plan and the node host list and waits for their /health (`wait_for_engines`).
+plan and the node host list and waits for their /health (rollout/engine_health.py).
 """
 import argparse
 import os
@@ -20,11 +20,6 @@ import signal
 import socket
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
-
-POLL_S = 0.5
 
 
 def node_index(arg, env=None) -> tuple:
@@ -63,36 +58,6 @@ def engines_here(plan, node: int, source: str) -> list:
     if not mine:
         raise PlacementError(f"the plan puts no engine on node {node}; see `dapo-megatron plan`")
     return mine
-
-
-def _get(url: str, path: str, api_key, timeout_s: float = 5.0):
-    """The HTTP status of GET url+path with the key (None: nothing answered)."""
-    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
-
-
-def wait_for_engines(engines_urls: list, api_key, timeout_s: float) -> None:
-    """Wait (at most `timeout_s` for all) until every (engine, URL) answers /health; else one line naming the first
-    one that did not."""
-    from ..config import ConfigError
-
-    deadline = time.monotonic() + timeout_s
-    for engine, url in engines_urls:
-        while _get(url, "/health", api_key, timeout_s=max(0.1, min(5.0, deadline - time.monotonic()))) != 200:
-            if time.monotonic() >= deadline:
-                raise ConfigError(f"engine {engine.index} at {url} (node {engine.node}) did not answer /health within "
-                                  f"{timeout_s:g} s (rollout.engine_wait_s): start it there with `dapo-megatron "
-                                  f"engines` and check the node host list ($DAPO_NODE_HOSTS or SLURM's)")
-            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-        if _get(url, "/get_model_info", api_key, timeout_s=30.0) in (401, 403):  # /health asks for no key
-            raise ConfigError(f"engine {engine.index} at {url} refuses this run's API key: set the same "
-                              f"$DAPO_ROLLOUT_API_KEY (or rollout.api_key) for the trainer and `dapo-megatron engines`")
 
 
 def main(argv=None):
@@ -143,39 +108,3 @@ def main(argv=None):
             signal.signal(s, h)
     print(f"engines on node {node} stopped", flush=True)
     return 0
-
-
-# --------------------------------------------------------------------------- test hook (DAPO_CHECK_SYNC=1)
-def tensor_digest(t) -> str:
-    """sha256 of a tensor's dtype, shape and bytes: equal digests mean equal tensors, bit for bit."""
-    import hashlib
-
-    import torch
-
-    t = t.detach().cpu()
-    head = f"{t.dtype}{tuple(t.shape)}".encode()
-    return hashlib.sha256(head + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def weights_digest(model) -> dict:
-    """Every HF-named tensor of an engine's model -> [digest, storage id], and the storage ids of its parameters
-    (an engine parameter no sent tensor covers is a mismatch). Served as /debug/weights_digest with the check on."""
-    from .engine import _hf_targets
-
-    def key(t):
-        return t.untyped_storage().data_ptr()
-
-    return {"tensors": {n: [tensor_digest(t), key(t)] for n, t in _hf_targets(model).items()},
-            "parameters": sorted({key(p) for p in model.parameters()})}
-
-
-def compare_digests(sent: dict, served: dict) -> int:
-    """Mismatches between the trainer's {name: digest} and one engine's `weights_digest`."""
-    tensors, covered, bad = served["tensors"], set(), 0
-    for name, digest in sent.items():
-        got = tensors.get(name)
-        if got is None or got[0] != digest:
-            bad += 1
-        else:
-            covered.add(got[1])
-    return bad + sum(p not in covered for p in served["parameters"])

@@ -207,7 +207,7 @@ for _path in ("/init_weights_update_group", "/update_weights_from_distributed", 
 
 if os.environ.get("DAPO_CHECK_SYNC", "") not in ("", "0"):  # test hook (train/sync_check.py): remote engines' weights
     async def _weights_digest(engine: Engine, payload: dict):
-        from .node_engines import weights_digest
+        from .weights_digest import weights_digest
 
         return 200, await asyncio.to_thread(weights_digest, engine.model)
     _ROUTES["/debug/weights_digest"] = _weights_digest

@@ -77,7 +77,7 @@ def check(actor, dsts: list, sink, bucket_mb: float, rss: _RSS) -> dict:
     sent = {}
 
     def digest(buckets):
-        from ..rollout.node_engines import tensor_digest
+        from ..rollout.weights_digest import tensor_digest
 
         for bucket in buckets:
             for name, t in bucket:
@@ -111,7 +111,7 @@ def _compare_remote(client, sent: dict, counts: dict) -> None:
     import json
     import urllib.request
 
-    from ..rollout.node_engines import compare_digests
+    from ..rollout.weights_digest import compare_digests
 
     for url in client.worker_urls:
         req = urllib.request.Request(f"{url}/debug/weights_digest", data=b"{}", headers={
