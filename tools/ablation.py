@@ -293,7 +293,11 @@ def main(argv=None):
     summary = {n: [summarize_run(r, a.target) for r in runs if r["name"] == n] for n in names}
     table = write_table(a, out, summary, runs, time.perf_counter() - t0, cpu_s)
     plots = plot(out, runs, names)
-    (out / "runs.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in runs]))
+    keep = ("step", "rollout/accuracy", "eval/avg@4", "actor/entropy", "rollout/response_length_mean",
+            "rollout/truncation_rate", "rollout/generated_tokens_total", "rollout/groups_kept")
+    (out / "runs.json").write_text(json.dumps([{**{k: v for k, v in r.items() if k != "rows"},
+                                                "rows": [{k: x[k] for k in keep if k in x} for x in r["rows"]]}
+                                               for r in runs]))
     print(table.read_text())
     print("plots: " + ", ".join(str(x) for x in plots))
     return summary
