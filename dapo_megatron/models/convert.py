@@ -43,6 +43,7 @@ from .hf_io import (
     staging_dir,
     write_hf_checkpoint,
 )
+from .dist_reader import direct_reader, load_in_place
 from .moe import unknown_layout_hint as moe_layout_hint
 from .weights import expected_hf_shapes, hf_names_for, row_concat_sources, to_hf, to_megatron
 
@@ -337,8 +338,8 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
                                log: Optional[Callable[[str], None]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of a dist checkpoint (needs `single_process_megatron`).
 
-    Parameters are read in batches, one `dist_checkpointing.load` each, into one reused buffer the size of the
-    largest parameter. The tensors handed out are views of that buffer: each is valid until the iterator moves past
+    Parameters are read in batches, one torch_dist load each (`dist_reader`: whole chunks preadv'd into place),
+    into one reused buffer the size of the largest parameter. The tensors handed out are views of that buffer: each is valid until the iterator moves past
     its batch, so write or copy it before asking for more. Memory: that buffer plus one parameter's read.
     `log` gets progress lines.
     """
@@ -362,6 +363,7 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
     specs = [(tuple(entry.data.shape), stored[entry.key].dtype) for _, entry in entries]
     sizes = [_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in specs]
     arena = _Arena(max(sizes, default=0))
+    reader = direct_reader(model_dir)  # one reader: the metadata is read once for all batches
     batches, used = [[]], 0
     for j, size in enumerate(sizes):
         if used + size > arena.nbytes:
@@ -380,7 +382,7 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
                 chunks = [dataclasses.replace(entry, data=full, dtype=full.dtype)]
             request.update({f"{j}.{c}": _as_partial_read(st) for c, st in enumerate(chunks)})
         if request:
-            dist_checkpointing.load(request, str(model_dir), validate_access_integrity=False)
+            load_in_place(request, reader)
         for j, full in zip(batch, fulls):
             progress(full.numel() * full.element_size())
             yield from to_hf(entries[j][0], [full], arch).items()
