@@ -5,7 +5,9 @@ directions, each beside a plain safetensors load + save of the same bytes.
 
 For each family, each direction is put beside a plain safetensors `load_file` + `save_file` of the same shards
 (same bytes, same disk, same run, fresh process), run once before and once after the conversions; the ratio is to
-their mean, and both are printed so the machine's noise shows. The load average is printed at the start and end. `--family moe` is Qwen3-30B-A3B-shaped (hidden 2048,
+their mean, and both are printed so the machine's noise shows. Each run's CPU time (user + system) is printed
+beside its wall time: on a shared machine it moves less with the other load. The load average is printed at the
+start and end. `--family moe` is Qwen3-30B-A3B-shaped (hidden 2048,
 128 experts of 768, top-8, q/k norm) with fewer layers: 48 layers' worth of per-expert tensors is the MoE cost.
 The dense model is Qwen2.5-3B-shaped (hidden 2048, ffn 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings,
 qkv bias) with fewer layers, written straight with the safetensors writer (no HF model object). Each direction runs
@@ -71,6 +73,7 @@ def child(direction: str, src: str, dst: str) -> None:
     from dapo_megatron.models.convert import hf_to_megatron, megatron_to_hf
 
     base = _rss_now()
+    cpu0 = _cpu_seconds()
     start = time.perf_counter()
     if direction == "hf-to-megatron":
         hf_to_megatron(src, dst)
@@ -83,7 +86,16 @@ def child(direction: str, src: str, dst: str) -> None:
         for shard in sorted(Path(src).glob("*.safetensors")):
             save_file(load_file(str(shard)), str(Path(dst) / shard.name))
     secs = time.perf_counter() - start
-    print(json.dumps({"seconds": secs, "baseline_rss": base, "peak_rss": _status_kb("VmHWM") * 1024}), flush=True)
+    print(json.dumps({"seconds": secs, "cpu_seconds": _cpu_seconds() - cpu0, "baseline_rss": base,
+                      "peak_rss": _status_kb("VmHWM") * 1024}), flush=True)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its threads: less sensitive than wall time to other load."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _rss_now() -> int:
@@ -143,12 +155,15 @@ def bench_family(family: str, layers: int, work: Path) -> list[str]:
         plains.append(run_child("plain", work / "hf", work / "hf_plain"))
         print(f"  plain load+save: {plains[-1]['seconds']:.2f} s", flush=True)
     plain_s = sum(p["seconds"] for p in plains) / 2
+    plain_cpu = sum(p["cpu_seconds"] for p in plains) / 2
     plain_extra = max(p["peak_rss"] - p["baseline_rss"] for p in plains)
     out = [f"| {family} | plain load+save | {plains[0]['seconds']:.2f} / {plains[1]['seconds']:.2f} | "
-           f"{total / 1e9 / plain_s:.2f} | 1.00x | +{plain_extra / 1e9:.2f} GB = {plain_extra / largest:.1f}x |"]
+           f"{total / 1e9 / plain_s:.2f} | 1.00x | {plains[0]['cpu_seconds']:.2f} / {plains[1]['cpu_seconds']:.2f} | "
+           f"1.00x | +{plain_extra / 1e9:.2f} GB = {plain_extra / largest:.1f}x |"]
     for direction, r, extra in rows:
         out.append(f"| {family} | {direction} | {r['seconds']:.2f} | {total / 1e9 / r['seconds']:.2f} | "
-                   f"{plain_s / r['seconds']:.2f}x | +{extra / 1e9:.2f} GB = {extra / largest:.1f}x |")
+                   f"{plain_s / r['seconds']:.2f}x | {r['cpu_seconds']:.2f} | {plain_cpu / r['cpu_seconds']:.2f}x | "
+                   f"+{extra / 1e9:.2f} GB = {extra / largest:.1f}x |")
     n = check_identical(work / "hf", work / "hf_back")
     print(f"  round trip bit-identical: {n} tensors; load average {os.getloadavg()[0]:.2f}", flush=True)
     return out
@@ -179,8 +194,9 @@ def main():
                 shutil.rmtree(work, ignore_errors=True)
     print(f"load average (1/5/15 min) at start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, at end "
           "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg()))
-    print("| model | run | seconds | GB/s | vs plain | peak RSS over baseline (x largest tensor) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | run | wall s | GB/s | vs plain (wall) | CPU s | vs plain (CPU) | peak RSS over baseline "
+          "(x largest tensor) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

@@ -29,11 +29,13 @@ class _TensorMeta(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return dict
         if module == "torch" and name.endswith("Storage"):
-            return getattr(torch, name)
+            from torch.storage import _get_dtype_from_pickle_storage_type
+
+            return _get_dtype_from_pickle_storage_type(name)  # as torch.load maps it (no legacy class touched)
         raise pickle.UnpicklingError(f"{module}.{name} is not a plain tensor")
 
     def persistent_load(self, pid):
-        return pid  # ('storage', storage type, record key, location, numel)
+        return pid  # ('storage', dtype, record key, location, numel)
 
 
 def _contiguous_strides(size: tuple) -> tuple:
@@ -99,8 +101,7 @@ def raw_tensor_span(f, offset: int, length: int) -> Optional[tuple[int, torch.dt
         infos = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
         storage, storage_offset, size, stride = _TensorMeta(io.BytesIO(_read_record(f, offset, infos["data.pkl"]))).load()
         byteorder = _read_record(f, offset, infos["byteorder"]).decode() if "byteorder" in infos else "little"
-        kind, storage_type, key, _, numel = storage
-        dtype = storage_type.dtype
+        kind, dtype, key, _, numel = storage
         record = infos[f"data/{key}"]
     except Exception:  # noqa: BLE001 - any other layout: torch's own reader handles it
         return None
@@ -173,4 +174,4 @@ def load_in_place(request: dict, reader) -> None:
     )
 
     flat, _, _ = _replace_state_dict_keys_with_sharded_keys(request)
-    dcp.load_state_dict(mcore_to_pyt_state_dict(flat, True), reader, planner=MCoreLoadPlanner())
+    dcp.load(mcore_to_pyt_state_dict(flat, True), storage_reader=reader, planner=MCoreLoadPlanner())
