@@ -150,8 +150,9 @@ def meta_model(arch: ModelArch, dtype_of: Callable[[str], torch.dtype], padded_v
     """
     from .builder import build_gpt_model
 
-    with torch.device("meta"):
-        model = build_gpt_model(arch, on_gpu=False, padded_vocab=padded_vocab)
+    with torch.device("meta"):  # no init: nothing is held (a MoE layer's experts took seconds to "initialise")
+        model = build_gpt_model(arch, on_gpu=False, padded_vocab=padded_vocab,
+                                config_overrides={"perform_initialization": False})
     for name, p in model.named_parameters():
         p.data = torch.empty(p.shape, dtype=dtype_of(name), device="meta")
     return model
