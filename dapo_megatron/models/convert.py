@@ -218,7 +218,7 @@ class _Arena:
             if at + nbytes > self.nbytes:
                 raise AssertionError(f"batch of {at + nbytes} bytes > conversion buffer of {self.nbytes}")
             out.append(mem[at:at + nbytes].view(dtype).view(shape))
-            at += -(-nbytes // 64) * 64
+            at += _aligned(nbytes)
         return out
 
 
