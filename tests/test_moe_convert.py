@@ -32,16 +32,19 @@ def test_moe_roundtrip_through_tp2_ep2_is_bit_identical(tmp_path, torchrun):
 
 
 def test_odd_vocab_roundtrip_at_tp2_is_bit_identical(tmp_path):
-    """HF (vocab 101) -> Megatron padded for TP=2 (256 rows, recorded in the manifest) -> HF (101 rows again)."""
+    """HF (vocab 101) -> Megatron padded for TP=2 (256 rows, recorded in the manifest) -> HF (101 rows again).
+    Qwen3-MoE here (a MoE and a dense layer); both families go through TP=2 x EP=2 with this vocabulary in the slow
+    test above."""
     from megatron.core import dist_checkpointing
 
     from dapo_megatron.train import ckpt_layout
 
     t = tmp_path
     hf = {f: make_tiny_hf_model(t / f"hf_{f}", f, seed=7, vocab_size=ODD_VOCAB, num_hidden_layers=2)
-          for f in FAMILIES}
-    for f in FAMILIES:  # forked from the warm test server: no imports paid per call
-        for args in (h2m(hf[f], t / f"mg_{f}", "--tensor-model-parallel-size", "2"), m2h(t / f"mg_{f}", t / f"back_{f}")):
+          for f in FAMILIES[:1]}
+    for f in hf:  # forked from the warm test server: no imports paid per call
+        for args in (h2m(hf[f], t / f"mg_{f}", "--tensor-model-parallel-size", "2"),
+                     m2h(t / f"mg_{f}", t / f"back_{f}")):
             rc, out, err = run_cli(["convert", args["cmd"], *args["args"]], timeout=120)
             assert rc == 0, (args, out[-2000:], err[-4000:])
         it = t / f"mg_{f}" / "iter_0000000"

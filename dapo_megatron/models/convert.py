@@ -10,8 +10,9 @@ Other entries of an iteration folder (`optim/`, `trainer_state.json`) are the tr
 dist checkpoints reshard on load, so both directions run in a single process on the TP=1/PP=1 layout of a model
 built on the meta device: its `sharded_state_dict()` gives megatron's own keys, offsets and factories (the SwiGLU
 split) while holding no memory. HF -> Megatron: a save planner materialises each chunk only when the writer asks for
-it (`resolve_data`), reading its HF bytes then, straight into place. Megatron -> HF: one `dist_checkpointing.load`
-per batch of parameters. Both directions reuse one buffer (the largest chunk / parameter) for every tensor.
+it (`resolve_data`), reading its HF bytes then, straight into place. Megatron -> HF: one torch_dist load per batch
+of parameters (`dist_reader`: whole chunks read straight into place). Both directions reuse one buffer (the largest
+chunk / parameter) for every tensor.
 """
 import argparse
 import contextlib
@@ -307,7 +308,9 @@ def chunk_filler(reader: HFCheckpointReader, arch: ModelArch, dtype_of: Callable
 
     def fill(path: str, slices: tuple, out: torch.Tensor) -> None:
         rows = row_concat_sources(path, arch)
-        if rows is not None and all(s.start == 0 and s.stop == d for s, d in zip(slices[1:], reader.shape(rows[0])[1:])):
+        whole_rows = rows is not None and all(s.start == 0 and s.stop == d
+                                              for s, d in zip(slices[1:], reader.shape(rows[0])[1:]))
+        if whole_rows:
             start, stop, at = slices[0].start, slices[0].stop, 0
             for n in rows:
                 n_rows = reader.shape(n)[0]
@@ -340,9 +343,9 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
     """(HF name, tensor) of a dist checkpoint (needs `single_process_megatron`).
 
     Parameters are read in batches, one torch_dist load each (`dist_reader`: whole chunks preadv'd into place),
-    into one reused buffer the size of the largest parameter. The tensors handed out are views of that buffer: each is valid until the iterator moves past
-    its batch, so write or copy it before asking for more. Memory: that buffer plus one parameter's read.
-    `log` gets progress lines.
+    into one reused buffer the size of the largest parameter. The tensors handed out are views of that buffer: each
+    is valid until the iterator moves past its batch, so write or copy it before asking for more. Memory: that
+    buffer, plus one chunk where torch's own reader handles it. `log` gets progress lines.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values

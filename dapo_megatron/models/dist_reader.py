@@ -99,7 +99,8 @@ def raw_tensor_span(f, offset: int, length: int) -> Optional[tuple[int, torch.dt
     try:
         z = zipfile.ZipFile(io.BufferedReader(_Window(f, offset, length)))
         infos = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
-        storage, storage_offset, size, stride = _TensorMeta(io.BytesIO(_read_record(f, offset, infos["data.pkl"]))).load()
+        pickled = _read_record(f, offset, infos["data.pkl"])
+        storage, storage_offset, size, stride = _TensorMeta(io.BytesIO(pickled)).load()
         byteorder = _read_record(f, offset, infos["byteorder"]).decode() if "byteorder" in infos else "little"
         kind, dtype, key, _, numel = storage
         record = infos[f"data/{key}"]
