@@ -364,3 +364,37 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 1024**3
     assert parse_size("200kb") == 200_000
     assert parse_size("1234") == 1234
+
+
+def test_raw_tensor_span_reads_only_plain_contiguous_tensors(tmp_path):
+    """The Megatron->HF fast path: a torch.save'd plain tensor (CRC32 on or off) is found in place in a file;
+    a transposed one, a view of a larger storage, or a non-tensor are left to torch.load (None)."""
+    import io
+
+    from dapo_megatron.models.dist_reader import raw_tensor_span
+
+    t = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    blobs = []
+    for obj, crc in [(t, True), (t, False), (t.t(), True), (t[1:], True), ({"a": 1}, True)]:
+        b = io.BytesIO()
+        torch.serialization.set_crc32_options(crc)
+        try:
+            torch.save(obj, b)
+        finally:
+            torch.serialization.set_crc32_options(True)
+        blobs.append(b.getvalue())
+    path, at, spans = tmp_path / "chunks.distcp", 100, []
+    with open(path, "wb") as f:
+        f.write(b"x" * at)
+        for blob in blobs:
+            spans.append((at, len(blob)))
+            f.write(blob)
+            at += len(blob)
+    with open(path, "rb") as f:
+        found = [raw_tensor_span(f, off, n) for off, n in spans]
+        for span in found[:2]:
+            start, dtype, shape = span
+            assert dtype == torch.bfloat16 and shape == (3, 4)
+            f.seek(start)
+            assert torch.equal(torch.frombuffer(bytearray(f.read(24)), dtype=torch.bfloat16).reshape(3, 4), t)
+    assert found[2:] == [None, None, None]

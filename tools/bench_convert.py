@@ -1,9 +1,13 @@
-"""Benchmark checkpoint conversion on a generated ~2 GB bf16 model: throughput and peak memory, both directions.
+"""Benchmark checkpoint conversion on generated ~2 GB bf16 models, dense and MoE: throughput and peak memory, both
+directions, each beside a plain safetensors load + save of the same bytes.
 
-    python tools/bench_convert.py [--family dense|moe] [--layers N] [--work-dir /tmp] [--keep]
+    python tools/bench_convert.py [--family dense moe] [--layers N] [--work-dir /tmp] [--keep]
 
-Each direction is put beside a plain safetensors `load_file` + `save_file` of the same shards (same bytes, same
-disk, same run, fresh process), and the ratio printed. `--family moe` is Qwen3-30B-A3B-shaped (hidden 2048,
+For each family, each direction is put beside a plain safetensors `load_file` + `save_file` of the same shards
+(same bytes, same disk, same run, fresh process), run once before and once after the conversions; the ratio is to
+their mean, and both are printed so the machine's noise shows. Each run's CPU time (user + system) is printed
+beside its wall time: on a shared machine it moves less with the other load. The load average is printed at the
+start and end. `--family moe` is Qwen3-30B-A3B-shaped (hidden 2048,
 128 experts of 768, top-8, q/k norm) with fewer layers: 48 layers' worth of per-expert tensors is the MoE cost.
 The dense model is Qwen2.5-3B-shaped (hidden 2048, ffn 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings,
 qkv bias) with fewer layers, written straight with the safetensors writer (no HF model object). Each direction runs
@@ -69,6 +73,7 @@ def child(direction: str, src: str, dst: str) -> None:
     from dapo_megatron.models.convert import hf_to_megatron, megatron_to_hf
 
     base = _rss_now()
+    cpu0 = _cpu_seconds()
     start = time.perf_counter()
     if direction == "hf-to-megatron":
         hf_to_megatron(src, dst)
@@ -81,7 +86,16 @@ def child(direction: str, src: str, dst: str) -> None:
         for shard in sorted(Path(src).glob("*.safetensors")):
             save_file(load_file(str(shard)), str(Path(dst) / shard.name))
     secs = time.perf_counter() - start
-    print(json.dumps({"seconds": secs, "baseline_rss": base, "peak_rss": _status_kb("VmHWM") * 1024}), flush=True)
+    print(json.dumps({"seconds": secs, "cpu_seconds": _cpu_seconds() - cpu0, "baseline_rss": base,
+                      "peak_rss": _status_kb("VmHWM") * 1024}), flush=True)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its threads: less sensitive than wall time to other load."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _rss_now() -> int:
@@ -119,9 +133,47 @@ def check_identical(a: Path, b: Path) -> int:
         return len(ra.names)
 
 
+def bench_family(family: str, layers: int, work: Path) -> list[str]:
+    """Plain, both directions, plain again, for one generated model; the table rows."""
+    import os
+
+    t0 = time.perf_counter()
+    total, largest = make_model(work / "hf", layers, CONFIG if family == "dense" else MOE_CONFIG)
+    print(f"{family}: {layers} layers, {total / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB "
+          f"(embedding), written in {time.perf_counter() - t0:.1f} s", flush=True)
+    plains = []
+    for i in range(2):
+        if i == 1:
+            rows = []
+            for direction, src, dst in [("hf-to-megatron", work / "hf", work / "mg"),
+                                        ("megatron-to-hf", work / "mg", work / "hf_back")]:
+                r = run_child(direction, src, dst)
+                extra = r["peak_rss"] - r["baseline_rss"]
+                rows.append((direction, r, extra))
+                print(f"  {direction}: {r['seconds']:.2f} s, peak RSS +{extra / 1e9:.2f} GB", flush=True)
+        shutil.rmtree(work / "hf_plain", ignore_errors=True)
+        plains.append(run_child("plain", work / "hf", work / "hf_plain"))
+        print(f"  plain load+save: {plains[-1]['seconds']:.2f} s", flush=True)
+    plain_s = sum(p["seconds"] for p in plains) / 2
+    plain_cpu = sum(p["cpu_seconds"] for p in plains) / 2
+    plain_extra = max(p["peak_rss"] - p["baseline_rss"] for p in plains)
+    out = [f"| {family} | plain load+save | {plains[0]['seconds']:.2f} / {plains[1]['seconds']:.2f} | "
+           f"{total / 1e9 / plain_s:.2f} | 1.00x | {plains[0]['cpu_seconds']:.2f} / {plains[1]['cpu_seconds']:.2f} | "
+           f"1.00x | +{plain_extra / 1e9:.2f} GB = {plain_extra / largest:.1f}x |"]
+    for direction, r, extra in rows:
+        out.append(f"| {family} | {direction} | {r['seconds']:.2f} | {total / 1e9 / r['seconds']:.2f} | "
+                   f"{plain_s / r['seconds']:.2f}x | {r['cpu_seconds']:.2f} | {plain_cpu / r['cpu_seconds']:.2f}x | "
+                   f"+{extra / 1e9:.2f} GB = {extra / largest:.1f}x |")
+    n = check_identical(work / "hf", work / "hf_back")
+    print(f"  round trip bit-identical: {n} tensors; load average {os.getloadavg()[0]:.2f}", flush=True)
+    return out
+
+
 def main():
+    import os
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--family", choices=["dense", "moe"], default="dense")
+    p.add_argument("--family", nargs="+", choices=["dense", "moe"], default=["dense", "moe"])
     p.add_argument("--layers", type=int, default=None, help="decoder layers (dense 9 -> ~2.0 GB; moe 1 -> ~2.5 GB)")
     p.add_argument("--work-dir", default=tempfile.gettempdir())
     p.add_argument("--keep", action="store_true", help="keep the generated folders")
@@ -129,36 +181,23 @@ def main():
     args = p.parse_args()
     if args.child:
         return child(*args.child)
-    work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.work_dir))
-    try:
-        t0 = time.perf_counter()
-        args.layers = args.layers or (9 if args.family == "dense" else 1)
-        total, largest = make_model(work / "hf", args.layers, CONFIG if args.family == "dense" else MOE_CONFIG)
-        print(f"model: {args.layers} layers, {total / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB "
-              f"(embedding), written in {time.perf_counter() - t0:.1f} s", flush=True)
-        rows = []
-        plain = run_child("plain", work / "hf", work / "hf_plain")
-        plain_gbs = total / 1e9 / plain["seconds"]
-        rows.append(f"{'plain load+save':15s} {plain['seconds']:6.1f} s  {plain_gbs:5.2f} GB/s  peak RSS "
-                    f"{plain['peak_rss'] / 1e9:5.2f} GB")
-        print(rows[-1], flush=True)
-        for direction, src, dst in [("hf-to-megatron", work / "hf", work / "mg"),
-                                    ("megatron-to-hf", work / "mg", work / "hf_back")]:
-            r = run_child(direction, src, dst)
-            extra = r["peak_rss"] - r["baseline_rss"]
-            rows.append(f"{direction:15s} {r['seconds']:6.1f} s  {total / 1e9 / r['seconds']:5.2f} GB/s  peak RSS "
-                        f"{r['peak_rss'] / 1e9:5.2f} GB (baseline {r['baseline_rss'] / 1e9:.2f} GB; +{extra / 1e9:.2f}"
-                        f" GB = {extra / largest:.1f}x largest tensor, {extra / total:.2f}x model); "
-                        f"{plain['seconds'] / r['seconds']:.2f}x plain")
-            print(rows[-1], flush=True)  # as it comes: a long run stopped early keeps what it measured
-        n = check_identical(work / "hf", work / "hf_back")
-        print(f"round trip bit-identical: {n} tensors")
-        print("\n".join(rows))
-    finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    load0 = os.getloadavg()
+    rows = []
+    for family in args.family:
+        work = Path(tempfile.mkdtemp(prefix=f"bench_convert_{family}_", dir=args.work_dir))
+        try:
+            rows += bench_family(family, args.layers or (9 if family == "dense" else 1), work)
+        finally:
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+    print(f"load average (1/5/15 min) at start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, at end "
+          "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg()))
+    print("| model | run | wall s | GB/s | vs plain (wall) | CPU s | vs plain (CPU) | peak RSS over baseline "
+          "(x largest tensor) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

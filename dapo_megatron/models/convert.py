@@ -10,7 +10,9 @@ Other entries of an iteration folder (`optim/`, `trainer_state.json`) are the tr
 dist checkpoints reshard on load, so both directions run in a single process on the TP=1/PP=1 layout of a model
 built on the meta device: its `sharded_state_dict()` gives megatron's own keys, offsets and factories (the SwiGLU
 split) while holding no memory. HF -> Megatron: a save planner materialises each chunk only when the writer asks for
-it (`resolve_data`), reading its HF tensors then. Megatron -> HF: one `dist_checkpointing.load` per parameter.
+it (`resolve_data`), reading its HF bytes then, straight into place. Megatron -> HF: one torch_dist load per batch
+of parameters (`dist_reader`: whole chunks read straight into place). Both directions reuse one buffer (the largest
+chunk / parameter) for every tensor.
 """
 import argparse
 import contextlib
@@ -42,8 +44,9 @@ from .hf_io import (
     staging_dir,
     write_hf_checkpoint,
 )
+from .dist_reader import direct_reader, load_in_place
 from .moe import unknown_layout_hint as moe_layout_hint
-from .weights import expected_hf_shapes, hf_names_for, to_hf, to_megatron
+from .weights import expected_hf_shapes, hf_names_for, row_concat_sources, to_hf, to_megatron
 
 from ..train import ckpt_layout  # the checkpoint folder layout, shared with the trainer
 
@@ -148,8 +151,9 @@ def meta_model(arch: ModelArch, dtype_of: Callable[[str], torch.dtype], padded_v
     """
     from .builder import build_gpt_model
 
-    with torch.device("meta"):
-        model = build_gpt_model(arch, on_gpu=False, padded_vocab=padded_vocab)
+    with torch.device("meta"):  # no init: nothing is held (a MoE layer's experts took seconds to "initialise")
+        model = build_gpt_model(arch, on_gpu=False, padded_vocab=padded_vocab,
+                                config_overrides={"perform_initialization": False})
     for name, p in model.named_parameters():
         p.data = torch.empty(p.shape, dtype=dtype_of(name), device="meta")
     return model
@@ -178,6 +182,51 @@ def chunk_sources(sharded_sd: dict) -> dict[tuple[str, tuple[int, ...]], tuple[s
     return out
 
 
+class _Arena:
+    """One buffer reused for every tensor of a conversion: fresh memory costs a page fault per 4 KiB on first touch
+    (about as much as copying it), reused memory does not. Tensors handed out are views of it, valid until the next
+    `tensor()` / `views()` call overwrites them."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._buf: Optional[torch.Tensor] = None
+
+    def _memory(self) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = torch.empty(max(self.nbytes, 1), dtype=torch.uint8)
+        return self._buf
+
+    def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor at the start of the buffer whose storage is exactly its bytes (torch's checkpoint writer clones
+        a tensor that is a view of a larger storage)."""
+        import ctypes
+
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if nbytes > self.nbytes:
+            raise AssertionError(f"chunk of {nbytes} bytes > conversion buffer of {self.nbytes}")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        raw = (ctypes.c_char * nbytes).from_address(self._memory().data_ptr())
+        return torch.frombuffer(raw, dtype=dtype, count=numel).view(shape)
+
+    def views(self, specs: list[tuple[tuple, torch.dtype]]) -> list[torch.Tensor]:
+        """Tensors of the given (shape, dtype), side by side in the buffer (64-byte aligned)."""
+        out, at = [], 0
+        mem = self._memory()
+        for shape, dtype in specs:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if at + nbytes > self.nbytes:
+                raise AssertionError(f"batch of {at + nbytes} bytes > conversion buffer of {self.nbytes}")
+            out.append(mem[at:at + nbytes].view(dtype).view(shape))
+            at += _aligned(nbytes)
+        return out
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
+
+
 def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Tensor]):
     """torch_dist save strategy whose tensors are produced on demand, one chunk at a time, by `materialize`."""
     import torch.distributed.checkpoint as dcp
@@ -200,57 +249,103 @@ def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Te
         def save(self, sharded_state_dict, checkpoint_dir):
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             # One thread and no copy-ahead: the torch writer then resolves each item just before writing it, in
-            # plan order (the chunks of one parameter one after another), which `materialize` relies on to free
-            # the previous chunk. Megatron's own async writer resolves every item before writing any.
-            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0)
-            dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer,
-                     planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+            # plan order, which `materialize` relies on to reuse one buffer for every chunk. Megatron's own async
+            # writer resolves every item before writing any. No fsync (as safetensors' save_file and HF's
+            # save_pretrained): the output is rebuilt from the untouched input if a crash loses it, and it is
+            # renamed into place and sealed by its manifest only once complete. No CRC32 per record either
+            # (torch.load does not check it; the manifest records every file's size).
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0,
+                                          sync_files=False)
+            crc = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+            try:
+                dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer,
+                         planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+            finally:
+                torch.serialization.set_crc32_options(crc)
 
     return LazySaveStrategy("torch_dist", 1)
 
 
-def save_lazy_dist_checkpoint(model, full_param: Callable[[str], torch.Tensor], model_dir: Path,
+def save_lazy_dist_checkpoint(model, fill_chunk: Callable[[str, tuple, torch.Tensor], None], model_dir: Path,
                               log: Callable[[str], None] = print) -> None:
-    """Write the dist checkpoint of meta `model`; `full_param(name)` returns parameter `name` (TP=1) on demand."""
+    """Write the dist checkpoint of meta `model`; `fill_chunk(name, slices, out)` writes the part `slices` of
+    parameter `name` (TP=1) into `out`, on demand, one chunk at a time.
+
+    Memory: one buffer the size of the largest chunk, reused for every chunk.
+    """
     from megatron.core import dist_checkpointing
 
     sharded_sd = model.sharded_state_dict()
     sources = chunk_sources(sharded_sd)
-    total = sum(st.data.numel() * st.data.element_size() for _, st in _sharded_tensors(sharded_sd))
+    chunks = [st for _, st in _sharded_tensors(sharded_sd)]
+    total = sum(st.data.numel() * st.data.element_size() for st in chunks)
+    arena = _Arena(max((math.prod(st.local_shape) * st.data.element_size() for st in chunks), default=0))
+    dtypes = {path: st.data.dtype for path, st in _sharded_tensors(sharded_sd)}
     progress = Progress("hf->megatron", len(sources), total, log)
-    cache: dict[str, torch.Tensor] = {}
-    written: list[torch.Tensor] = []
 
     def materialize(key, offset, sizes):
-        # torch's FileSystemWriter keeps a reference to every tensor it wrote until the save ends (for its
-        # safetensors format); by the time it asks for the next chunk the previous one is on disk, so free it.
-        for t in written:
-            t.untyped_storage().resize_(0)
-        written.clear()
         path, slices = sources[(key, offset)]
-        if path not in cache:
-            cache.clear()  # the chunks of one parameter (SwiGLU gate/up) are written one after another
-            cache[path] = full_param(path)
-        chunk = cache[path][slices]
-        if chunk.nbytes == cache[path].untyped_storage().nbytes():
-            cache.clear()  # the chunk is the whole parameter and owns its storage
-        else:
-            chunk = chunk.clone()  # a part: give it its own storage (the writer would clone it anyway)
-        written.append(chunk)
-        progress(chunk.nbytes)
-        return chunk.reshape(sizes)
+        out = arena.tensor(tuple(s.stop - s.start for s in slices), dtypes[path])
+        fill_chunk(path, slices, out)
+        progress(out.nbytes)
+        return out.reshape(sizes)
 
     model_dir.mkdir(parents=True)
     dist_checkpointing.save(sharded_sd, str(model_dir), sharded_strategy=_lazy_save_strategy(materialize))
-    cache.clear()
     progress.done()
+
+
+def chunk_filler(reader: HFCheckpointReader, arch: ModelArch, dtype_of: Callable[[str], torch.dtype],
+                 padded_vocab: int) -> Callable[[str, tuple, torch.Tensor], None]:
+    """`fill_chunk` for `save_lazy_dist_checkpoint` from an HF folder.
+
+    A parameter that is its HF tensors' rows one after another (all but the fused QKV) is read from the files
+    straight into the chunk, its vocabulary padding zero-filled; any other (QKV, or a dtype cast) is built whole
+    by `to_megatron` (kept while its chunks are asked for) and its part copied in.
+    """
+    cache: dict[str, torch.Tensor] = {}
+
+    def fill(path: str, slices: tuple, out: torch.Tensor) -> None:
+        rows = row_concat_sources(path, arch)
+        whole_rows = rows is not None and all(s.start == 0 and s.stop == d
+                                              for s, d in zip(slices[1:], reader.shape(rows[0])[1:]))
+        if whole_rows:
+            start, stop, at = slices[0].start, slices[0].stop, 0
+            for n in rows:
+                n_rows = reader.shape(n)[0]
+                lo, hi = max(start - at, 0), min(stop - at, n_rows)
+                if lo < hi:
+                    dst = out[at + lo - start:at + hi - start]
+                    if reader.dtype(n) == out.dtype:
+                        reader.read_rows_into(n, lo, hi, dst)
+                    else:  # --dtype: read, then cast into place
+                        tmp = torch.empty(dst.shape, dtype=reader.dtype(n))
+                        reader.read_rows_into(n, lo, hi, tmp)
+                        dst.copy_(tmp)
+                at += n_rows
+            if stop > at:  # past the HF rows: the vocabulary padding
+                out[max(at, start) - start:].zero_()
+            return
+        if path not in cache:
+            cache.clear()  # the chunks of one parameter are written one after another
+            hf = tuple(reader.get(n) for n in hf_names_for(path, arch))
+            cache[path] = to_megatron(path, hf, arch, padded_vocab=padded_vocab).to(dtype_of(path))
+        out.copy_(cache[path][slices])
+        if out.numel() == cache[path].numel():
+            cache.clear()
+
+    return fill
 
 
 def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
                                log: Optional[Callable[[str], None]] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of a dist checkpoint, loading one parameter at a time (needs `single_process_megatron`).
+    """(HF name, tensor) of a dist checkpoint (needs `single_process_megatron`).
 
-    Memory: one parameter (plus its HF split). `log` gets progress lines.
+    Parameters are read in batches, one torch_dist load each (`dist_reader`: whole chunks preadv'd into place),
+    into one reused buffer the size of the largest parameter. The tensors handed out are views of that buffer: each
+    is valid until the iterator moves past its batch, so write or copy it before asking for more. Memory: that
+    buffer, plus one chunk where torch's own reader handles it. `log` gets progress lines.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -265,20 +360,36 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
     model = meta_model(arch, lambda _: torch.float32, padded_vocab=embedding.global_shape[0])
     sharded_sd = model.sharded_state_dict()
     _check_stored_tensors(sharded_sd, stored, model_dir)
-    entries = {k: v for k, v in sharded_sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+    entries = [(k, v) for k, v in sharded_sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))]
     keys = {st.key for _, st in _sharded_tensors(sharded_sd)}
     total = sum(math.prod(stored[k].global_shape) * stored[k].dtype.itemsize for k in keys)
     progress = Progress("megatron->hf", len(entries), total, log or (lambda _: None))
-    for path, entry in entries.items():
-        full = torch.empty(entry.data.shape, dtype=stored[entry.key].dtype)
-        if isinstance(entry, ShardedTensorFactory):  # SwiGLU: its chunks are views of `full`
-            chunks = nested_values(dataclasses.replace(entry, data=full).build())
-        else:
-            chunks = [dataclasses.replace(entry, data=full, dtype=full.dtype)]
-        request = {str(i): _as_partial_read(st) for i, st in enumerate(chunks)}
-        dist_checkpointing.load(request, str(model_dir), validate_access_integrity=False)
-        progress(full.numel() * full.element_size())
-        yield from to_hf(path, [full], arch).items()
+    specs = [(tuple(entry.data.shape), stored[entry.key].dtype) for _, entry in entries]
+    sizes = [_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in specs]
+    arena = _Arena(max(sizes, default=0))
+    reader = direct_reader(model_dir)  # one reader: the metadata is read once for all batches
+    batches, used = [[]], 0
+    for j, size in enumerate(sizes):
+        if used + size > arena.nbytes:
+            batches.append([])
+            used = 0
+        batches[-1].append(j)
+        used += size
+    for batch in batches:
+        fulls = arena.views([specs[j] for j in batch])
+        request = {}
+        for j, full in zip(batch, fulls):
+            entry = entries[j][1]
+            if isinstance(entry, ShardedTensorFactory):  # SwiGLU: its chunks are views of `full`
+                chunks = nested_values(dataclasses.replace(entry, data=full).build())
+            else:
+                chunks = [dataclasses.replace(entry, data=full, dtype=full.dtype)]
+            request.update({f"{j}.{c}": _as_partial_read(st) for c, st in enumerate(chunks)})
+        if request:
+            load_in_place(request, reader)
+        for j, full in zip(batch, fulls):
+            progress(full.numel() * full.element_size())
+            yield from to_hf(entries[j][0], [full], arch).items()
     progress.done()
 
 
@@ -336,13 +447,10 @@ def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pip
         def dtype_of(name: str) -> torch.dtype:
             return dtype or reader.dtype(hf_names_for(name, arch)[0])
 
-        def full_param(name: str) -> torch.Tensor:
-            hf = tuple(reader.get(n) for n in hf_names_for(name, arch))
-            return to_megatron(name, hf, arch, padded_vocab=padded).to(dtype_of(name))
-
         with staging_dir(save_dir, overwrite) as tmp, single_process_megatron():
             iter_name = iteration_dir_name(0)
-            save_lazy_dist_checkpoint(meta_model(arch, dtype_of, padded), full_param, tmp / iter_name / MODEL_DIR, log)
+            save_lazy_dist_checkpoint(meta_model(arch, dtype_of, padded), chunk_filler(reader, arch, dtype_of, padded),
+                                      tmp / iter_name / MODEL_DIR, log)
             (tmp / HF_CONFIG_DIR).mkdir()
             copy_hf_metadata_files(hf_dir, tmp / HF_CONFIG_DIR)
             ckpt_layout.write_manifest(tmp / iter_name, ckpt_layout.KIND_MODEL, 0,

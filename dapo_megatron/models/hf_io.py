@@ -124,12 +124,22 @@ class HFCheckpointReader:
         return self._entries[name]
 
     def get(self, name: str) -> torch.Tensor:
+        _, dtype, shape, _, nbytes = self._entry(name)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.read_rows_into(name, 0, shape[0] if shape else 1, buf)
+        return buf.view(DTYPES[dtype]).reshape(shape)
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read rows [start, stop) of tensor `name` (dim 0; a 0-d tensor has one row) into contiguous `out`, which
+        must hold exactly those bytes (any dtype view): no intermediate buffer."""
         file, dtype, shape, offset, nbytes = self._entry(name)
+        row = nbytes // max(shape[0], 1) if shape else nbytes
+        if not (0 <= start <= stop <= (shape[0] if shape else 1)) or not out.is_contiguous() or \
+                out.numel() * out.element_size() != (stop - start) * row:
+            raise ValueError(f"read_rows_into({name!r}, {start}, {stop}): bad range or output {tuple(out.shape)}")
         if file not in self._fds:
             self._fds[file] = os.open(file, os.O_RDONLY)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        _pread_into(self._fds[file], buf, offset, f"{name!r} in {file}")
-        return buf.view(DTYPES[dtype]).reshape(shape)
+        _pread_into(self._fds[file], out, offset + start * row, f"{name!r} in {file}")
 
     def close(self) -> None:
         for fd in self._fds.values():

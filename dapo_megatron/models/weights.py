@@ -144,6 +144,18 @@ def to_megatron(name: str, hf_tensors: tuple[torch.Tensor, ...], arch: ModelArch
     return full.chunk(tp_size, dim=dim)[tp_rank].contiguous()
 
 
+def row_concat_sources(name: str, arch: ModelArch) -> tuple[str, ...] | None:
+    """HF tensors whose rows, concatenated (then zero rows up to the padded vocabulary), are the TP=1 Megatron
+    parameter `name`, or None where `to_megatron` does more than that (the fused QKV interleaves its heads).
+
+    The converter reads such a parameter's chunks straight from the HF files into their place, with no copy.
+    """
+    name = canonical_name(name)
+    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+        return None
+    return hf_names_for(name, arch)
+
+
 def to_hf(name: str, shards: list[torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
     """HF tensors of Megatron parameter `name` from its tensor-parallel shards (in TP-rank order)."""
     name = canonical_name(name)
