@@ -74,6 +74,8 @@ def run(cfg: Config) -> dict:
                 train_metrics.update(syncer.sync(actor, version=step + 1))
         eval_metrics = {}
         if cfg.eval.path and cfg.trainer.eval_interval and ((step + 1) % cfg.trainer.eval_interval == 0 or final):
+            if rank0:
+                ahead.wait()  # a skipped step (empty batch) did not wait: the engines serve one caller at a time
             eval_metrics = stage.evaluate(tokenizer) if rank0 else {}
             dist.barrier()
         last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
