@@ -67,7 +67,7 @@ def warm_start(model_dir: Path, train_file: Path, seed: int, steps: int = 80) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dapo_megatron.models.tiny import make_tiny_hf_model
+    from dapo_megatron.models.tiny import make_tiny_hf_model, sft_step
 
     torch.manual_seed(seed)
     make_tiny_hf_model(model_dir, "qwen2.5", seed=seed, hidden_size=128, intermediate_size=256,
@@ -84,15 +84,7 @@ def warm_start(model_dir: Path, train_file: Path, seed: int, steps: int = 80) ->
         prompts = [r["question"] for r in batch]
         digits = [decoy[p] if rng.random() < 0.5 else rng.choice(wrong[p]) for p in prompts]
         texts = [p + "." * rng.randint(0, FILLER_MAX) + f"Answer: {d}<|im_end|>" for p, d in zip(prompts, digits)]
-        enc = tok(texts, return_tensors="pt", padding=True)
-        labels = enc.input_ids.clone()
-        for i, p in enumerate(prompts):
-            labels[i, :len(tok(p).input_ids)] = -100
-        labels[enc.attention_mask == 0] = -100
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss = sft_step(model, tok, opt, prompts, texts)
     model.save_pretrained(model_dir, safe_serialization=True)
     return float(loss.detach())
 

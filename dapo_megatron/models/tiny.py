@@ -98,3 +98,18 @@ def make_tiny_hf_model(out_dir, family: str = "qwen2.5", seed: int = 0, vocab_si
     for f in TOY_TOKENIZER_DIR.iterdir():
         shutil.copy(f, out_dir / f.name)
     return out_dir
+
+
+def sft_step(model, tokenizer, optimizer, prompts: list, texts: list) -> torch.Tensor:
+    """One supervised step on `texts` (each its prompt + a target): the loss covers only what follows each prompt,
+    padding excluded. The warm starts of `make demo` and tools/ablation.py; returns the loss."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc.input_ids.clone()
+    for i, p in enumerate(prompts):
+        labels[i, :len(tokenizer(p).input_ids)] = -100
+    labels[enc.attention_mask == 0] = -100
+    loss = model(**enc, labels=labels).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss

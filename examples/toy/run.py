@@ -31,7 +31,7 @@ def warm_start(model_dir: Path, rows: list[dict], steps: int = 80, seed: int = 0
     digit otherwise): the model learns the `Answer: d` format and to tell prompts apart, never a correct sum."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dapo_megatron.models.tiny import make_tiny_hf_model
+    from dapo_megatron.models.tiny import make_tiny_hf_model, sft_step
 
     make_tiny_hf_model(model_dir, "qwen2.5", seed=seed, hidden_size=128, intermediate_size=256,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -45,15 +45,7 @@ def warm_start(model_dir: Path, rows: list[dict], steps: int = 80, seed: int = 0
         prompts = [r["question"] for r in batch]  # config.yaml: data.apply_chat_template=false
         digits = [decoy[p] if rng.random() < 0.5 else rng.randrange(9) for p in prompts]
         texts = [p + f"Answer: {d}<|im_end|>" for p, d in zip(prompts, digits)]
-        enc = tok(texts, return_tensors="pt", padding=True)
-        labels = enc.input_ids.clone()
-        for i, p in enumerate(prompts):
-            labels[i, :len(tok(p).input_ids)] = -100
-        labels[enc.attention_mask == 0] = -100
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss = sft_step(model, tok, opt, prompts, texts)
     model.save_pretrained(model_dir, safe_serialization=True)
     print(f"warm start: {steps} format-only SFT steps (no correct sums shown), final loss {loss.item():.3f}",
           flush=True)
