@@ -100,3 +100,44 @@ def test_no_grad_and_shape_errors():
 def test_tensor_parallel_2_matches_full_vocab(torchrun):
     out = torchrun(SCRIPTS / "logprobs_tp.py", 2)
     assert out.count("logprobs_tp OK") == 2
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_overwrite_logits_path_equals_the_recompute_path(entropy, temperature):
+    # fp32 logits the caller is done with: the softmax is kept in their buffer and becomes the gradient in place
+    torch.manual_seed(4)
+    full = 3 * torch.randn(13, 40)
+    target = torch.randint(0, 37, (13,))
+    g_lp = torch.randn(13)
+    results = []
+    for overwrite in (False, True):
+        leaf = full.clone().requires_grad_()
+        logits = leaf * 1.0  # a non-leaf, as the output layer's logits are
+        lp, ent = vocab_parallel_logprobs(logits, target, chunk_size=4, compute_entropy=entropy,
+                                          temperature=temperature, vocab_size=37, differentiable_entropy=False,
+                                          overwrite_logits=overwrite)
+        assert torch.equal(logits, leaf) != overwrite  # overwritten only on the in-place path
+        (lp * g_lp).sum().backward()
+        results.append((lp.detach(), ent, leaf.grad))
+    (lp0, ent0, grad0), (lp1, ent1, grad1) = results
+    ref_lp, ref_ent = reference(full[:, :37], target, temperature)
+    torch.testing.assert_close(lp1, ref_lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp1, lp0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad1, grad0, atol=1e-6, rtol=0)
+    assert torch.all(grad1[:, 37:] == 0)  # padded vocabulary columns
+    if entropy:
+        assert not ent1.requires_grad
+        torch.testing.assert_close(ent1, ref_ent, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent1, ent0, atol=1e-6, rtol=0)
+    else:
+        assert ent0 is None and ent1 is None
+
+
+def test_overwrite_logits_is_refused_by_autograd_when_another_backward_saved_them():
+    leaf = torch.randn(3, 5, requires_grad=True)
+    logits = leaf * 1.0
+    squared = logits * logits  # saves logits for its backward
+    lp, _ = vocab_parallel_logprobs(logits, torch.tensor([0, 1, 2]), overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + squared.sum()).backward()

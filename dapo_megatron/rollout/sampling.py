@@ -88,23 +88,31 @@ def sample_tokens(logits, temperature, top_p, top_k, uniform):
     """
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature)
-    logp = torch.log_softmax(logits.float() / temp[:, None], dim=-1)
-    probs = logp.exp()
+    x = logits.float()
+    if not bool((temp == 1).all()):
+        x = x / temp[:, None]
+    row_max = torch.amax(x, dim=-1, keepdim=True)  # not max(dim): that also finds indices, ~20x slower on CPU
+    weights = torch.sub(x, row_max).exp_()  # unnormalised probabilities: the one [B, V] buffer written
+    log_z = weights.sum(dim=-1, keepdim=True).log()
     top_k = torch.where(greedy, torch.ones_like(top_k), top_k)
     filtered = (top_k > 0) | (top_p < 1)
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    plain = ~filtered
-    if plain.any():  # no filtering: CDF in vocabulary order, no sort needed
-        tokens[plain] = _inverse_cdf(probs[plain], uniform[plain])
-    if filtered.any():
-        p_sorted, order = probs[filtered].sort(dim=-1, descending=True, stable=True)
+    if not bool(filtered.any()):  # no filtering: CDF in vocabulary order, no sort needed
+        tokens = _inverse_cdf(weights, uniform)
+    else:
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        plain = ~filtered
+        if plain.any():
+            tokens[plain] = _inverse_cdf(weights[plain], uniform[plain])
+        probs = weights[filtered] / log_z[filtered].exp()
+        p_sorted, order = probs.sort(dim=-1, descending=True, stable=True)
         ranks = torch.arange(p_sorted.shape[-1], device=logits.device)
         k = top_k[filtered]
         keep = (k[:, None] <= 0) | (ranks[None] < k[:, None])
         keep &= (p_sorted.cumsum(-1) - p_sorted) < top_p[filtered][:, None]  # mass before a token < top_p
         pick = _inverse_cdf(p_sorted * keep, uniform[filtered])
         tokens[filtered] = order.gather(1, pick[:, None])[:, 0]
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    logprobs = x.gather(1, tokens[:, None]) - row_max - log_z  # log_softmax(logits / T)[token]
+    return tokens, logprobs[:, 0]
 
 
 def _inverse_cdf(weights, uniform):

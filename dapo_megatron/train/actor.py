@@ -222,7 +222,7 @@ class Actor:
 
         def loss_fn(logits, mb):
             logp, _ = vocab_parallel_logprobs(logits, mb["targets"].to(logits.device), chunk_size=self._chunk(logits),
-                                              vocab_size=self.arch.vocab_size)
+                                              vocab_size=self.arch.vocab_size, overwrite_logits=True)
             return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": to_rows(logp, mb).cpu()}
 
         out = self._run(mbs, loss_fn, forward_only=True, record_routing=mode == "r2")
@@ -265,11 +265,12 @@ class Actor:
 
         def loss_fn(logits, mb):
             mb = {k: (v.to(logits.device) if torch.is_tensor(v) else v) for k, v in mb.items()}
-            # Entropy is differentiated only when it is in the loss; when it is only logged its backward is
-            # skipped (no gradient reaches it) and the forward costs one extra pass over each chunk.
+            # Entropy is differentiated only when it is in the loss. When it is only logged, its forward costs two
+            # passes over each chunk and (fp32 logits) the softmax becomes the gradient in the logits' own buffer.
             logp, ent = vocab_parallel_logprobs(logits, mb["targets"], chunk_size=self._chunk(logits),
-                                                compute_entropy=True, vocab_size=self.arch.vocab_size)
-            logp, ent = to_rows(logp, mb), to_rows(ent if need_entropy else ent.detach(), mb)
+                                                compute_entropy=True, vocab_size=self.arch.vocab_size,
+                                                differentiable_entropy=need_entropy, overwrite_logits=True)
+            logp, ent = to_rows(logp, mb), to_rows(ent, mb)
             loss, metrics = policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], self.loss_cfg,
                 global_token_count=global_tokens, global_seq_count=global_seqs,

@@ -10,6 +10,12 @@ With `vocab_size` (the real vocabulary) the padded columns of megatron's padded 
 (make_vocab_size_divisible_by) are excluded: their logits count as -inf, so they change no log-prob, entropy or softmax normaliser and get zero
 gradient. Without it every column counts. A target id outside [0, vocab) (e.g. -100 on padding) yields -logsumexp,
 never an error: mask it.
+
+With `overwrite_logits` (the caller is done with the logits), fp32 logits and no entropy gradient, the forward keeps
+exp(x - max) in the logits' own buffer and the backward turns it into the gradient in place, as megatron-core's
+vocab-parallel cross entropy does: no recompute of the softmax and no new [tokens, vocab] buffer (measured on CPU:
+see BENCHMARKS.md section 1). The logits' version counter moves, so autograd refuses any other backward that saved
+them.
 """
 import sys
 from typing import Optional
@@ -48,7 +54,7 @@ def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_en
     x[:, n_valid:] = float("-inf")  # padded vocabulary columns (none without vocab_size)
     target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
     target_logit = torch.where(on_rank, target_logit, torch.zeros_like(target_logit))  # not x 0: -inf x 0 is nan
-    row_max = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
+    row_max = _all_reduce(torch.amax(x, dim=-1), dist.ReduceOp.MAX, group)  # amax: ~20x max(dim) on CPU
     x.sub_(row_max.unsqueeze(-1))
     exp_x = torch.exp(x)
     stats = [exp_x.sum(dim=-1), target_logit]
@@ -84,28 +90,60 @@ def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, 
     return grad
 
 
+def _forward_chunk_inplace(x, local_target, on_rank, group, temperature, compute_entropy, n_valid, buf):
+    """`_forward_chunk` on the logits' own buffer `x`: leaves exp(x - max) in it and returns (logprob, entropy or
+    None, sum of exp). `buf` is a reused [chunk, V_local] fp32 scratch (entropy only)."""
+    if temperature != 1.0:
+        x.div_(temperature)
+    x[:, n_valid:] = float("-inf")
+    target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(on_rank, target_logit, torch.zeros_like(target_logit))
+    row_max = _all_reduce(torch.amax(x, dim=-1), dist.ReduceOp.MAX, group)  # amax: ~20x max(dim) on CPU
+    x.sub_(row_max.unsqueeze(-1))
+    if compute_entropy:
+        buf = buf[: x.shape[0]]
+        torch.exp(x, out=buf)
+        x[:, n_valid:] = 0.0  # -inf x 0 would be nan; exp is 0 there
+        stats = [buf.sum(dim=-1), target_logit, torch.mul(x, buf, out=x).sum(dim=-1)]
+        x.copy_(buf)
+    else:
+        stats = [x.exp_().sum(dim=-1), target_logit]
+    stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
+    log_z = torch.log(stats[0])
+    entropy = log_z - stats[2] / stats[0] if compute_entropy else None
+    return (stats[1] - row_max) - log_z, entropy, stats[0]
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group, chunk_size, compute_entropy, temperature, vocab_size):
+    def forward(ctx, logits, target, group, chunk_size, compute_entropy, temperature, vocab_size, inplace):
         n, v_local = logits.shape
         vocab_start = dist.get_rank(group) * v_local if group is not None else 0
         # columns of this shard inside the real vocabulary
         n_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - vocab_start))
-        shift = torch.empty(n, dtype=torch.float32, device=logits.device)  # max logit + logsumexp
+        # max logit + logsumexp; in place: the sum of exp(x - max)
+        shift = torch.empty(n, dtype=torch.float32, device=logits.device)
         logprobs = torch.empty_like(shift)
         entropy = torch.empty_like(shift) if compute_entropy else None
         local_target = target - vocab_start
         on_rank = (local_target >= 0) & (local_target < v_local)
         local_target = torch.where(on_rank, local_target, torch.zeros_like(local_target))
+        buf = torch.empty(min(chunk_size, n), v_local, device=logits.device) if inplace and compute_entropy else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            lp, ent, shift[s:e] = _forward_chunk(logits[s:e], local_target[s:e], on_rank[s:e], group, temperature,
-                                                 compute_entropy, n_valid)
+            if inplace:  # shift = sum of exp here: logits[s:e] now holds exp(x - max)
+                lp, ent, shift[s:e] = _forward_chunk_inplace(logits[s:e], local_target[s:e], on_rank[s:e], group,
+                                                             temperature, compute_entropy, n_valid, buf)
+            else:
+                lp, ent, shift[s:e] = _forward_chunk(logits[s:e], local_target[s:e], on_rank[s:e], group,
+                                                     temperature, compute_entropy, n_valid)
             logprobs[s:e] = lp
             if compute_entropy:
                 entropy[s:e] = ent
-        ctx.save_for_backward(logits, local_target, on_rank, shift, entropy)
-        ctx.chunk_size, ctx.temperature, ctx.n_valid = chunk_size, temperature, n_valid
+        ctx.save_for_backward(logits, local_target, on_rank, shift, None if inplace else entropy)
+        ctx.chunk_size, ctx.temperature, ctx.n_valid, ctx.inplace = chunk_size, temperature, n_valid, inplace
+        if inplace and compute_entropy:
+            ctx.mark_non_differentiable(entropy)
         ctx.set_materialize_grads(False)
         if entropy is None:
             entropy = torch.empty(0, device=logits.device)
@@ -118,6 +156,11 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n = logits.shape[0]
         if grad_logprobs is None:
             grad_logprobs = torch.zeros(n, device=logits.device)
+        if ctx.inplace:  # logits holds exp(x - max), shift the sums of exp: the gradient is built in that buffer
+            g = grad_logprobs / ctx.temperature  # d/dlogits = (1[v == t] - p_v) g / T
+            grad = logits.mul_((-g / shift).unsqueeze(-1))
+            grad.scatter_add_(-1, local_target.unsqueeze(-1), (g * on_rank).unsqueeze(-1))
+            return grad, None, None, None, None, None, None, None
         if entropy is None:
             grad_entropy = None
         grad_logits = torch.empty_like(logits)
@@ -127,7 +170,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 logits[s:e], local_target[s:e], on_rank[s:e], shift[s:e],
                 entropy[s:e] if grad_entropy is not None else None, grad_logprobs[s:e],
                 grad_entropy[s:e] if grad_entropy is not None else None, ctx.temperature, ctx.n_valid)
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -139,6 +182,8 @@ def vocab_parallel_logprobs(
     compute_entropy: bool = False,
     temperature: float = 1.0,
     vocab_size: Optional[int] = None,
+    differentiable_entropy: bool = True,
+    overwrite_logits: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """log softmax(logits / temperature)[target] and, optionally, the entropy of that distribution.
 
@@ -151,6 +196,9 @@ def vocab_parallel_logprobs(
         temperature: logits are divided by it first, as the rollout engine samples from softmax(logits / T);
             use the engine's sampling temperature so log-probs are comparable to the engine's.
         vocab_size: the real vocabulary (global ids >= it are megatron's padding and are masked out); None: all.
+        differentiable_entropy: False returns the entropy detached (logged only, no gradient through it).
+        overwrite_logits: the caller no longer needs `logits`; with fp32 logits and no entropy gradient they are
+            overwritten (the in-place path of the module docstring). Other cases ignore it: their math is the same.
 
     Returns:
         (logprobs, entropy or None), both fp32 with the shape of `target`.
@@ -162,7 +210,11 @@ def vocab_parallel_logprobs(
     group = _resolve_tp_group(tp_group)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_target = target.reshape(-1).long()
+    inplace = overwrite_logits and flat_logits.dtype == torch.float32 and not (compute_entropy and differentiable_entropy)
     logprobs, entropy = _VocabParallelLogProbs.apply(
-        flat_logits, flat_target, group, chunk_size, compute_entropy, float(temperature), vocab_size)
+        flat_logits, flat_target, group, chunk_size, compute_entropy, float(temperature), vocab_size, inplace)
     logprobs = logprobs.view(target.shape)
-    return logprobs, (entropy.view(target.shape) if compute_entropy else None)
+    if not compute_entropy:
+        return logprobs, None
+    entropy = entropy.view(target.shape)
+    return logprobs, (entropy if differentiable_entropy else entropy.detach())
