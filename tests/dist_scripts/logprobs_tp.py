@@ -33,6 +33,20 @@ def check(tp_group, rank, world, temperature):
     torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
     torch.testing.assert_close(shard.grad, ref_grad, atol=1e-5, rtol=0)
 
+    # the in-place path (the train step's: entropy only logged, the logits overwritten by their gradient)
+    leaf = full[..., rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+    logits = leaf * 1.0
+    lp, ent = vocab_parallel_logprobs(logits, target, tp_group=tp_group, chunk_size=2, compute_entropy=True,
+                                      temperature=temperature, differentiable_entropy=False, overwrite_logits=True)
+    assert not torch.equal(logits, leaf) and not ent.requires_grad
+    (lp * g_lp).sum().backward()
+    ref_logits = full.clone().requires_grad_()
+    ref_lp = torch.log_softmax(ref_logits / temperature, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    (ref_lp * g_lp).sum().backward()
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(leaf.grad, ref_logits.grad[..., rank * v_local:(rank + 1) * v_local], atol=1e-5, rtol=0)
+
 
 def main():
     dist.init_process_group("gloo")
