@@ -246,3 +246,22 @@ def test_bad_requests_raise_value_error(engine):
         engine.submit([], {})
     with pytest.raises(ValueError, match="context length"):
         engine.submit([1] * engine.context_len, {})
+
+
+@pytest.mark.parametrize("vocab", [32768, 5000])  # a multiple of the block, and not
+def test_two_level_inverse_cdf_equals_the_flat_one_and_never_picks_a_zero_weight(vocab):
+    from dapo_megatron.rollout.sampling import _inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(64, vocab, generator=g) ** 8
+    weights[:32] *= torch.rand(32, vocab, generator=g) < 0.01  # sparse rows, as after top-k / top-p
+    weights[0, :] = 0.0
+    weights[0, 1234] = 3.0  # one token carries all the mass
+    uniform = torch.rand(64, generator=g)
+    uniform[1] = 1 - 2 ** -24  # the largest float below 1
+    got = _inverse_cdf(weights, uniform)
+    cdf = weights.double().cumsum(-1)
+    want = torch.searchsorted(cdf, (uniform.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert got[0] == 1234
+    assert torch.all(weights.gather(1, got[:, None]) > 0)
+    assert (got != want).sum() <= 1  # float32 block sums against a float64 CDF: at most a boundary case
