@@ -44,9 +44,10 @@ from .hf_io import (
     staging_dir,
     write_hf_checkpoint,
 )
-from .dist_reader import direct_reader, load_in_place
+from .dist_reader import ChunkFiles, direct_reader, load_in_place
+from .file_copy import FileSpan, MappedFiles, copying_file_system
 from .moe import unknown_layout_hint as moe_layout_hint
-from .weights import expected_hf_shapes, hf_names_for, row_concat_sources, to_hf, to_megatron
+from .weights import canonical_name, expected_hf_shapes, hf_names_for, row_concat_sources, to_hf, to_megatron
 
 from ..train import ckpt_layout  # the checkpoint folder layout, shared with the trainer
 
@@ -191,9 +192,11 @@ class _Arena:
         self.nbytes = nbytes
         self._buf: Optional[torch.Tensor] = None
 
-    def _memory(self) -> torch.Tensor:
-        if self._buf is None:
-            self._buf = torch.empty(max(self.nbytes, 1), dtype=torch.uint8)
+    def _memory(self, need: int) -> torch.Tensor:
+        # grown on demand: a conversion whose large tensors are copied file to file never allocates their size
+        if self._buf is None or self._buf.numel() < need:
+            self._buf = None
+            self._buf = torch.empty(max(need, 1), dtype=torch.uint8)
         return self._buf
 
     def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -207,13 +210,13 @@ class _Arena:
             raise AssertionError(f"chunk of {nbytes} bytes > conversion buffer of {self.nbytes}")
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        raw = (ctypes.c_char * nbytes).from_address(self._memory().data_ptr())
+        raw = (ctypes.c_char * nbytes).from_address(self._memory(nbytes).data_ptr())
         return torch.frombuffer(raw, dtype=dtype, count=numel).view(shape)
 
     def views(self, specs: list[tuple[tuple, torch.dtype]]) -> list[torch.Tensor]:
         """Tensors of the given (shape, dtype), side by side in the buffer (64-byte aligned)."""
         out, at = [], 0
-        mem = self._memory()
+        mem = self._memory(sum(_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in specs))
         for shape, dtype in specs:
             nbytes = math.prod(shape) * dtype.itemsize
             if at + nbytes > self.nbytes:
@@ -227,8 +230,9 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 64) * 64
 
 
-def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Tensor]):
-    """torch_dist save strategy whose tensors are produced on demand, one chunk at a time, by `materialize`."""
+def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Tensor], sources: MappedFiles):
+    """torch_dist save strategy whose tensors are produced on demand, one chunk at a time, by `materialize`; the
+    bytes of tensors over `sources` (mapped input files) are copied file to file (`file_copy`)."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
@@ -256,6 +260,7 @@ def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Te
             # (torch.load does not check it; the manifest records every file's size).
             writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0,
                                           sync_files=False)
+            writer.fs = copying_file_system(sources)
             crc = torch.serialization.get_crc32_options()
             torch.serialization.set_crc32_options(False)
             try:
@@ -268,31 +273,42 @@ def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Te
 
 
 def save_lazy_dist_checkpoint(model, fill_chunk: Callable[[str, tuple, torch.Tensor], None], model_dir: Path,
-                              log: Callable[[str], None] = print) -> None:
+                              log: Callable[[str], None] = print,
+                              map_chunk: Optional[Callable[[str, tuple], Optional[torch.Tensor]]] = None,
+                              sources: Optional[MappedFiles] = None) -> None:
     """Write the dist checkpoint of meta `model`; `fill_chunk(name, slices, out)` writes the part `slices` of
-    parameter `name` (TP=1) into `out`, on demand, one chunk at a time.
+    parameter `name` (TP=1) into `out`, on demand, one chunk at a time. `map_chunk(name, slices)`, where given,
+    returns that part as a tensor over a mapped file of `sources` (copied file to file), or None (then `fill_chunk`).
 
-    Memory: one buffer the size of the largest chunk, reused for every chunk.
+    Memory: one buffer the size of the largest chunk `fill_chunk` fills, reused for every chunk.
     """
     from megatron.core import dist_checkpointing
 
     sharded_sd = model.sharded_state_dict()
-    sources = chunk_sources(sharded_sd)
+    chunks_of = chunk_sources(sharded_sd)
     chunks = [st for _, st in _sharded_tensors(sharded_sd)]
     total = sum(st.data.numel() * st.data.element_size() for st in chunks)
     arena = _Arena(max((math.prod(st.local_shape) * st.data.element_size() for st in chunks), default=0))
     dtypes = {path: st.data.dtype for path, st in _sharded_tensors(sharded_sd)}
-    progress = Progress("hf->megatron", len(sources), total, log)
+    progress = Progress("hf->megatron", len(chunks_of), total, log)
 
     def materialize(key, offset, sizes):
-        path, slices = sources[(key, offset)]
-        out = arena.tensor(tuple(s.stop - s.start for s in slices), dtypes[path])
-        fill_chunk(path, slices, out)
+        path, slices = chunks_of[(key, offset)]
+        out = map_chunk(path, slices) if map_chunk else None
+        if out is None:
+            out = arena.tensor(tuple(s.stop - s.start for s in slices), dtypes[path])
+            fill_chunk(path, slices, out)
         progress(out.nbytes)
         return out.reshape(sizes)
 
     model_dir.mkdir(parents=True)
-    dist_checkpointing.save(sharded_sd, str(model_dir), sharded_strategy=_lazy_save_strategy(materialize))
+    own = sources is None
+    sources = MappedFiles() if own else sources
+    try:
+        dist_checkpointing.save(sharded_sd, str(model_dir), sharded_strategy=_lazy_save_strategy(materialize, sources))
+    finally:
+        if own:
+            sources.close()
     progress.done()
 
 
@@ -338,6 +354,30 @@ def chunk_filler(reader: HFCheckpointReader, arch: ModelArch, dtype_of: Callable
     return fill
 
 
+def chunk_mapper(reader: HFCheckpointReader, arch: ModelArch, dtype_of: Callable[[str], torch.dtype],
+                 sources: MappedFiles) -> Callable[[str, tuple], Optional[torch.Tensor]]:
+    """`map_chunk` for `save_lazy_dist_checkpoint`: a chunk that is whole rows of one HF tensor of its dtype, as a
+    tensor over the mapped HF file (its bytes are then copied file to file); None for any other chunk."""
+
+    def map_chunk(path: str, slices: tuple) -> Optional[torch.Tensor]:
+        rows = row_concat_sources(path, arch)
+        if rows is None:
+            return None
+        start, stop, at = slices[0].start, slices[0].stop, 0
+        for n in rows:
+            shape = reader.shape(n)
+            if at <= start and stop <= at + shape[0]:
+                if reader.dtype(n) != dtype_of(path) or \
+                        any(s.start != 0 or s.stop != d for s, d in zip(slices[1:], shape[1:])):
+                    return None
+                file, offset, _ = reader.row_location(n, start - at, stop - at)
+                return sources.tensor(file, offset, reader.dtype(n), (stop - start, *shape[1:]))
+            at += shape[0]
+        return None  # spans two HF tensors, or the vocabulary padding
+
+    return map_chunk
+
+
 def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
                                log: Optional[Callable[[str], None]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of a dist checkpoint (needs `single_process_megatron`).
@@ -348,7 +388,6 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
     buffer, plus one chunk where torch's own reader handles it. `log` gets progress lines.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     model_dir = Path(model_dir)
@@ -366,15 +405,98 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
     progress = Progress("megatron->hf", len(entries), total, log or (lambda _: None))
     specs = [(tuple(entry.data.shape), stored[entry.key].dtype) for _, entry in entries]
     sizes = [_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in specs]
-    arena = _Arena(max(sizes, default=0))
     reader = direct_reader(model_dir)  # one reader: the metadata is read once for all batches
+    files = ChunkFiles(reader)
+    try:
+        hf_shapes = expected_hf_shapes(arch)
+        rest = []
+        for j, (path, entry) in enumerate(entries):
+            spans = _file_spans(path, entry, arch, files, hf_shapes)
+            if spans is None:
+                rest.append(j)
+                continue
+            yield from spans  # the consumer copies their bytes before asking for more
+            progress(math.prod(entry.data.shape) * specs[j][1].itemsize)
+        yield from _load_in_batches(rest, entries, specs, sizes, reader, arch, progress)
+    finally:
+        files.close()
+    progress.done()
+
+
+def _file_spans(path: str, entry, arch: ModelArch, files: ChunkFiles,
+                hf_shapes: dict) -> Optional[list[tuple[str, FileSpan]]]:
+    """(HF name, FileSpan) of each HF tensor of parameter `path` that is rows of the parameter (all but the fused
+    QKV; the vocabulary padding is left out), where those rows lie whole in stored chunks; None otherwise."""
+    names = row_concat_sources(path, arch)
+    if names is None:
+        return None
+    if canonical_name(path) == "output_layer.weight" and arch.tie_word_embeddings:
+        return []  # tied: the embedding carries it (as to_hf)
+    pieces = []
+    for _, st in _sharded_tensors({path: entry}):
+        p = st.prepend_axis_num
+        pieces.append((st, slice(st.global_offset[p], st.global_offset[p] + st.local_shape[0])))
+    out, at = [], 0
+    for name in names:
+        shape = hf_shapes[name]
+        ranges = _row_ranges(pieces, at, at + shape[0], tuple(shape[1:]), files)
+        if ranges is None:
+            return None
+        dtype, ranges = ranges
+        out.append((name, FileSpan(dtype, tuple(shape), ranges)))
+        at += shape[0]
+    return out
+
+
+def _row_ranges(pieces, start: int, stop: int, trailing: tuple, files: ChunkFiles):
+    """(dtype, [(fd, offset, nbytes)]) of rows [start, stop) of a parameter made of `pieces` (ShardedTensor, its
+    rows of the parameter), each stored in chunks of whole rows; None if they are stored any other way."""
+    found, dtypes = [], set()
+    for st, rows in pieces:
+        p = st.prepend_axis_num
+        if tuple(st.local_shape[1:]) != trailing or tuple(st.global_shape[p + 1:]) != trailing:
+            return None
+        lo, hi = max(start, rows.start), min(stop, rows.stop)
+        if lo >= hi:
+            continue
+        chunks = files.chunks(st.key)
+        if chunks is None:
+            return None
+        prefix = tuple(st.global_offset[:p])
+        for offsets, sizes, fd, byte0, dtype in chunks:
+            if offsets[:p] != prefix:
+                continue  # another layer / expert (a chunk over several is not matched, and falls back)
+            if any(z != 1 for z in sizes[:p]) or any(offsets[p + 1:]) or tuple(sizes[p + 1:]) != trailing:
+                return None
+            r0, r1 = max(lo, offsets[p]), min(hi, offsets[p] + sizes[p])
+            if r0 < r1:
+                row = math.prod(trailing) * dtype.itemsize
+                found.append((r0, r1, fd, byte0 + (r0 - offsets[p]) * row, row))
+                dtypes.add(dtype)
+    found.sort(key=lambda f: f[0])
+    at = start
+    for r0, r1, *_ in found:
+        if r0 != at:
+            return None
+        at = r1
+    if at != stop or len(dtypes) != 1:
+        return None
+    return dtypes.pop(), [(fd, off, (r1 - r0) * row) for r0, r1, fd, off, row in found]
+
+
+def _load_in_batches(rest, entries, specs, sizes, reader, arch, progress):
+    """The HF tensors of entries `rest`, loaded in batches (one torch_dist load each) into one reused buffer."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    arena = _Arena(max((sizes[j] for j in rest), default=0))
     batches, used = [[]], 0
-    for j, size in enumerate(sizes):
-        if used + size > arena.nbytes:
+    for j in rest:
+        if used + sizes[j] > arena.nbytes:
             batches.append([])
             used = 0
         batches[-1].append(j)
-        used += size
+        used += sizes[j]
     for batch in batches:
         fulls = arena.views([specs[j] for j in batch])
         request = {}
@@ -390,7 +512,6 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
         for j, full in zip(batch, fulls):
             progress(full.numel() * full.element_size())
             yield from to_hf(entries[j][0], [full], arch).items()
-    progress.done()
 
 
 def _as_partial_read(st):
@@ -449,8 +570,14 @@ def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pip
 
         with staging_dir(save_dir, overwrite) as tmp, single_process_megatron():
             iter_name = iteration_dir_name(0)
-            save_lazy_dist_checkpoint(meta_model(arch, dtype_of, padded), chunk_filler(reader, arch, dtype_of, padded),
-                                      tmp / iter_name / MODEL_DIR, log)
+            sources = MappedFiles()
+            try:
+                save_lazy_dist_checkpoint(meta_model(arch, dtype_of, padded),
+                                          chunk_filler(reader, arch, dtype_of, padded), tmp / iter_name / MODEL_DIR,
+                                          log, map_chunk=chunk_mapper(reader, arch, dtype_of, sources),
+                                          sources=sources)
+            finally:
+                sources.close()
             (tmp / HF_CONFIG_DIR).mkdir()
             copy_hf_metadata_files(hf_dir, tmp / HF_CONFIG_DIR)
             ckpt_layout.write_manifest(tmp / iter_name, ckpt_layout.KIND_MODEL, 0,
