@@ -9,10 +9,12 @@ Other entries of an iteration folder (`optim/`, `trainer_state.json`) are the tr
 
 dist checkpoints reshard on load, so both directions run in a single process on the TP=1/PP=1 layout of a model
 built on the meta device: its `sharded_state_dict()` gives megatron's own keys, offsets and factories (the SwiGLU
-split) while holding no memory. HF -> Megatron: a save planner materialises each chunk only when the writer asks for
-it (`resolve_data`), reading its HF bytes then, straight into place. Megatron -> HF: one torch_dist load per batch
-of parameters (`dist_reader`: whole chunks read straight into place). Both directions reuse one buffer (the largest
-chunk / parameter) for every tensor.
+split) while holding no memory. Weight bytes are copied file to file in the kernel where they are a row range of
+both sides (`file_copy`: everything but the fused QKV, the vocabulary padding and dtype casts, at TP=1 layouts):
+HF -> Megatron, a save planner materialises each chunk only when the writer asks for it (`resolve_data`), as a
+tensor over the mapped HF file whose bytes the output stream copies from that file; Megatron -> HF, each HF tensor
+is copied from the byte ranges of the torch_dist chunks that hold its rows. The rest is read into one reused buffer
+(HF -> Megatron: straight into place; Megatron -> HF: one torch_dist load per batch of parameters, `dist_reader`).
 """
 import argparse
 import contextlib
@@ -44,10 +46,11 @@ from .hf_io import (
     staging_dir,
     write_hf_checkpoint,
 )
+from .chunk_io import chunk_filler, chunk_mapper, file_spans
 from .dist_reader import ChunkFiles, direct_reader, load_in_place
-from .file_copy import FileSpan, MappedFiles, copying_file_system
+from .file_copy import MappedFiles, copying_file_system
 from .moe import unknown_layout_hint as moe_layout_hint
-from .weights import canonical_name, expected_hf_shapes, hf_names_for, row_concat_sources, to_hf, to_megatron
+from .weights import expected_hf_shapes, hf_names_for, to_hf
 
 from ..train import ckpt_layout  # the checkpoint folder layout, shared with the trainer
 
@@ -312,80 +315,16 @@ def save_lazy_dist_checkpoint(model, fill_chunk: Callable[[str, tuple, torch.Ten
     progress.done()
 
 
-def chunk_filler(reader: HFCheckpointReader, arch: ModelArch, dtype_of: Callable[[str], torch.dtype],
-                 padded_vocab: int) -> Callable[[str, tuple, torch.Tensor], None]:
-    """`fill_chunk` for `save_lazy_dist_checkpoint` from an HF folder.
-
-    A parameter that is its HF tensors' rows one after another (all but the fused QKV) is read from the files
-    straight into the chunk, its vocabulary padding zero-filled; any other (QKV, or a dtype cast) is built whole
-    by `to_megatron` (kept while its chunks are asked for) and its part copied in.
-    """
-    cache: dict[str, torch.Tensor] = {}
-
-    def fill(path: str, slices: tuple, out: torch.Tensor) -> None:
-        rows = row_concat_sources(path, arch)
-        whole_rows = rows is not None and all(s.start == 0 and s.stop == d
-                                              for s, d in zip(slices[1:], reader.shape(rows[0])[1:]))
-        if whole_rows:
-            start, stop, at = slices[0].start, slices[0].stop, 0
-            for n in rows:
-                n_rows = reader.shape(n)[0]
-                lo, hi = max(start - at, 0), min(stop - at, n_rows)
-                if lo < hi:
-                    dst = out[at + lo - start:at + hi - start]
-                    if reader.dtype(n) == out.dtype:
-                        reader.read_rows_into(n, lo, hi, dst)
-                    else:  # --dtype: read, then cast into place
-                        tmp = torch.empty(dst.shape, dtype=reader.dtype(n))
-                        reader.read_rows_into(n, lo, hi, tmp)
-                        dst.copy_(tmp)
-                at += n_rows
-            if stop > at:  # past the HF rows: the vocabulary padding
-                out[max(at, start) - start:].zero_()
-            return
-        if path not in cache:
-            cache.clear()  # the chunks of one parameter are written one after another
-            hf = tuple(reader.get(n) for n in hf_names_for(path, arch))
-            cache[path] = to_megatron(path, hf, arch, padded_vocab=padded_vocab).to(dtype_of(path))
-        out.copy_(cache[path][slices])
-        if out.numel() == cache[path].numel():
-            cache.clear()
-
-    return fill
-
-
-def chunk_mapper(reader: HFCheckpointReader, arch: ModelArch, dtype_of: Callable[[str], torch.dtype],
-                 sources: MappedFiles) -> Callable[[str, tuple], Optional[torch.Tensor]]:
-    """`map_chunk` for `save_lazy_dist_checkpoint`: a chunk that is whole rows of one HF tensor of its dtype, as a
-    tensor over the mapped HF file (its bytes are then copied file to file); None for any other chunk."""
-
-    def map_chunk(path: str, slices: tuple) -> Optional[torch.Tensor]:
-        rows = row_concat_sources(path, arch)
-        if rows is None:
-            return None
-        start, stop, at = slices[0].start, slices[0].stop, 0
-        for n in rows:
-            shape = reader.shape(n)
-            if at <= start and stop <= at + shape[0]:
-                if reader.dtype(n) != dtype_of(path) or \
-                        any(s.start != 0 or s.stop != d for s, d in zip(slices[1:], shape[1:])):
-                    return None
-                file, offset, _ = reader.row_location(n, start - at, stop - at)
-                return sources.tensor(file, offset, reader.dtype(n), (stop - start, *shape[1:]))
-            at += shape[0]
-        return None  # spans two HF tensors, or the vocabulary padding
-
-    return map_chunk
-
-
 def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
                                log: Optional[Callable[[str], None]] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of a dist checkpoint (needs `single_process_megatron`).
+    """(HF name, tensor or `FileSpan`) of a dist checkpoint (needs `single_process_megatron`).
 
-    Parameters are read in batches, one torch_dist load each (`dist_reader`: whole chunks preadv'd into place),
-    into one reused buffer the size of the largest parameter. The tensors handed out are views of that buffer: each
-    is valid until the iterator moves past its batch, so write or copy it before asking for more. Memory: that
-    buffer, plus one chunk where torch's own reader handles it. `log` gets progress lines.
+    An HF tensor that is rows of stored chunks comes as a `FileSpan` (their byte ranges in the open checkpoint
+    files, for `ShardedSafetensorsWriter` to copy file to file). The other parameters are read in batches, one
+    torch_dist load each (`dist_reader`: whole chunks preadv'd into place), into one reused buffer the size of the
+    largest of them; their tensors are views of that buffer. Either is valid until the iterator moves on, so write
+    or copy it before asking for more. Memory: that buffer, plus one chunk where torch's own reader handles it.
+    `log` gets progress lines.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -411,7 +350,7 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
         hf_shapes = expected_hf_shapes(arch)
         rest = []
         for j, (path, entry) in enumerate(entries):
-            spans = _file_spans(path, entry, arch, files, hf_shapes)
+            spans = file_spans(path, [st for _, st in _sharded_tensors({path: entry})], arch, files, hf_shapes)
             if spans is None:
                 rest.append(j)
                 continue
@@ -421,67 +360,6 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
     finally:
         files.close()
     progress.done()
-
-
-def _file_spans(path: str, entry, arch: ModelArch, files: ChunkFiles,
-                hf_shapes: dict) -> Optional[list[tuple[str, FileSpan]]]:
-    """(HF name, FileSpan) of each HF tensor of parameter `path` that is rows of the parameter (all but the fused
-    QKV; the vocabulary padding is left out), where those rows lie whole in stored chunks; None otherwise."""
-    names = row_concat_sources(path, arch)
-    if names is None:
-        return None
-    if canonical_name(path) == "output_layer.weight" and arch.tie_word_embeddings:
-        return []  # tied: the embedding carries it (as to_hf)
-    pieces = []
-    for _, st in _sharded_tensors({path: entry}):
-        p = st.prepend_axis_num
-        pieces.append((st, slice(st.global_offset[p], st.global_offset[p] + st.local_shape[0])))
-    out, at = [], 0
-    for name in names:
-        shape = hf_shapes[name]
-        ranges = _row_ranges(pieces, at, at + shape[0], tuple(shape[1:]), files)
-        if ranges is None:
-            return None
-        dtype, ranges = ranges
-        out.append((name, FileSpan(dtype, tuple(shape), ranges)))
-        at += shape[0]
-    return out
-
-
-def _row_ranges(pieces, start: int, stop: int, trailing: tuple, files: ChunkFiles):
-    """(dtype, [(fd, offset, nbytes)]) of rows [start, stop) of a parameter made of `pieces` (ShardedTensor, its
-    rows of the parameter), each stored in chunks of whole rows; None if they are stored any other way."""
-    found, dtypes = [], set()
-    for st, rows in pieces:
-        p = st.prepend_axis_num
-        if tuple(st.local_shape[1:]) != trailing or tuple(st.global_shape[p + 1:]) != trailing:
-            return None
-        lo, hi = max(start, rows.start), min(stop, rows.stop)
-        if lo >= hi:
-            continue
-        chunks = files.chunks(st.key)
-        if chunks is None:
-            return None
-        prefix = tuple(st.global_offset[:p])
-        for offsets, sizes, fd, byte0, dtype in chunks:
-            if offsets[:p] != prefix:
-                continue  # another layer / expert (a chunk over several is not matched, and falls back)
-            if any(z != 1 for z in sizes[:p]) or any(offsets[p + 1:]) or tuple(sizes[p + 1:]) != trailing:
-                return None
-            r0, r1 = max(lo, offsets[p]), min(hi, offsets[p] + sizes[p])
-            if r0 < r1:
-                row = math.prod(trailing) * dtype.itemsize
-                found.append((r0, r1, fd, byte0 + (r0 - offsets[p]) * row, row))
-                dtypes.add(dtype)
-    found.sort(key=lambda f: f[0])
-    at = start
-    for r0, r1, *_ in found:
-        if r0 != at:
-            return None
-        at = r1
-    if at != stop or len(dtypes) != 1:
-        return None
-    return dtypes.pop(), [(fd, off, (r1 - r0) * row) for r0, r1, fd, off, row in found]
 
 
 def _load_in_batches(rest, entries, specs, sizes, reader, arch, progress):
