@@ -13,7 +13,8 @@ The dense model is Qwen2.5-3B-shaped (hidden 2048, ffn 11008, 16 heads / 2 KV he
 qkv bias) with fewer layers, written straight with the safetensors writer (no HF model object). Each direction runs
 in a fresh process so its peak RSS (VmHWM) is its own; the baseline is that process's RSS after importing
 torch + megatron-core, before converting. The round trip is checked to be bit-identical. Files are in the page
-cache (the machine's RAM holds them), so the throughput is not disk-bound.
+cache (the machine's RAM holds them), so the throughput is not disk-bound; each run starts after an (untimed)
+`sync`, so none of them pays for the previous one's writeback.
 """
 import argparse
 import json
@@ -111,6 +112,9 @@ def _status_kb(field: str) -> int:
 
 
 def run_child(direction: str, src: Path, dst: Path) -> dict:
+    import os
+
+    os.sync()  # untimed: every run starts with no dirty pages, not writing behind the previous run's writeback
     proc = subprocess.run([sys.executable, __file__, "--child", direction, str(src), str(dst)], capture_output=True,
                           text=True)
     if proc.returncode:

@@ -9,10 +9,12 @@ Other entries of an iteration folder (`optim/`, `trainer_state.json`) are the tr
 
 dist checkpoints reshard on load, so both directions run in a single process on the TP=1/PP=1 layout of a model
 built on the meta device: its `sharded_state_dict()` gives megatron's own keys, offsets and factories (the SwiGLU
-split) while holding no memory. HF -> Megatron: a save planner materialises each chunk only when the writer asks for
-it (`resolve_data`), reading its HF bytes then, straight into place. Megatron -> HF: one torch_dist load per batch
-of parameters (`dist_reader`: whole chunks read straight into place). Both directions reuse one buffer (the largest
-chunk / parameter) for every tensor.
+split) while holding no memory. Weight bytes are copied file to file in the kernel where they are a row range of
+both sides (`file_copy`: everything but the fused QKV, the vocabulary padding and dtype casts, at TP=1 layouts):
+HF -> Megatron, a save planner materialises each chunk only when the writer asks for it (`resolve_data`), as a
+tensor over the mapped HF file whose bytes the output stream copies from that file; Megatron -> HF, each HF tensor
+is copied from the byte ranges of the torch_dist chunks that hold its rows. The rest is read into one reused buffer
+(HF -> Megatron: straight into place; Megatron -> HF: one torch_dist load per batch of parameters, `dist_reader`).
 """
 import argparse
 import contextlib
@@ -44,9 +46,11 @@ from .hf_io import (
     staging_dir,
     write_hf_checkpoint,
 )
-from .dist_reader import direct_reader, load_in_place
+from .chunk_io import chunk_filler, chunk_mapper, file_spans
+from .dist_reader import ChunkFiles, direct_reader, load_in_place
+from .file_copy import MappedFiles, copying_file_system
 from .moe import unknown_layout_hint as moe_layout_hint
-from .weights import expected_hf_shapes, hf_names_for, row_concat_sources, to_hf, to_megatron
+from .weights import expected_hf_shapes, hf_names_for, to_hf
 
 from ..train import ckpt_layout  # the checkpoint folder layout, shared with the trainer
 
@@ -172,6 +176,18 @@ def _sharded_tensors(sharded_sd: dict) -> Iterator[tuple[str, object]]:
             yield path, entry
 
 
+@contextlib.contextmanager
+def _without_torch_function_modes():
+    """Lift the torch function modes (on CPU, parallel/cpu_compat's CUDA -> CPU rewriting) for a section that
+    creates no device tensors: the mode is a Python call per torch call, ~1 s for a MoE layer's save."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    with contextlib.ExitStack() as stack:
+        for _ in _get_current_function_mode_stack():
+            stack.enter_context(_pop_mode_temporarily())
+        yield
+
+
 def chunk_sources(sharded_sd: dict) -> dict[tuple[str, tuple[int, ...]], tuple[str, tuple[slice, ...]]]:
     """(checkpoint key, global offset) of each chunk -> (parameter name, its slice of the full TP=1 parameter)."""
     out = {}
@@ -191,9 +207,11 @@ class _Arena:
         self.nbytes = nbytes
         self._buf: Optional[torch.Tensor] = None
 
-    def _memory(self) -> torch.Tensor:
-        if self._buf is None:
-            self._buf = torch.empty(max(self.nbytes, 1), dtype=torch.uint8)
+    def _memory(self, need: int) -> torch.Tensor:
+        # grown on demand: a conversion whose large tensors are copied file to file never allocates their size
+        if self._buf is None or self._buf.numel() < need:
+            self._buf = None
+            self._buf = torch.empty(max(need, 1), dtype=torch.uint8)
         return self._buf
 
     def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -207,13 +225,13 @@ class _Arena:
             raise AssertionError(f"chunk of {nbytes} bytes > conversion buffer of {self.nbytes}")
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        raw = (ctypes.c_char * nbytes).from_address(self._memory().data_ptr())
+        raw = (ctypes.c_char * nbytes).from_address(self._memory(nbytes).data_ptr())
         return torch.frombuffer(raw, dtype=dtype, count=numel).view(shape)
 
     def views(self, specs: list[tuple[tuple, torch.dtype]]) -> list[torch.Tensor]:
         """Tensors of the given (shape, dtype), side by side in the buffer (64-byte aligned)."""
         out, at = [], 0
-        mem = self._memory()
+        mem = self._memory(sum(_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in specs))
         for shape, dtype in specs:
             nbytes = math.prod(shape) * dtype.itemsize
             if at + nbytes > self.nbytes:
@@ -227,8 +245,9 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 64) * 64
 
 
-def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Tensor]):
-    """torch_dist save strategy whose tensors are produced on demand, one chunk at a time, by `materialize`."""
+def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Tensor], sources: MappedFiles):
+    """torch_dist save strategy whose tensors are produced on demand, one chunk at a time, by `materialize`; the
+    bytes of tensors over `sources` (mapped input files) are copied file to file (`file_copy`)."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
@@ -256,10 +275,12 @@ def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Te
             # (torch.load does not check it; the manifest records every file's size).
             writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0,
                                           sync_files=False)
+            writer.fs = copying_file_system(sources)
             crc = torch.serialization.get_crc32_options()
             torch.serialization.set_crc32_options(False)
             try:
-                dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer,
+                # no_dist: one process plans alone (no all_gather_object of its ~800-chunk plan to itself)
+                dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer, no_dist=True,
                          planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
             finally:
                 torch.serialization.set_crc32_options(crc)
@@ -268,87 +289,62 @@ def _lazy_save_strategy(materialize: Callable[[str, tuple, torch.Size], torch.Te
 
 
 def save_lazy_dist_checkpoint(model, fill_chunk: Callable[[str, tuple, torch.Tensor], None], model_dir: Path,
-                              log: Callable[[str], None] = print) -> None:
+                              log: Callable[[str], None] = print,
+                              map_chunk: Optional[Callable[[str, tuple], Optional[torch.Tensor]]] = None,
+                              sources: Optional[MappedFiles] = None) -> None:
     """Write the dist checkpoint of meta `model`; `fill_chunk(name, slices, out)` writes the part `slices` of
-    parameter `name` (TP=1) into `out`, on demand, one chunk at a time.
+    parameter `name` (TP=1) into `out`, on demand, one chunk at a time. `map_chunk(name, slices)`, where given,
+    returns that part as a tensor over a mapped file of `sources` (copied file to file), or None (then `fill_chunk`).
 
-    Memory: one buffer the size of the largest chunk, reused for every chunk.
+    Memory: one buffer the size of the largest chunk `fill_chunk` fills, reused for every chunk.
     """
     from megatron.core import dist_checkpointing
 
     sharded_sd = model.sharded_state_dict()
-    sources = chunk_sources(sharded_sd)
+    chunks_of = chunk_sources(sharded_sd)
     chunks = [st for _, st in _sharded_tensors(sharded_sd)]
     total = sum(st.data.numel() * st.data.element_size() for st in chunks)
     arena = _Arena(max((math.prod(st.local_shape) * st.data.element_size() for st in chunks), default=0))
     dtypes = {path: st.data.dtype for path, st in _sharded_tensors(sharded_sd)}
-    progress = Progress("hf->megatron", len(sources), total, log)
+    progress = Progress("hf->megatron", len(chunks_of), total, log)
 
     def materialize(key, offset, sizes):
-        path, slices = sources[(key, offset)]
-        out = arena.tensor(tuple(s.stop - s.start for s in slices), dtypes[path])
-        fill_chunk(path, slices, out)
+        path, slices = chunks_of[(key, offset)]
+        out = map_chunk(path, slices) if map_chunk else None
+        if out is None:
+            out = arena.tensor(tuple(s.stop - s.start for s in slices), dtypes[path])
+            fill_chunk(path, slices, out)
         progress(out.nbytes)
         return out.reshape(sizes)
 
     model_dir.mkdir(parents=True)
-    dist_checkpointing.save(sharded_sd, str(model_dir), sharded_strategy=_lazy_save_strategy(materialize))
+    own = sources is None
+    sources = MappedFiles() if own else sources
+    try:
+        # No access-integrity check: it gathers every shard's metadata from all ranks to check they tile each
+        # tensor, and here one process holds every shard of the TP=1 model (0.7 s for a 128-expert layer).
+        with _without_torch_function_modes():
+            dist_checkpointing.save(sharded_sd, str(model_dir),
+                                    sharded_strategy=_lazy_save_strategy(materialize, sources),
+                                    validate_access_integrity=False)
+    finally:
+        if own:
+            sources.close()
     progress.done()
-
-
-def chunk_filler(reader: HFCheckpointReader, arch: ModelArch, dtype_of: Callable[[str], torch.dtype],
-                 padded_vocab: int) -> Callable[[str, tuple, torch.Tensor], None]:
-    """`fill_chunk` for `save_lazy_dist_checkpoint` from an HF folder.
-
-    A parameter that is its HF tensors' rows one after another (all but the fused QKV) is read from the files
-    straight into the chunk, its vocabulary padding zero-filled; any other (QKV, or a dtype cast) is built whole
-    by `to_megatron` (kept while its chunks are asked for) and its part copied in.
-    """
-    cache: dict[str, torch.Tensor] = {}
-
-    def fill(path: str, slices: tuple, out: torch.Tensor) -> None:
-        rows = row_concat_sources(path, arch)
-        whole_rows = rows is not None and all(s.start == 0 and s.stop == d
-                                              for s, d in zip(slices[1:], reader.shape(rows[0])[1:]))
-        if whole_rows:
-            start, stop, at = slices[0].start, slices[0].stop, 0
-            for n in rows:
-                n_rows = reader.shape(n)[0]
-                lo, hi = max(start - at, 0), min(stop - at, n_rows)
-                if lo < hi:
-                    dst = out[at + lo - start:at + hi - start]
-                    if reader.dtype(n) == out.dtype:
-                        reader.read_rows_into(n, lo, hi, dst)
-                    else:  # --dtype: read, then cast into place
-                        tmp = torch.empty(dst.shape, dtype=reader.dtype(n))
-                        reader.read_rows_into(n, lo, hi, tmp)
-                        dst.copy_(tmp)
-                at += n_rows
-            if stop > at:  # past the HF rows: the vocabulary padding
-                out[max(at, start) - start:].zero_()
-            return
-        if path not in cache:
-            cache.clear()  # the chunks of one parameter are written one after another
-            hf = tuple(reader.get(n) for n in hf_names_for(path, arch))
-            cache[path] = to_megatron(path, hf, arch, padded_vocab=padded_vocab).to(dtype_of(path))
-        out.copy_(cache[path][slices])
-        if out.numel() == cache[path].numel():
-            cache.clear()
-
-    return fill
 
 
 def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
                                log: Optional[Callable[[str], None]] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of a dist checkpoint (needs `single_process_megatron`).
+    """(HF name, tensor or `FileSpan`) of a dist checkpoint (needs `single_process_megatron`).
 
-    Parameters are read in batches, one torch_dist load each (`dist_reader`: whole chunks preadv'd into place),
-    into one reused buffer the size of the largest parameter. The tensors handed out are views of that buffer: each
-    is valid until the iterator moves past its batch, so write or copy it before asking for more. Memory: that
-    buffer, plus one chunk where torch's own reader handles it. `log` gets progress lines.
+    An HF tensor that is rows of stored chunks comes as a `FileSpan` (their byte ranges in the open checkpoint
+    files, for `ShardedSafetensorsWriter` to copy file to file). The other parameters are read in batches, one
+    torch_dist load each (`dist_reader`: whole chunks preadv'd into place), into one reused buffer the size of the
+    largest of them; their tensors are views of that buffer. Either is valid until the iterator moves on, so write
+    or copy it before asking for more. Memory: that buffer, plus one chunk where torch's own reader handles it.
+    `log` gets progress lines.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     model_dir = Path(model_dir)
@@ -366,15 +362,37 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
     progress = Progress("megatron->hf", len(entries), total, log or (lambda _: None))
     specs = [(tuple(entry.data.shape), stored[entry.key].dtype) for _, entry in entries]
     sizes = [_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in specs]
-    arena = _Arena(max(sizes, default=0))
     reader = direct_reader(model_dir)  # one reader: the metadata is read once for all batches
+    files = ChunkFiles(reader)
+    try:
+        hf_shapes = expected_hf_shapes(arch)
+        rest = []
+        for j, (path, entry) in enumerate(entries):
+            spans = file_spans(path, [st for _, st in _sharded_tensors({path: entry})], arch, files, hf_shapes)
+            if spans is None:
+                rest.append(j)
+                continue
+            yield from spans  # the consumer copies their bytes before asking for more
+            progress(math.prod(entry.data.shape) * specs[j][1].itemsize)
+        yield from _load_in_batches(rest, entries, specs, sizes, reader, arch, progress)
+    finally:
+        files.close()
+    progress.done()
+
+
+def _load_in_batches(rest, entries, specs, sizes, reader, arch, progress):
+    """The HF tensors of entries `rest`, loaded in batches (one torch_dist load each) into one reused buffer."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    arena = _Arena(max((sizes[j] for j in rest), default=0))
     batches, used = [[]], 0
-    for j, size in enumerate(sizes):
-        if used + size > arena.nbytes:
+    for j in rest:
+        if used + sizes[j] > arena.nbytes:
             batches.append([])
             used = 0
         batches[-1].append(j)
-        used += size
+        used += sizes[j]
     for batch in batches:
         fulls = arena.views([specs[j] for j in batch])
         request = {}
@@ -390,7 +408,6 @@ def iter_checkpoint_hf_tensors(model_dir, arch: ModelArch,
         for j, full in zip(batch, fulls):
             progress(full.numel() * full.element_size())
             yield from to_hf(entries[j][0], [full], arch).items()
-    progress.done()
 
 
 def _as_partial_read(st):
@@ -449,8 +466,14 @@ def hf_to_megatron(hf_dir, save_dir, *, tensor_model_parallel_size: int = 1, pip
 
         with staging_dir(save_dir, overwrite) as tmp, single_process_megatron():
             iter_name = iteration_dir_name(0)
-            save_lazy_dist_checkpoint(meta_model(arch, dtype_of, padded), chunk_filler(reader, arch, dtype_of, padded),
-                                      tmp / iter_name / MODEL_DIR, log)
+            sources = MappedFiles()
+            try:
+                save_lazy_dist_checkpoint(meta_model(arch, dtype_of, padded),
+                                          chunk_filler(reader, arch, dtype_of, padded), tmp / iter_name / MODEL_DIR,
+                                          log, map_chunk=chunk_mapper(reader, arch, dtype_of, sources),
+                                          sources=sources)
+            finally:
+                sources.close()
             (tmp / HF_CONFIG_DIR).mkdir()
             copy_hf_metadata_files(hf_dir, tmp / HF_CONFIG_DIR)
             ckpt_layout.write_manifest(tmp / iter_name, ckpt_layout.KIND_MODEL, 0,

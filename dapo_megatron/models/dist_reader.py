@@ -176,3 +176,50 @@ def load_in_place(request: dict, reader) -> None:
 
     flat, _, _ = _replace_state_dict_keys_with_sharded_keys(request)
     dcp.load(mcore_to_pyt_state_dict(flat, True), storage_reader=reader, planner=MCoreLoadPlanner())
+
+
+class ChunkFiles:
+    """Where the bytes of each stored chunk of a torch_dist checkpoint lie: (fd, file offset of its plain
+    contiguous tensor bytes), read from the checkpoint's metadata and each chunk's zip headers (no tensor data)."""
+
+    def __init__(self, reader):
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+        self._index = MetadataIndex
+        self.metadata = reader.read_metadata()
+        self.root = str(reader.path)
+        self._files: dict[str, tuple[object, int]] = {}
+        self._tensor_md = TensorStorageMetadata
+        self._cache: dict[str, Optional[list]] = {}
+
+    def chunks(self, key: str) -> Optional[list[tuple[tuple, tuple, int, int, torch.dtype]]]:
+        """(offsets, sizes, fd, byte offset, dtype) of every stored chunk of `key`; None if any is not a plain
+        contiguous tensor in an untransformed record."""
+        if key not in self._cache:
+            self._cache[key] = self._chunks(key)
+        return self._cache[key]
+
+    def _chunks(self, key: str):
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, self._tensor_md):
+            return None
+        out = []
+        for chunk in md.chunks:
+            info = self.metadata.storage_data.get(self._index(key, chunk.offsets))
+            if info is None or info.transform_descriptors:
+                return None
+            if info.relative_path not in self._files:
+                path = os.path.join(self.root, info.relative_path)
+                self._files[info.relative_path] = (open(path, "rb"), os.open(path, os.O_RDONLY))
+            f, fd = self._files[info.relative_path]
+            span = raw_tensor_span(f, info.offset, info.length)
+            if span is None or span[1] != md.properties.dtype or math.prod(span[2]) != math.prod(chunk.sizes):
+                return None
+            out.append((tuple(chunk.offsets), tuple(chunk.sizes), fd, span[0], span[1]))
+        return out
+
+    def close(self) -> None:
+        for f, fd in self._files.values():
+            f.close()
+            os.close(fd)
+        self._files.clear()

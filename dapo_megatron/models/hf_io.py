@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from .file_copy import FileSpan
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default max_shard_size="5GB"
 HEADER_RESERVE = 64 * 1024  # room for ~500 tensor entries per shard; a shard closes early when it is full
 _MAX_HEADER = 100 * 1000 * 1000  # the safetensors library refuses larger headers
@@ -129,6 +131,14 @@ class HFCheckpointReader:
         self.read_rows_into(name, 0, shape[0] if shape else 1, buf)
         return buf.view(DTYPES[dtype]).reshape(shape)
 
+    def row_location(self, name: str, start: int, stop: int) -> tuple[Path, int, int]:
+        """(file, byte offset, byte count) of rows [start, stop) of tensor `name` (dim 0)."""
+        file, _, shape, offset, nbytes = self._entry(name)
+        row = nbytes // max(shape[0], 1) if shape else nbytes
+        if not (0 <= start <= stop <= (shape[0] if shape else 1)):
+            raise ValueError(f"row_location({name!r}, {start}, {stop}): bad range for shape {shape}")
+        return file, offset + start * row, (stop - start) * row
+
     def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Read rows [start, stop) of tensor `name` (dim 0; a 0-d tensor has one row) into contiguous `out`, which
         must hold exactly those bytes (any dtype view): no intermediate buffer."""
@@ -177,7 +187,9 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int, what: str) -> None:
 class ShardedSafetensorsWriter:
     """Writes named tensors into `model-XXXXX-of-YYYYY.safetensors` shards of at most `max_shard_bytes` each.
 
-    Memory: one tensor at a time (plus its dtype cast). `close()` finalises the shards and returns the weight map.
+    Memory: one tensor at a time (plus its dtype cast). A `file_copy.FileSpan` given in place of a tensor (bytes of
+    another file) is copied file to file, not through memory. `close()` finalises the shards and returns the
+    weight map.
     """
 
     def __init__(self, out_dir, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Optional[torch.dtype] = None,
@@ -197,13 +209,19 @@ class ShardedSafetensorsWriter:
         if name in self._names:
             raise CheckpointError(f"tensor {name!r} was written twice")
         self._names.add(name)
-        t = tensor.detach()
-        if self.dtype is not None and t.is_floating_point():
-            t = t.to(self.dtype)
-        t = t.cpu().contiguous()
+        if isinstance(tensor, FileSpan) and self.dtype is not None and tensor.dtype.is_floating_point \
+                and tensor.dtype != self.dtype:
+            tensor = tensor.read()  # a cast: through memory
+        if isinstance(tensor, FileSpan):
+            t = tensor
+        else:
+            t = tensor.detach()
+            if self.dtype is not None and t.is_floating_point():
+                t = t.to(self.dtype)
+            t = t.cpu().contiguous()
         if t.dtype not in DTYPE_NAMES:
             raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         entry = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                  "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
         # An upper bound of what the entry adds to the header (its offsets only shrink in a new shard).
@@ -212,7 +230,13 @@ class ShardedSafetensorsWriter:
                 or self._header_len + entry_len > HEADER_RESERVE:
             self._open_shard()
             entry["data_offsets"] = [0, nbytes]
-        self._file.write(_byte_view(t))
+        if isinstance(t, FileSpan):  # copied file to file, in the kernel
+            self._file.flush()
+            at = self._file.tell()
+            t.copy_to(self._file.fileno(), at)
+            self._file.seek(at + nbytes)
+        else:
+            self._file.write(_byte_view(t))
         self._shards[-1][1][name] = entry
         self._header_len += entry_len
         self._data_bytes += nbytes
