@@ -54,9 +54,11 @@ def test_task_splits_are_disjoint_answers_right_and_flat(tmp_path):
 def test_smoke_two_configurations_one_seed_writes_table_and_plots(tmp_path):
     out = tmp_path / "out"
     summary = ablation.main(["--configs", "naive_grpo,dynamic_sampling", "--seeds", "1", "--budget-tokens", "500",
+                             "--warm-steps", "10",
                              "--work", str(tmp_path / "work"), "--out", str(out)])
     table = (out / "table.md").read_text()
     assert "| naive_grpo |" in table and "| dynamic_sampling |" in table and "python tools/ablation.py" in table
+    assert "| tokens to target |" in table and "| truncated, whole run |" in table
     for name in ("naive_grpo", "dynamic_sampling"):
         (run,) = summary[name]
         assert run["tokens"] >= 500 and run["steps"] >= 1  # stopped by the budget, not by the step cap

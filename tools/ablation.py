@@ -15,12 +15,12 @@ mixed: a sum with one pair is seen 24 times, a pair of a five-pair sum about 5 t
 differ per prompt, so many groups come back all-wrong early and all-right late.
 
 Warm start (disclosed; per seed, as `make demo` does): a random-init Qwen2.5-shaped model (2 layers, hidden 128, the
-toy character tokenizer) gets 80 steps of supervised training on the *format* only: the prompt, 0-10 filler dots,
-then `Answer: d` with d one of the nine answers but never the right one (a fixed decoy per prompt half of the time).
-It never sees a correct answer, so every correct answer is found by RL, and the correct answer starts below chance
-(about 0.05 of the first rollouts against 1/9: the Clip-Higher regime). `Answer: 7` is 3 tokens and `Answer: 12` 4,
-so with 0-10 dots about half of the first responses overrun rollout.max_response_length=8 and the overlong techniques
-have something to change; the length limit binds harder for the two-digit answers.
+toy character tokenizer) gets 80 steps (--warm-steps) of supervised training on the *format* only: the prompt, 0-10
+filler dots, then `Answer: d` with d one of the nine answers but never the right one (a fixed decoy per prompt half of
+the time). It never sees a correct answer, so every correct answer is found by RL, and the correct answer starts below
+chance (0.03-0.10 of the first rollouts against 1/9: the Clip-Higher regime). `Answer: 7` is 3 tokens and
+`Answer: 12` 4, so with 0-10 dots 36-50% of the first responses overrun rollout.max_response_length=8 and the
+overlong techniques have something to change; the length limit binds harder for the two-digit answers.
 
 Budget: every run stops at the step whose generated response tokens (all generated groups, kept or filtered) reach
 --budget-tokens (trainer.max_generated_tokens), so dynamic sampling pays for its extra generation.
@@ -183,12 +183,18 @@ def claims(summary: dict) -> list[str]:
         lines.append(f"- Entropy with Clip-Higher {hi:.3f} vs without {lo:.3f} (final, the configurations either side "
                      f"of the switch): {'agrees' if hi > lo else 'disagrees'}.")
     if "dynamic_sampling" in summary and "token_level_loss" in summary:
-        def steps(n):
-            got = [s["steps_to_target"] for s in summary[n]]
-            return statistics.fmean([g if g is not None else s["steps"] + 1 for g, s in zip(got, summary[n])])
-        ds, no = steps("dynamic_sampling"), steps("token_level_loss")
-        lines.append(f"- Steps to the target with dynamic sampling {ds:.1f} vs without {no:.1f} (runs that never reach "
-                     f"it count as their length + 1): {'agrees' if ds < no else 'disagrees'}.")
+        # Seeds that never reach the target are counted as such, not given a step count: under a token budget
+        # dynamic sampling runs fewer steps, so "length + 1" would favour it for failing early.
+        def reach(n):
+            got = [s for s in summary[n] if s["steps_to_target"] is not None]
+            steps = statistics.fmean(s["steps_to_target"] for s in got) if got else float("nan")
+            tokens = statistics.fmean(s["tokens_to_target"] for s in got) if got else float("nan")
+            return len(got), steps, tokens, f"{len(got)}/{len(summary[n])} seeds" + (
+                f", in {steps:.1f} steps ({tokens:,.0f} tokens)" if got else "")
+        (kd, sd, _, td), (kn, sn, _, tn) = reach("dynamic_sampling"), reach("token_level_loss")
+        agrees = kd > kn or (kd == kn > 0 and sd < sn)
+        lines.append(f"- Reaching the target with dynamic sampling: {td}; without: {tn}: "
+                     f"{'agrees' if agrees else 'disagrees'}.")
     if "naive_grpo" in mean and "soft_overlong_punishment" in mean:
         t0, t1 = mean["naive_grpo"]["truncated"], mean["soft_overlong_punishment"]["truncated"]
         r0, r1 = mean["naive_grpo"]["truncated_run"], mean["soft_overlong_punishment"]["truncated_run"]
@@ -204,8 +210,8 @@ def write_table(a, out: Path, summary: dict, runs: list, elapsed: float, cpu_s: 
              f"({cpu_s / 60:.1f} CPU-minutes of the trainer processes) on {os.cpu_count()} cores.",
              f"{len(next(iter(summary.values())))} seeds per configuration; every run stops at "
              f"{a.budget_tokens:,} generated response tokens. Target: a 5-step moving mean of training-rollout "
-             f"accuracy >= {a.target} (the best constant answer scores {1 / len(ANSWERS):.3f}). Final columns: the last "
-             f"{TAIL} steps.", "",
+             f"accuracy >= {a.target} (the best constant answer scores {1 / len(ANSWERS):.3f}). Final columns: "
+             f"the last {TAIL} steps.", "",
              "| configuration | held-out avg@4 | steps to target | tokens to target | steps run | final entropy "
              "| mean response length | truncated fraction | truncated, whole run | train accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -264,6 +270,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--budget-tokens", type=int, default=60000, help="generated response tokens per run")
     p.add_argument("--target", type=float, default=0.25, help="training-rollout accuracy for 'steps to target'")
+    p.add_argument("--warm-steps", type=int, default=80, help="supervised steps of the format-only warm start")
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     p.add_argument("--work", default="/tmp/dapo_ablation")
@@ -284,7 +291,7 @@ def main(argv=None):
         seed_dir = work / f"seed{seed}"
         seed_dir.mkdir(exist_ok=True)
         make_task(seed_dir)
-        loss = warm_start(seed_dir / "init_model", seed_dir / "train.jsonl", seed)
+        loss = warm_start(seed_dir / "init_model", seed_dir / "train.jsonl", seed, steps=a.warm_steps)
         print(f"seed {seed}: format-only warm start, final SFT loss {loss:.3f}", flush=True)
     jobs = [(n, s) for s in range(a.seeds) for n in names]
     before = os.times()
