@@ -1,27 +1,32 @@
 """DAPO's Table 1 at CPU scale: the six cumulative configurations of examples/ablation/configs.yaml, several seeds
 each, the same generated-token budget for every run; writes a markdown table and plots to docs/ablation/.
 
-    python tools/ablation.py                                  # 6 configurations x 3 seeds (about an hour, 2 cores)
+    python tools/ablation.py                                  # 6 configurations x 3 seeds (about 40 min, 2 cores)
     python tools/ablation.py --configs naive_grpo,dynamic_sampling --seeds 1 --budget-tokens 3000   # smoke
 
-The task: `qz|3+4=` -> `Answer: 7`, the 25 sums a+b with a, b in 0..4, each behind random two-letter prefixes: 6
-prefixes per sum for training (150 prompts), 2 others for the held-out split (50 prompts never trained on: the same
-sums behind unseen strings; a 2-layer model this small does not generalise to unseen sums, so the split measures what
-transfers beyond the trained strings). Prompts differ in difficulty through the warm start's decoys, so many groups
-come back all-wrong early and all-right late.
+The task: `qz|3+4=` -> `Answer: 7`, the 25 sums a+b with a, b in 3..7, so the answers 6..14 have one digit or two.
+Every answer is equally common: each sum gets 24 training prompts and 8 held-out prompts, spread over its pairs
+(6 = 3+3 comes 24 times, 10 = 3+7 = 4+6 = ... about 5 times each), each behind a random two-letter prefix. So the
+best constant answer scores 1/9 = 0.111 on both splits, and no answer is a shortcut (the former 0..4 task had "4"
+right for 5 of 25 prompts and every run collapsed onto it). The held-out split (72 prompts) is never trained on: its
+prefixes come from a pool that no training prompt uses (the same sums behind unseen strings; a 2-layer model this small
+does not generalise to unseen sums, so the split measures what transfers beyond the trained strings). Difficulty is
+mixed: a sum with one pair is seen 24 times, a pair of a five-pair sum about 5 times, and the warm start's decoys
+differ per prompt, so many groups come back all-wrong early and all-right late.
 
 Warm start (disclosed; per seed, as `make demo` does): a random-init Qwen2.5-shaped model (2 layers, hidden 128, the
-toy character tokenizer) gets 80 steps of supervised training on the *format* only: the prompt, 0-10 filler dots,
-then `Answer: d` with d never the right sum (a fixed decoy per prompt half of the time). It never sees a correct
-answer, so every correct answer is found by RL, and the correct token starts with low probability (below 1 in 9:
-the Clip-Higher regime). `Answer: d<eos>` is 3 tokens, so with 0-10 dots about 45% of the first responses overrun
-rollout.max_response_length=8 and the overlong techniques have something to change.
+toy character tokenizer) gets 80 steps (--warm-steps) of supervised training on the *format* only: the prompt, 0-10
+filler dots, then `Answer: d` with d one of the nine answers but never the right one (a fixed decoy per prompt half of
+the time). It never sees a correct answer, so every correct answer is found by RL, and the correct answer starts below
+chance (0.03-0.10 of the first rollouts against 1/9: the Clip-Higher regime). `Answer: 7` is 3 tokens and
+`Answer: 12` 4, so with 0-10 dots 36-50% of the first responses overrun rollout.max_response_length=8 and the
+overlong techniques have something to change; the length limit binds harder for the two-digit answers.
 
 Budget: every run stops at the step whose generated response tokens (all generated groups, kept or filtered) reach
 --budget-tokens (trainer.max_generated_tokens), so dynamic sampling pays for its extra generation.
 Reported per configuration, mean +- std over seeds: final held-out avg@4 (eval at the last step), steps to reach
 --target on the training rollouts' accuracy (5-step moving mean), final entropy, mean response length and
-truncated fraction (means over the last 5 steps).
+truncated fraction (means over the last 5 steps), and the truncated fraction over the whole run.
 """
 import argparse
 import concurrent.futures
@@ -39,30 +44,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "ablation"
 FILLER_MAX = 10
+OPERANDS = range(3, 8)
+ANSWERS = range(6, 15)  # a + b for a, b in OPERANDS: one digit or two, each equally common in both splits
 TAIL = 5  # steps averaged for the "final" columns
 
 
 # ---- the task ----------------------------------------------------------------------------------------------------
-def make_task(work: Path, train_prefixes: int = 6, heldout_prefixes: int = 2, seed: int = 0) -> None:
-    """train.jsonl and heldout.jsonl: the 25 sums a+b (a, b in 0..4), each behind random two-letter prefixes
-    (`qz|3+4=`); the held-out prompts use prefixes that no training prompt has. Same files for every run."""
+def make_task(work: Path, per_answer: int = 24, heldout_per_answer: int = 8, seed: int = 0) -> None:
+    """train.jsonl and heldout.jsonl: the sums a+b (a, b in 3..7), `per_answer` prompts per sum (its pairs in turn,
+    each behind a random two-letter prefix: `qz|3+4=`), so every answer is equally common; the held-out prompts draw
+    their prefixes from a pool that no training prompt uses. Same files for every run."""
     rng = random.Random(seed)
-    prefixes = rng.sample([x + y for x in string.ascii_lowercase for y in string.ascii_lowercase],
-                          train_prefixes + heldout_prefixes)
-    facts = [(a, b) for a in range(5) for b in range(5)]
-
-    def rows(pres):
-        return [{"question": f"{p}|{a}+{b}=", "answer": str(a + b)} for p in pres for a, b in facts]
-
-    train, heldout = rows(prefixes[:train_prefixes]), rows(prefixes[train_prefixes:])
-    rng.shuffle(train)
-    for name, items in (("train", train), ("heldout", heldout)):
+    prefixes = [x + y for x in string.ascii_lowercase for y in string.ascii_lowercase]
+    rng.shuffle(prefixes)
+    pools = {"train": prefixes[:len(prefixes) // 2], "heldout": prefixes[len(prefixes) // 2:]}
+    for name, count in (("train", per_answer), ("heldout", heldout_per_answer)):
+        items = []
+        for total in ANSWERS:
+            pairs = [(a, total - a) for a in OPERANDS if total - a in OPERANDS]
+            for i, prefix in enumerate(rng.sample(pools[name], count)):  # distinct prefixes: distinct prompts
+                a, b = pairs[i % len(pairs)]
+                items.append({"question": f"{prefix}|{a}+{b}=", "answer": str(total)})
+        rng.shuffle(items)
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
 
 
 def warm_start(model_dir: Path, train_file: Path, seed: int, steps: int = 80) -> float:
     """Format-only SFT (module docstring): filler, then `Answer: d` with d never the right sum. Each prompt has a
-    fixed wrong decoy, the target half of the time (another wrong digit otherwise), so the model learns the format
+    fixed wrong decoy, the target half of the time (another wrong answer otherwise), so the model learns the format
     and to tell prompts apart, and starts below chance on the right answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,7 +86,7 @@ def warm_start(model_dir: Path, train_file: Path, seed: int, steps: int = 80) ->
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]
     rng = random.Random(seed)
-    wrong = {r["question"]: [d for d in range(9) if str(d) != r["answer"]] for r in rows}
+    wrong = {r["question"]: [d for d in ANSWERS if str(d) != r["answer"]] for r in rows}
     decoy = {q: rng.choice(ds) for q, ds in wrong.items()}
     for _ in range(steps):
         batch = rng.sample(rows, 16)
@@ -140,6 +149,8 @@ def summarize_run(run: dict, target: float) -> dict:
     tail = rows[-TAIL:]
     return {"heldout": evals[-1]["eval/avg@4"] if evals else float("nan"), "steps": len(rows),
             "steps_to_target": reached,
+            "tokens_to_target": rows[reached - 1]["rollout/generated_tokens_total"] if reached else None,
+            "truncated_run": statistics.fmean(r["rollout/truncation_rate"] for r in rows),
             "entropy": statistics.fmean(r["actor/entropy"] for r in tail if "actor/entropy" in r),
             "length": statistics.fmean(r["rollout/response_length_mean"] for r in tail),
             "truncated": statistics.fmean(r["rollout/truncation_rate"] for r in tail),
@@ -162,7 +173,7 @@ def claims(summary: dict) -> list[str]:
     """The paper's claims, checked against our means (the note beside each is written by hand in README.md)."""
     names = list(summary)
     mean = {n: {k: statistics.fmean([s[k] for s in summary[n] if s[k] is not None] or [float("nan")])
-                for k in ("heldout", "entropy", "truncated", "train_acc")} for n in names}
+                for k in ("heldout", "entropy", "truncated", "truncated_run", "train_acc")} for n in names}
     lines = []
     order = sorted(names, key=lambda n: mean[n]["heldout"])
     lines.append(f"- Ordering of final held-out accuracy (low to high): {' < '.join(order)}; the paper's order is "
@@ -172,16 +183,24 @@ def claims(summary: dict) -> list[str]:
         lines.append(f"- Entropy with Clip-Higher {hi:.3f} vs without {lo:.3f} (final, the configurations either side "
                      f"of the switch): {'agrees' if hi > lo else 'disagrees'}.")
     if "dynamic_sampling" in summary and "token_level_loss" in summary:
-        def steps(n):
-            got = [s["steps_to_target"] for s in summary[n]]
-            return statistics.fmean([g if g is not None else s["steps"] + 1 for g, s in zip(got, summary[n])])
-        ds, no = steps("dynamic_sampling"), steps("token_level_loss")
-        lines.append(f"- Steps to the target with dynamic sampling {ds:.1f} vs without {no:.1f} (runs that never reach "
-                     f"it count as their length + 1): {'agrees' if ds < no else 'disagrees'}.")
+        # Seeds that never reach the target are counted as such, not given a step count: under a token budget
+        # dynamic sampling runs fewer steps, so "length + 1" would favour it for failing early.
+        def reach(n):
+            got = [s for s in summary[n] if s["steps_to_target"] is not None]
+            steps = statistics.fmean(s["steps_to_target"] for s in got) if got else float("nan")
+            tokens = statistics.fmean(s["tokens_to_target"] for s in got) if got else float("nan")
+            return len(got), steps, tokens, f"{len(got)}/{len(summary[n])} seeds" + (
+                f", in {steps:.1f} steps ({tokens:,.0f} tokens)" if got else "")
+        (kd, sd, _, td), (kn, sn, _, tn) = reach("dynamic_sampling"), reach("token_level_loss")
+        agrees = kd > kn or (kd == kn > 0 and sd < sn)
+        lines.append(f"- Reaching the target with dynamic sampling: {td}; without: {tn}: "
+                     f"{'agrees' if agrees else 'disagrees'}.")
     if "naive_grpo" in mean and "soft_overlong_punishment" in mean:
         t0, t1 = mean["naive_grpo"]["truncated"], mean["soft_overlong_punishment"]["truncated"]
-        lines.append(f"- Truncated fraction, naive GRPO {t0:.3f} vs with both overlong techniques {t1:.3f}: "
-                     f"{'agrees' if t1 < t0 else 'disagrees'}.")
+        r0, r1 = mean["naive_grpo"]["truncated_run"], mean["soft_overlong_punishment"]["truncated_run"]
+        lines.append(f"- Truncated fraction, naive GRPO {t0:.3f} vs with both overlong techniques {t1:.3f} (final; "
+                     f"whole run {r0:.3f} vs {r1:.3f}): {'agrees' if t1 < t0 else 'disagrees'}"
+                     f"{'' if t1 < t0 else (' at the end; whole run ' + ('agrees' if r1 < r0 else 'disagrees'))}.")
     return lines
 
 
@@ -191,15 +210,18 @@ def write_table(a, out: Path, summary: dict, runs: list, elapsed: float, cpu_s: 
              f"({cpu_s / 60:.1f} CPU-minutes of the trainer processes) on {os.cpu_count()} cores.",
              f"{len(next(iter(summary.values())))} seeds per configuration; every run stops at "
              f"{a.budget_tokens:,} generated response tokens. Target: a 5-step moving mean of training-rollout "
-             f"accuracy >= {a.target}. Final columns: the last {TAIL} steps.", "",
-             "| configuration | held-out avg@4 | steps to target | steps run | final entropy | mean response length "
-             "| truncated fraction | train accuracy |", "|---|---|---|---|---|---|---|---|"]
+             f"accuracy >= {a.target} (the best constant answer scores {1 / len(ANSWERS):.3f}). Final columns: "
+             f"the last {TAIL} steps.", "",
+             "| configuration | held-out avg@4 | steps to target | tokens to target | steps run | final entropy "
+             "| mean response length | truncated fraction | truncated, whole run | train accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, items in summary.items():
         lines.append(f"| {name} | {_ms([s['heldout'] for s in items])} | "
                      f"{_ms([s['steps_to_target'] for s in items], '{:.1f}')} | "
+                     f"{_ms([s['tokens_to_target'] for s in items], '{:,.0f}')} | "
                      f"{_ms([s['steps'] for s in items], '{:.0f}')} | {_ms([s['entropy'] for s in items])} | "
                      f"{_ms([s['length'] for s in items], '{:.2f}')} | {_ms([s['truncated'] for s in items])} | "
-                     f"{_ms([s['train_acc'] for s in items])} |")
+                     f"{_ms([s['truncated_run'] for s in items])} | {_ms([s['train_acc'] for s in items])} |")
     lines += ["", "Claims of the paper, checked by the tool:", "", *claims(summary), "",
               "One run's command (per seed the tool adds trainer.seed, data.seed, the folders and the budget):", ""]
     lines += [f"- `{r['command']}`" for r in runs if r["seed"] == runs[0]["seed"]]
@@ -246,8 +268,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="all", help="comma-separated names from examples/ablation/configs.yaml")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--budget-tokens", type=int, default=40000, help="generated response tokens per run")
-    p.add_argument("--target", type=float, default=0.2, help="training-rollout accuracy for 'steps to target'")
+    p.add_argument("--budget-tokens", type=int, default=60000, help="generated response tokens per run")
+    p.add_argument("--target", type=float, default=0.25, help="training-rollout accuracy for 'steps to target'")
+    p.add_argument("--warm-steps", type=int, default=80, help="supervised steps of the format-only warm start")
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     p.add_argument("--work", default="/tmp/dapo_ablation")
@@ -268,7 +291,7 @@ def main(argv=None):
         seed_dir = work / f"seed{seed}"
         seed_dir.mkdir(exist_ok=True)
         make_task(seed_dir)
-        loss = warm_start(seed_dir / "init_model", seed_dir / "train.jsonl", seed)
+        loss = warm_start(seed_dir / "init_model", seed_dir / "train.jsonl", seed, steps=a.warm_steps)
         print(f"seed {seed}: format-only warm start, final SFT loss {loss:.3f}", flush=True)
     jobs = [(n, s) for s in range(a.seeds) for n in names]
     before = os.times()
