@@ -133,7 +133,8 @@ def run_one(a, work: Path, name: str, overrides: dict, seed: int) -> dict:
         sys.exit(f"{name} seed {seed} failed (exit {rc}); see {run_dir / 'log.txt'}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"name": name, "seed": seed, "rows": rows, "wall_s": time.perf_counter() - t0,
-            "command": shlex.join(["dapo-megatron", "train", "--config", "examples/ablation/base.yaml", *args[:len(overrides)]])}
+            "command": shlex.join(["dapo-megatron", "train", "--config", "examples/ablation/base.yaml",
+                                   *args[:len(overrides)]])}
 
 
 # ---- summary -----------------------------------------------------------------------------------------------------

@@ -224,7 +224,6 @@ def load_hf_weights(model, arch: ModelArch, get_hf: Callable[[str], torch.Tensor
 def iter_hf_weights(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, full tensor) for this pipeline stage, gathering tensor-parallel shards on every TP rank."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     names = local_to_global_names(model)
     for local, p in model.named_parameters():

@@ -210,7 +210,8 @@ def vocab_parallel_logprobs(
     group = _resolve_tp_group(tp_group)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_target = target.reshape(-1).long()
-    inplace = overwrite_logits and flat_logits.dtype == torch.float32 and not (compute_entropy and differentiable_entropy)
+    entropy_grad = compute_entropy and differentiable_entropy
+    inplace = overwrite_logits and flat_logits.dtype == torch.float32 and not entropy_grad
     logprobs, entropy = _VocabParallelLogProbs.apply(
         flat_logits, flat_target, group, chunk_size, compute_entropy, float(temperature), vocab_size, inplace)
     logprobs = logprobs.view(target.shape)
