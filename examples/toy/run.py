@@ -63,17 +63,32 @@ def print_curve(metrics_file: Path) -> None:
     print(f"\naccuracy: first 3 steps {first:.3f} -> last 3 steps {last:.3f}")
 
 
+def run_folder(argv) -> Path:
+    """`trainer.run_dir` if given, else runs/toy, or runs/toy-2, -3, ... when an earlier demo left its checkpoints
+    there: a second `make demo` starts a fresh run beside the first instead of being refused (nothing is deleted)."""
+    for arg in argv:
+        if arg.startswith("trainer.run_dir="):
+            return Path(arg.split("=", 1)[1])
+    run, n = RUN, 1
+    while (run / "checkpoints").exists():
+        n += 1
+        run = RUN.with_name(f"{RUN.name}-{n}")
+    return run
+
+
 def main(argv):
-    RUN.mkdir(parents=True, exist_ok=True)
-    rows = make_data(RUN / "train.jsonl")
-    warm_start(RUN / "init_model", rows)
-    (RUN / "metrics.jsonl").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "dapo_megatron.cli", "train", "--config", "examples/toy/config.yaml", *argv]
+    run = run_folder(argv)
+    run.mkdir(parents=True, exist_ok=True)
+    rows = make_data(run / "train.jsonl")
+    warm_start(run / "init_model", rows)
+    (run / "metrics.jsonl").unlink(missing_ok=True)
+    folders = [f"model.path={run / 'init_model'}", f"data.path={run / 'train.jsonl'}", f"trainer.run_dir={run}"]
+    cmd = [sys.executable, "-m", "dapo_megatron.cli", "train", "--config", "examples/toy/config.yaml", *folders, *argv]
     rc = subprocess.call(cmd)
     if rc:
         sys.exit(rc)
-    print_curve(RUN / "metrics.jsonl")
-    print(f"TensorBoard logs: {RUN / 'tensorboard'}  (tensorboard --logdir {RUN})")
+    print_curve(run / "metrics.jsonl")
+    print(f"TensorBoard logs: {run / 'tensorboard'}  (tensorboard --logdir {run})")
 
 
 if __name__ == "__main__":
