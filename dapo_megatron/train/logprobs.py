@@ -42,13 +42,9 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
-def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_entropy, n_valid):
-    """Softmax statistics of one chunk of tokens: (logprob, entropy or None, max + logsumexp) per token.
-
-    A function of its own so that the chunk's two [chunk, V_local] fp32 buffers are freed on return, before the next
-    chunk allocates (a loop body would keep the previous chunk's buffers alive: 3 buffers at peak instead of 2).
-    """
-    x = logits.to(torch.float32, copy=True)
+def _shift_in_place(x, local_target, on_rank, group, temperature, n_valid):
+    """Scale x (fp32 [chunk, V_local], in place) by 1/T, mask the padded columns and subtract the row max (reduced
+    across TP). Returns (target logit before the shift, 0 where the target is on another rank; row max)."""
     if temperature != 1.0:
         x.div_(temperature)
     x[:, n_valid:] = float("-inf")  # padded vocabulary columns (none without vocab_size)
@@ -56,15 +52,32 @@ def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_en
     target_logit = torch.where(on_rank, target_logit, torch.zeros_like(target_logit))  # not x 0: -inf x 0 is nan
     row_max = _all_reduce(torch.amax(x, dim=-1), dist.ReduceOp.MAX, group)  # amax: ~20x max(dim) on CPU
     x.sub_(row_max.unsqueeze(-1))
+    return target_logit, row_max
+
+
+def _finish(stats, row_max, group):
+    """[sum of exp, target logit(, sum of exp x)] reduced across TP -> (logprob, entropy or None, log Z, Z)."""
+    stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
+    log_z = torch.log(stats[0])
+    entropy = log_z - stats[2] / stats[0] if len(stats) == 3 else None  # H = log Z - E_p[x]
+    return (stats[1] - row_max) - log_z, entropy, log_z, stats[0]
+
+
+def _forward_chunk(logits, local_target, on_rank, group, temperature, compute_entropy, n_valid):
+    """Softmax statistics of one chunk of tokens: (logprob, entropy or None, max + logsumexp) per token.
+
+    A function of its own so that the chunk's two [chunk, V_local] fp32 buffers are freed on return, before the next
+    chunk allocates (a loop body would keep the previous chunk's buffers alive: 3 buffers at peak instead of 2).
+    """
+    x = logits.to(torch.float32, copy=True)
+    target_logit, row_max = _shift_in_place(x, local_target, on_rank, group, temperature, n_valid)
     exp_x = torch.exp(x)
     stats = [exp_x.sum(dim=-1), target_logit]
     if compute_entropy:
         x[:, n_valid:] = 0.0  # -inf x 0 would be nan; exp_x is 0 there
         stats.append(x.mul_(exp_x).sum(dim=-1))  # sum_v exp(x_v) x_v, in x's buffer (x is done with)
-    stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
-    log_z = torch.log(stats[0])
-    entropy = log_z - stats[2] / stats[0] if compute_entropy else None  # H = log Z - E_p[x]
-    return (stats[1] - row_max) - log_z, entropy, row_max + log_z
+    logprob, entropy, log_z, _ = _finish(stats, row_max, group)
+    return logprob, entropy, row_max + log_z
 
 
 def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, temperature, n_valid):
@@ -93,13 +106,7 @@ def _backward_chunk(logits, local_target, on_rank, shift, entropy, g_lp, g_ent, 
 def _forward_chunk_inplace(x, local_target, on_rank, group, temperature, compute_entropy, n_valid, buf):
     """`_forward_chunk` on the logits' own buffer `x`: leaves exp(x - max) in it and returns (logprob, entropy or
     None, sum of exp). `buf` is a reused [chunk, V_local] fp32 scratch (entropy only)."""
-    if temperature != 1.0:
-        x.div_(temperature)
-    x[:, n_valid:] = float("-inf")
-    target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-    target_logit = torch.where(on_rank, target_logit, torch.zeros_like(target_logit))
-    row_max = _all_reduce(torch.amax(x, dim=-1), dist.ReduceOp.MAX, group)  # amax: ~20x max(dim) on CPU
-    x.sub_(row_max.unsqueeze(-1))
+    target_logit, row_max = _shift_in_place(x, local_target, on_rank, group, temperature, n_valid)
     if compute_entropy:
         buf = buf[: x.shape[0]]
         torch.exp(x, out=buf)
@@ -108,10 +115,8 @@ def _forward_chunk_inplace(x, local_target, on_rank, group, temperature, compute
         x.copy_(buf)
     else:
         stats = [x.exp_().sum(dim=-1), target_logit]
-    stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
-    log_z = torch.log(stats[0])
-    entropy = log_z - stats[2] / stats[0] if compute_entropy else None
-    return (stats[1] - row_max) - log_z, entropy, stats[0]
+    logprob, entropy, _, sum_exp = _finish(stats, row_max, group)
+    return logprob, entropy, sum_exp
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):

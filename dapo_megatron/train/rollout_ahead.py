@@ -51,9 +51,7 @@ class RolloutAhead:
             groups, metrics, seconds = self._pending.result()
             self._pending = self._before = None
         else:
-            t0 = time.perf_counter()
-            groups, metrics = self.stage.collect()
-            seconds = time.perf_counter() - t0
+            groups, metrics, seconds = self._collect()
         lag = check_staleness([s for g in groups for s in g], self.stage.backend.version.value, self.bound)
         return groups, {**metrics, **lag, "time/rollout_generate_s": seconds}
 
