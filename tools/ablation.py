@@ -1,7 +1,7 @@
 """DAPO's Table 1 at CPU scale: the six cumulative configurations of examples/ablation/configs.yaml, several seeds
 each, the same generated-token budget for every run; writes a markdown table and plots to docs/ablation/.
 
-    python tools/ablation.py                                  # 6 configurations x 3 seeds (about 40 min, 2 cores)
+    python tools/ablation.py                                  # 6 configurations x 5 seeds (about 30 min, 2 cores)
     python tools/ablation.py --configs naive_grpo,dynamic_sampling --seeds 1 --budget-tokens 3000   # smoke
 
 The task: `qz|3+4=` -> `Answer: 7`, the 25 sums a+b with a, b in 3..7, so the answers 6..14 have one digit or two.
@@ -268,8 +268,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="all", help="comma-separated names from examples/ablation/configs.yaml")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--budget-tokens", type=int, default=60000, help="generated response tokens per run")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--budget-tokens", type=int, default=80000, help="generated response tokens per run")
     p.add_argument("--target", type=float, default=0.25, help="training-rollout accuracy for 'steps to target'")
     p.add_argument("--warm-steps", type=int, default=80, help="supervised steps of the format-only warm start")
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
