@@ -111,6 +111,13 @@ def load_configs() -> dict:
     return out
 
 
+def base_budget() -> int:
+    """The budget examples/ablation/base.yaml states (trainer.max_generated_tokens): --budget-tokens' default."""
+    import yaml
+
+    return int(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())["trainer"]["max_generated_tokens"])
+
+
 def _value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -269,7 +276,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="all", help="comma-separated names from examples/ablation/configs.yaml")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--budget-tokens", type=int, default=80000, help="generated response tokens per run")
+    p.add_argument("--budget-tokens", type=int, default=base_budget(),
+                   help="generated response tokens per run (default: base.yaml's trainer.max_generated_tokens)")
     p.add_argument("--target", type=float, default=0.25, help="training-rollout accuracy for 'steps to target'")
     p.add_argument("--warm-steps", type=int, default=80, help="supervised steps of the format-only warm start")
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
