@@ -21,7 +21,7 @@ def save_root(cfg) -> Path:
 
 def check_checkpoint(cfg) -> None:
     from .config import ConfigError
-    from .train import ckpt_layout as layout
+    from .models import ckpt_layout as layout
 
     try:
         _check_checkpoint(cfg, layout)

@@ -1,12 +1,12 @@
-"""Checkpoint folder rules that need no process group (train/ckpt_layout.py): manifest, damage, fallback, lineage."""
+"""Checkpoint folder rules that need no process group (models/ckpt_layout.py): manifest, damage, fallback, lineage."""
 import json
 import re
 
 import pytest
 
 from dapo_megatron.models.hf_config import padded_vocab_size
-from dapo_megatron.train import ckpt_layout as layout
-from dapo_megatron.train.ckpt_layout import CheckpointDamaged, CheckpointError
+from dapo_megatron.models import ckpt_layout as layout
+from dapo_megatron.models.ckpt_layout import CheckpointDamaged, CheckpointError
 
 
 def make_ckpt(root, n, parent=None, kind="train", arch=None):

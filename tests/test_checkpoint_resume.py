@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dapo_megatron.train import ckpt_layout as layout
+from dapo_megatron.models import ckpt_layout as layout
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from test_trainer import _args, _metrics

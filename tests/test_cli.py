@@ -97,7 +97,7 @@ def test_config_and_yaml_errors(toy, tmp_path):
 
 
 def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_state.json"), vocab=None):
-    from dapo_megatron.train import ckpt_layout as layout
+    from dapo_megatron.models import ckpt_layout as layout
 
     d = root / layout.iter_name(n)
     for part in parts:
@@ -112,7 +112,7 @@ def _fake_ckpt(root, n, arch=None, parts=("model", "optim", "rng", "trainer_stat
 
 
 def test_checkpoint_errors_are_one_line_up_front(toy, tmp_path):
-    from dapo_megatron.train import ckpt_layout as layout
+    from dapo_megatron.models import ckpt_layout as layout
 
     _, hf, _ = toy
     arch = layout.arch_summary(hf)
@@ -156,7 +156,7 @@ def test_convert_of_a_truncated_checkpoint_is_one_line(toy, tmp_path):
 def test_resume_at_a_tp_with_another_padded_vocab_is_one_line_before_launch(toy, tmp_path):
     """The tiny vocabulary (128) pads to 128 rows at TP=1 and to 256 at TP=2: megatron's load would be a shape
     mismatch on every rank; preflight refuses from the manifest, before any rank starts."""
-    from dapo_megatron.train import ckpt_layout as layout
+    from dapo_megatron.models import ckpt_layout as layout
 
     _, hf, _ = toy
     # what `convert hf-to-megatron` (default TP=1) records; test_convert_of_a_truncated_checkpoint checks it does

@@ -37,7 +37,7 @@ def test_odd_vocab_roundtrip_at_tp2_is_bit_identical(tmp_path):
     test above."""
     from megatron.core import dist_checkpointing
 
-    from dapo_megatron.train import ckpt_layout
+    from dapo_megatron.models import ckpt_layout
 
     t = tmp_path
     hf = {f: make_tiny_hf_model(t / f"hf_{f}", f, seed=7, vocab_size=ODD_VOCAB, num_hidden_layers=2)

@@ -71,3 +71,48 @@ def test_no_import_cycles_in_rollout_reward_and_train():
 def test_shared_types_import_nothing_of_the_package():
     assert _graph()["dapo_megatron.types"] == set()
     assert not {m for m in _graph()["dapo_megatron.reward.scorer"] if m.startswith("dapo_megatron.rollout")}
+
+
+# The package's layers, bottom to top. A module imports only its own layer (no cycles: above) and the layers below
+# it, at module or function level alike. The leaves hold no package state; the stage folders build on them; config
+# gathers every section's dataclass from the stage folders; the modules that take a whole Config (placement, the
+# engine start-up, the step's stages and loop) sit above it, and the command line on top. A module's layer is that of
+# its longest listed prefix.
+LAYERS = [
+    ("types",),
+    ("algo", "data", "reward", "parallel"),
+    ("models",),
+    ("rollout",),
+    ("train",),
+    ("config",),
+    ("placement", "preflight", "rollout.backends", "rollout.node_engines", "rollout.engine_health", "train.stages",
+     "train.loop"),
+    ("cli",),
+]
+
+
+def _layer(module: str) -> int:
+    name = module.removeprefix("dapo_megatron").lstrip(".")
+    best = None
+    for i, names in enumerate(LAYERS):
+        for prefix in names:
+            if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (i, prefix)
+    assert best is not None or name == "", f"{module} is in no layer of LAYERS; add it there"
+    return best[0] if best else len(LAYERS)
+
+
+def upward_imports(graph: dict) -> list:
+    return sorted(f"{n} (layer {_layer(n)}) imports {m} (layer {_layer(m)})" for n, deps in graph.items()
+                  for m in deps if m != "dapo_megatron" and _layer(m) > _layer(n))
+
+
+def test_no_import_runs_upward_between_layers():
+    assert upward_imports(_graph()) == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = _graph()
+    graph["dapo_megatron.models.convert"] = graph["dapo_megatron.models.convert"] | {"dapo_megatron.train.checkpoint"}
+    assert upward_imports(graph) == ["dapo_megatron.models.convert (layer 2) imports dapo_megatron.train.checkpoint "
+                                     "(layer 4)"]

@@ -1,6 +1,6 @@
 """Hugging Face safetensors <-> Megatron dist_checkpointing (torch_dist) conversion, streaming, one process.
 
-Checkpoint layout (defined in train/ckpt_layout.py, with the manifest that seals a folder):
+Checkpoint layout (defined in models/ckpt_layout.py, with the manifest that seals a folder):
     DIR/latest                 name of the newest complete iteration folder, e.g. `iter_0000000`
     DIR/iter_{N:07d}/model/    dist_checkpointing of `GPTModel.sharded_state_dict()` (loads at any PP, and any
                                TP with the same padded vocabulary)
@@ -52,7 +52,7 @@ from .file_copy import MappedFiles, copying_file_system
 from .moe import unknown_layout_hint as moe_layout_hint
 from .weights import expected_hf_shapes, hf_names_for, to_hf
 
-from ..train import ckpt_layout  # the checkpoint folder layout, shared with the trainer
+from . import ckpt_layout  # the checkpoint folder layout, shared with the trainer
 
 LATEST_FILE = ckpt_layout.LATEST
 HF_CONFIG_DIR = ckpt_layout.HF_CONFIG_DIR

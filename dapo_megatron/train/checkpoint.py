@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import ckpt_layout as layout
-from .ckpt_layout import CheckpointError
+from ..models import ckpt_layout as layout
+from ..models.ckpt_layout import CheckpointError
 from .faults import fault
 
 LATEST = layout.LATEST

@@ -14,7 +14,7 @@ from ..config import Config
 from ..placement import startup_plan
 from ..rollout.backends import start_node_engines
 from .actor import Actor, train_on_batch
-from . import ckpt_layout
+from ..models import ckpt_layout
 from .checkpoint import load_checkpoint, save_checkpoint
 from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger

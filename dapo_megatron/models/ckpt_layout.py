@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..models.hf_io import CheckpointError
+from .hf_io import CheckpointError
 
 LATEST = "latest"
 HF_CONFIG_DIR = "hf_config"
@@ -251,7 +251,7 @@ def arch_summary(hf_config_dir) -> dict:
     """The architecture fields a checkpoint must share with `model.path` (from its HF config.json)."""
     import dataclasses
 
-    from ..models.hf_config import arch_from_hf, load_hf_config
+    from .hf_config import arch_from_hf, load_hf_config
 
     arch = dataclasses.asdict(arch_from_hf(load_hf_config(hf_config_dir)))
     keys = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -294,7 +294,7 @@ def vocab_record(padded: int, tp: int, divisor: Optional[int] = None) -> dict:
 def _divisor_for(padded: int, vocab_size: int, tp: int, near: int) -> Optional[int]:
     """A make_vocab_size_divisible_by that pads `vocab_size` to `padded` at `tp`: the largest <= `near`, else the
     smallest; None when there is none."""
-    from ..models.hf_config import padded_vocab_size
+    from .hf_config import padded_vocab_size
 
     if padded % tp or padded < vocab_size:
         return None
@@ -307,7 +307,7 @@ def _divisor_for(padded: int, vocab_size: int, tp: int, near: int) -> Optional[i
 def vocab_mismatch(saved: Optional[dict], vocab_size: int, divisor: int, tp: int) -> Optional[str]:
     """Why a checkpoint whose manifest records `saved` (its "vocab") cannot load into a model padded at `tp` with
     `divisor`, or None when it can (or when an old manifest records nothing). The fix, without the folder's name."""
-    from ..models.hf_config import padded_vocab_size
+    from .hf_config import padded_vocab_size
 
     if not saved or not saved.get("padded_vocab_size"):
         return None
