@@ -19,7 +19,9 @@ from .algo.overlong import OverlongConfig
 from .models.builder import ModelConfig
 from .parallel import ParallelConfig
 from .reward.config import RewardConfig
+from .rollout.backends import BACKENDS, backend_names
 from .rollout.buffer import DynamicSamplingConfig
+from .rollout.weight_sync import weight_sync_modes
 from .train.actor import ActorConfig
 
 
@@ -105,24 +107,18 @@ class RolloutConfig:
         if self.sglang_ep_size < 1 or self.sglang_tp_size % self.sglang_ep_size:
             raise ConfigError(f"rollout.sglang_ep_size={self.sglang_ep_size} must divide rollout.sglang_tp_size="
                               f"{self.sglang_tp_size} (SGLang splits each server's TP ranks into EP groups)")
-        if self.backend not in ("embedded", "http", "sglang"):
-            raise ConfigError(f"rollout.backend={self.backend!r}; use embedded, http or sglang")
-        if self.backend == "http" and not self.urls:
-            raise ConfigError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
-        if self.backend == "http" and self.host:
-            raise ConfigError(f"rollout.host={self.host} binds engines this launch starts; rollout.backend=http uses "
-                              f"servers at rollout.urls: unset rollout.host")
-        if self.weight_sync not in ("auto", "tensor", "disk", "distributed"):
-            raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use auto, tensor, disk or distributed")
-        if self.weight_sync == "tensor" and (self.backend == "http" or self.backend == "sglang" and not (
-                self.colocate and self.sglang_num_servers == 1 and self.sglang_tp_size == 1)):
-            raise ConfigError(f"rollout.weight_sync=tensor with rollout.backend={self.backend} needs the engine in the "
-                              "trainer's process (embedded) or one colocated SGLang server of TP 1 on its GPU "
-                              "(colocate=true, sglang_num_servers=1, sglang_tp_size=1); use disk or distributed")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"rollout.backend={self.backend!r}; use {backend_names()}")
+        modes = ["auto", *weight_sync_modes()]
+        if self.weight_sync not in modes:
+            raise ConfigError(f"rollout.weight_sync={self.weight_sync!r}; use {', '.join(modes[:-1])} or {modes[-1]}")
+        try:  # what this backend takes (urls, host, weight-sync modes): declared in rollout/backends.py
+            BACKENDS[self.backend].check_config(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.rollout_nodes < 0:
             raise ConfigError(f"rollout.rollout_nodes={self.rollout_nodes}; use 0 or more nodes")
-        if self.weight_sync_dir and (self.weight_sync in ("tensor", "distributed")
-                                     or self.weight_sync == "auto" and self.backend == "embedded"):
+        if self.weight_sync_dir and BACKENDS[self.backend].weight_sync_mode_of(self) != "disk":
             raise ConfigError(f"rollout.weight_sync_dir is the folder of disk weight sync, and rollout.weight_sync="
                               f"{self.weight_sync} (backend {self.backend}) writes none; unset it or set "
                               f"rollout.weight_sync=disk")
@@ -387,7 +383,7 @@ def _check_async(cfg: Config) -> None:
     if cfg.sampling().keep_partial:
         raise ConfigError("dynamic_sampling.keep_partial carries surplus groups one more weight version behind; with "
                           "rollout.async_steps=1 they would be two behind: set keep_partial=false")
-    if r.backend == "sglang" and r.colocate:
+    if r.colocate and BACKENDS[r.backend].releases_memory_when_colocated:
         raise ConfigError("rollout.async_steps=1 generates while the actor trains, but colocated engines release their "
                           "GPUs then: set rollout.colocate=false (engines on GPUs of their own) or async_steps=0")
     if cfg.trainer.save_interval == 1:

@@ -9,7 +9,7 @@ Three placements, read from the rollout section:
   the last K nodes, each engine `sglang_tp_size` GPUs (the embedded engine: one per node).
 - external (`backend: http`): engines someone else runs, at `rollout.urls`.
 
-Engines on a trainer node start with the trainer (`node_engine_hosts`, rollout/backends.py: `start_node_engines`):
+Engines on a trainer node start with the trainer (`node_engine_hosts`, rollout/node_engines.py: `start_node_engines`):
 that node's local rank 0 starts them, bound to `engine_bind_host`, and every rank learns all their URLs. The embedded
 engine on several trainer nodes is one engine per node, in that node's local rank 0. Engines on a node with no
 trainer rank (disaggregated) start there with `dapo-megatron engines` (rollout/node_engines.py;
@@ -22,6 +22,8 @@ weight-sync source is its DP-0, TP-0 rank.
 import argparse
 import sys
 from dataclasses import dataclass, field
+
+from .rollout.backends import BACKENDS
 
 PORT_STRIDE = 10  # rollout/sglang_launcher.py: ports per server
 SYNC_PORT_ENV_DEFAULT = 29600  # DAPO_WEIGHT_SYNC_PORT: stage p's group rendezvous on this + p
@@ -78,21 +80,7 @@ class Plan:
             lines.append(f"  node {n}: global ranks {ranks.start}-{ranks.stop - 1} on GPUs 0-{len(ranks) - 1}, "
                          f"PP stage(s) {','.join(map(str, stages))}")
         remote = self.engine_only_nodes()
-        if self.kind == "external":
-            lines.append(f"engines: external, {len(self.urls)} URL(s): {' '.join(self.urls)}")
-        elif self.backend == "embedded" and len(self.engines) == 1 and not remote:
-            lines.append("engines: 1 embedded engine inside global rank 0's process")
-        elif self.backend == "embedded":
-            lines.append(f"engines: {len(self.engines)} embedded engines, one per node, HTTP"
-                         + ("" if remote else " on a free port"))
-            for e in self.engines:
-                where = (f"HTTP port {e.port}" if e.node in remote else
-                         f"in global rank {self.trainer_nodes.index(e.node) * g}'s process")
-                lines.append(f"  engine {e.index}: node {e.node}, {where}")
-        else:
-            lines.append(f"engines: {len(self.engines)} x SGLang TP {len(self.engines[0].gpus)}")
-            for e in self.engines:
-                lines.append(f"  engine {e.index}: node {e.node} GPUs {e.gpus[0]}-{e.gpus[-1]} port {e.port}")
+        lines += BACKENDS[self.backend].describe_engines(self)  # rollout/backends.py: each backend's own words
         if remote:
             lines.append(f"engine-only node(s) {', '.join(map(str, remote))}: `dapo-megatron engines` starts theirs "
                          f"(the sbatch does), found via SLURM's node list or $DAPO_NODE_HOSTS")
@@ -125,7 +113,8 @@ def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if nodes < 1 or gpus_per_node < 1:
         raise PlacementError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be >= 1")
-    kind = "external" if r.backend == "http" else "colocated" if r.colocate else "disaggregated"
+    backend = BACKENDS[r.backend]
+    kind = "external" if backend.external else "colocated" if r.colocate else "disaggregated"
     k = r.rollout_nodes if kind == "disaggregated" else 0
     if kind != "disaggregated" and r.rollout_nodes:
         raise PlacementError(f"rollout.rollout_nodes={r.rollout_nodes} is for disaggregated engines; "
@@ -148,7 +137,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
     if trainer_gpus % (tp * pp):
         raise PlacementError(f"the trainer's {trainer_gpus} GPUs are not a multiple of TP {tp} x PP {pp}")
     plan = Plan(kind, nodes, gpus_per_node, tp, pp, trainer_gpus // (tp * pp), trainer_nodes,
-                sync_mode=_sync_mode(r), bucket_mb=r.weight_sync_bucket_mb, backend=r.backend,
+                sync_mode=backend.weight_sync_mode_of(r), bucket_mb=r.weight_sync_bucket_mb, backend=r.backend,
                 engine_tp=r.sglang_tp_size)
     if kind == "external":
         plan.urls = list(r.urls)
@@ -156,36 +145,12 @@ def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
             raise PlacementError("rollout.weight_sync=tensor needs the engine in the trainer's process "
                                  "(backend embedded); use disk or distributed with rollout.urls")
         return plan
-    if r.backend == "embedded":  # one in-process engine on global rank 0, or one per node (CPU tests, demo)
-        if kind == "colocated":  # in each trainer node's local rank 0, HTTP on a free port
-            plan.engines = [Engine(i, n, [0], 0) for i, n in enumerate(trainer_nodes)]
-        else:  # behind `dapo-megatron engines` on each rollout node, at the port the trainer's URL names
-            plan.engines = [Engine(i, n, [0], r.sglang_base_port) for i, n in enumerate(range(nodes - k, nodes))]
-        if plan.sync_mode == "distributed":
-            raise PlacementError("rollout.weight_sync=distributed needs SGLang engines; the embedded engine uses "
-                                 "tensor (or disk)")
-        return _check_remote_sync(plan)
-    etp, count = r.sglang_tp_size, r.sglang_num_servers
-    if etp > gpus_per_node or gpus_per_node % etp:
-        raise PlacementError(f"rollout.sglang_tp_size={etp} must divide the {gpus_per_node} GPUs of a node "
-                             f"(an engine stays inside a node)")
     engine_nodes = trainer_nodes if kind == "colocated" else list(range(nodes - k, nodes))
-    if count % len(engine_nodes):
-        raise PlacementError(f"rollout.sglang_num_servers={count} must be a multiple of the {len(engine_nodes)} "
-                             f"engine node(s) (each node starts the same number)")
-    per_node = count // len(engine_nodes)
-    if per_node * etp > gpus_per_node:
-        raise PlacementError(f"rollout.sglang_num_servers={count} x sglang_tp_size={etp} needs {count * etp} GPUs, "
-                             f"more than the {len(engine_nodes) * gpus_per_node} of the engine node(s); use at most "
-                             f"{len(engine_nodes) * gpus_per_node // etp} servers")
-    if kind == "colocated" and plan.sync_mode == "distributed":
-        raise PlacementError("rollout.weight_sync=distributed with rollout.colocate=true puts a trainer rank and an "
-                             "engine rank on one GPU in one NCCL group; use weight_sync=disk, or colocate=false "
-                             "with rollout.rollout_nodes")
-    for i in range(count):
-        node, j = engine_nodes[i // per_node], i % per_node
-        plan.engines.append(Engine(i, node, list(range(j * etp, (j + 1) * etp)),
-                                   r.sglang_base_port + PORT_STRIDE * j))
+    try:  # the backend sizes its engines (rollout/backends.py)
+        placed = backend.plan_engines(r, kind, engine_nodes, gpus_per_node)
+    except ValueError as e:
+        raise PlacementError(str(e)) from None
+    plan.engines = [Engine(i, node, gpus, port) for i, (node, gpus, port) in enumerate(placed)]
     return _check_remote_sync(plan)
 
 
@@ -198,12 +163,6 @@ def _check_remote_sync(plan: Plan) -> Plan:
                              f"rank) are not in; use rollout.weight_sync=disk with rollout.weight_sync_dir on a "
                              f"filesystem those nodes share (SGLang engines: distributed)")
     return plan
-
-
-def _sync_mode(r) -> str:
-    if r.weight_sync != "auto":
-        return r.weight_sync
-    return "tensor" if r.backend == "embedded" else "disk"
 
 
 def node_engine_hosts(plan: Plan) -> dict:
@@ -325,7 +284,7 @@ def local_world_size(world_size: int) -> int:
 def launch_plan(cfg, world_size: int, local_world: int) -> Plan:
     """The plan of this launch: its trainer nodes (plus the rollout nodes of a disaggregated placement)."""
     nodes = max(1, world_size // max(1, local_world)) + (cfg.rollout.rollout_nodes if not cfg.rollout.colocate
-                                                        and cfg.rollout.backend != "http" else 0)
+                                                        and not BACKENDS[cfg.rollout.backend].external else 0)
     return make_plan(cfg, nodes, local_world)
 
 

@@ -107,7 +107,7 @@ def test_waiting_for_an_engine_that_never_comes_is_bounded_and_one_line():
 def test_trainer_refuses_engine_only_nodes_without_a_shared_key():
     import torch.distributed as dist
 
-    from dapo_megatron.rollout.backends import start_node_engines
+    from dapo_megatron.rollout.node_engines import start_node_engines
     from dapo_megatron.rollout.server import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

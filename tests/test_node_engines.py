@@ -95,7 +95,7 @@ def test_rollout_host_is_refused_where_nothing_binds():
         build_config(None, ["rollout.backend=http", "rollout.urls=[http://a:1]", "rollout.host=0.0.0.0"])
     import torch.distributed as dist
 
-    from dapo_megatron.rollout.backends import start_node_engines
+    from dapo_megatron.rollout.node_engines import start_node_engines
     from dapo_megatron.rollout.server import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -85,8 +85,7 @@ LAYERS = [
     ("rollout",),
     ("train",),
     ("config",),
-    ("placement", "preflight", "rollout.backends", "rollout.node_engines", "rollout.engine_health", "train.stages",
-     "train.loop"),
+    ("placement", "preflight", "rollout.node_engines", "rollout.engine_health", "train.stages", "train.loop"),
     ("cli",),
 ]
 

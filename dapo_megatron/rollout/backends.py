@@ -1,11 +1,15 @@
-"""Rollout backends, chosen by registered name (`rollout.backend`): embedded | http | sglang.
+"""Rollout backends, chosen by registered name (`rollout.backend`): embedded | http | sglang, or any `@register`ed.
 
-A backend owns its client, its default weight sync, memory release while the actor trains, and shutdown; it also
-owns the trainer side's one `WeightVersion` (shared with its client and weight sync). It lives on global rank 0.
+A backend owns its client (rollout/protocol.py: `RolloutFleet`), memory release while the actor trains, and shutdown;
+it also owns the trainer side's one `WeightVersion` (shared with its client and weight sync). It lives on global rank
+0. Its class declares, once, what validation (config.py), `dapo-megatron plan` (placement.py) and the start-up read:
+the weight-sync modes it takes and its default, whether its engines are someone else's (`external`) or live in rank
+0's process on one node, whether colocated engines release their memory while the actor trains, its engine sizing
+(`plan_engines`) and its description in the plan (`describe_engines`).
 
-The engines themselves start per node, before it (`start_node_engines`, collective): each trainer node's local rank 0
-starts what the plan puts on its node (`start_engines` of the backend class), engine-only nodes run `dapo-megatron
-engines` (rollout/node_engines.py, the same `start_engines`), and every rank gets all nodes' URLs.
+The engines themselves start per node, before it (rollout/node_engines.py: `start_node_engines`, collective): each
+trainer node's local rank 0 starts what the plan puts on its node (`start_engines` of the backend class), engine-only
+nodes run `dapo-megatron engines` (the same `start_engines`), and every rank gets all nodes' URLs.
 """
 import contextlib
 import os
@@ -17,6 +21,7 @@ BACKENDS: dict = {}
 
 
 def register(name: str):
+    """Register a RolloutBackend subclass as `rollout.backend=<name>` (validation and the plan read it from here)."""
     def wrap(cls):
         cls.name = name
         BACKENDS[name] = cls
@@ -71,79 +76,65 @@ def sync_dir(rollout, run_dir) -> Path:
     return Path(rollout.weight_sync_dir or Path(run_dir) / "weight_sync")
 
 
-def start_node_engines(cfg) -> NodeEngines:
-    """Collective, once at start-up: each trainer node's local rank 0 starts the engines the plan puts on its node,
-    bound to its address (placement.engine_bind_host); engines on nodes with no trainer rank (`dapo-megatron
-    engines` runs them) are found from the node host list (placement.node_hosts) and waited for. Every rank gets
-    every URL in engine order. The run's API key is resolved here, once, on global rank 0 (`run_api_key`) and
-    shared with the other nodes' engines; engine-only nodes need it configured, the same on both sides. One node
-    with the embedded engine: nothing is started here (the backend builds its in-process engine); external engines:
-    rollout.urls."""
-    import socket
+def backend_names() -> str:
+    """"a, b or c": the registered backends, for messages."""
+    names = sorted(BACKENDS)
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
-    import torch.distributed as dist
 
-    from ..config import ConfigError
-    from ..placement import PlacementError, engine_bind_host, launch_plan, local_world_size, node_engine_hosts, \
-        node_hosts, ordered_urls, remote_engine_urls
+def refuse_weight_sync(r, allowed) -> str:
+    """The one-line refusal of rollout.weight_sync=<mode> by a backend that takes only `allowed`."""
+    from .weight_sync import WEIGHT_SYNC_MODES
 
-    r, world, rank = cfg.rollout, dist.get_world_size(), dist.get_rank()
-    local = local_world_size(world)
-    if r.backend == "http":
-        return NodeEngines(urls=r.urls, api_key=run_api_key(cfg) if rank == 0 else None)
-    try:  # the same on every rank: all raise, none waits
-        plan = launch_plan(cfg, world, local)
-    except PlacementError as e:
-        raise ConfigError(str(e)) from None
-    hosts, remote_nodes = node_engine_hosts(plan), plan.engine_only_nodes()
-    if r.backend == "embedded" and world <= local and not remote_nodes:
-        if r.host:
-            raise ConfigError(f"rollout.host={r.host}: the embedded engine of a one-node run lives in rank 0's "
-                              f"process and binds nothing; unset rollout.host (it applies to SGLang servers and "
-                              f"multi-node engines)")
-        return NodeEngines(api_key=run_api_key(cfg) if rank == 0 else None)
-    box = [(configured_api_key(cfg), run_api_key(cfg)) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    configured, key = box[0]
-    if remote_nodes and not configured:
-        raise ConfigError(f"the engines on node(s) {', '.join(map(str, remote_nodes))} (`dapo-megatron engines`) "
-                          f"and this trainer must share the run's API key: set $DAPO_ROLLOUT_API_KEY (or "
-                          f"rollout.api_key) to the same value for both (launch/slurm/dapo.sbatch makes one per job)")
-    started, error, remote = None, None, []
-    if rank in hosts:
-        try:
-            bind, url_host = engine_bind_host(r.host, world // local, os.environ.get("DAPO_ROLLOUT_HOST"),
-                                              lambda: socket.gethostbyname(socket.gethostname()))
-            started = BACKENDS[r.backend].start_engines(cfg, hosts[rank], bind, url_host, key)
-        except PlacementError as e:
-            error = ConfigError(f"node {rank // local}: {e}")
-        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
-            error = RuntimeError(f"node {rank // local} could not start its engines: {' '.join(str(e).split())}")
-    if rank == 0 and error is None and remote_nodes:
-        from .engine_health import wait_for_engines
-
-        try:
-            remote = remote_engine_urls(plan, *node_hosts())
-            wait_for_engines(remote, key, r.engine_wait_s)
-        except (PlacementError, ConfigError) as e:
-            error = ConfigError(str(e))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (None if error is None else (type(error).__name__, str(error)),
-                                      started.urls if started is not None else None, remote))
-    failed = [e for e, _, _ in gathered if e]
-    if failed:
-        if started is not None:
-            started.shutdown()
-        kind, msg = failed[0]
-        raise (ConfigError if kind == "ConfigError" else RuntimeError)(msg)
-    urls = ordered_urls([u for _, u, _ in gathered], hosts, gathered[0][2])
-    return NodeEngines(sorted(hosts), urls, api_key=key, engine=getattr(started, "engine", None), servers=started)
+    needs = next((c.needs for c in WEIGHT_SYNC_MODES.values() if c.mode == r.weight_sync and c.needs),
+                 "another backend")
+    return f"rollout.weight_sync={r.weight_sync} with rollout.backend={r.backend} needs {needs}; use " + \
+        " or ".join(allowed)
 
 
 class RolloutBackend:
     name = ""
-    default_weight_sync = "disk"
+    default_weight_sync = "disk"  # rollout.weight_sync=auto
+    weight_sync_modes: tuple = ("disk", "distributed")  # the rollout.weight_sync values it takes (besides auto)
     weight_sync_classes: dict = {}  # rollout.weight_sync -> registered WeightSync name, where not the mode's own
+    external = False  # engines someone else runs (rollout.urls): nothing is placed or started
+    in_process_on_one_node = False  # one node: the engine lives in rank 0's process (built by the backend)
+    releases_memory_when_colocated = False  # colocated engines free their GPU memory while the actor trains
+
+    @classmethod
+    def check_config(cls, r) -> None:
+        """Validation of the rollout section for this backend (config.py): ValueError with one line naming the key
+        and the fix."""
+        if r.weight_sync != "auto" and r.weight_sync not in cls.weight_sync_modes:
+            raise ValueError(refuse_weight_sync(r, [m for m in cls.weight_sync_modes if m != r.weight_sync]))
+
+    @classmethod
+    def plan_engines(cls, r, kind: str, engine_nodes: list, gpus_per_node: int) -> list:
+        """The engines of a `kind` (colocated | disaggregated) placement on `engine_nodes`, as (node, gpus, port)
+        in engine order; ValueError with one line naming the key and the fix when they do not fit."""
+        raise ValueError(f"rollout.backend={cls.name} places no engines; use an external backend or another one")
+
+    @classmethod
+    def describe_engines(cls, plan) -> list:
+        """Lines of `dapo-megatron plan` about this backend's engines (placement.Plan)."""
+        return [f"engines: {len(plan.engines)} x rollout.backend={cls.name}"]
+
+    @classmethod
+    def weight_sync_mode_of(cls, r) -> str:
+        return cls.default_weight_sync if r.weight_sync == "auto" else r.weight_sync
+
+    @classmethod
+    def weight_sync_class_of(cls, r):
+        """The registered WeightSync (rollout/weight_sync.py) of rollout.weight_sync for this backend."""
+        from .weight_sync import WEIGHT_SYNC_MODES
+
+        mode = cls.weight_sync_mode_of(r)
+        return WEIGHT_SYNC_MODES[cls.weight_sync_classes.get(mode, mode)]
+
+    @classmethod
+    def stage_weight_sender(cls, r, urls: list, api_key, pp_rank: int, version):
+        """Distributed sync: the sender on pipeline stage `pp_rank`'s source rank (any rank, no backend instance)."""
+        return cls.weight_sync_class_of(r).for_stage(r, urls, api_key, pp_rank, version)
 
     def __init__(self, r, *, model_path, seed: int, run_dir, api_key=None, engines=None):
         self.cfg, self.model_path, self.seed, self.run_dir, self.api_key = r, str(model_path), seed, Path(run_dir), api_key
@@ -173,15 +164,10 @@ class RolloutBackend:
         return sync_dir(self.cfg, self.run_dir)
 
     def weight_sync_mode(self) -> str:
-        mode = self.cfg.weight_sync
-        return self.default_weight_sync if mode == "auto" else mode
+        return self.weight_sync_mode_of(self.cfg)
 
     def weight_sync_class(self):
-        """The registered WeightSync (rollout/weight_sync.py) of rollout.weight_sync for this backend."""
-        from .weight_sync import WEIGHT_SYNC_MODES
-
-        mode = self.weight_sync_mode()
-        return WEIGHT_SYNC_MODES[self.weight_sync_classes.get(mode, mode)]
+        return self.weight_sync_class_of(self.cfg)
 
     def make_weight_sync(self):
         """Rank 0's sync; None in distributed mode, where rank 0 only runs the session (pause ... continue) and each
@@ -200,6 +186,27 @@ class RolloutBackend:
 class EmbeddedBackend(RolloutBackend):
     """The CPU engine in this process (tests, demo); weights arrive as tensors, bucket by bucket."""
     default_weight_sync = "tensor"
+    weight_sync_modes = ("tensor", "disk")
+    in_process_on_one_node = True
+
+    @classmethod
+    def plan_engines(cls, r, kind, engine_nodes, gpus_per_node):
+        # one per node: in each trainer node's local rank 0, HTTP on a free port (colocated), or behind
+        # `dapo-megatron engines` on each rollout node, at the port the trainer's URL names
+        return [(n, [0], 0 if kind == "colocated" else r.sglang_base_port) for n in engine_nodes]
+
+    @classmethod
+    def describe_engines(cls, plan):
+        remote, g = plan.engine_only_nodes(), plan.gpus_per_node
+        if len(plan.engines) == 1 and not remote:
+            return ["engines: 1 embedded engine inside global rank 0's process"]
+        lines = [f"engines: {len(plan.engines)} embedded engines, one per node, HTTP" + ("" if remote else
+                                                                                          " on a free port")]
+        for e in plan.engines:
+            where = (f"HTTP port {e.port}" if e.node in remote else
+                     f"in global rank {plan.trainer_nodes.index(e.node) * g}'s process")
+            lines.append(f"  engine {e.index}: node {e.node}, {where}")
+        return lines
 
     def _start(self):
         from .client import RolloutClient
@@ -236,6 +243,20 @@ class EmbeddedBackend(RolloutBackend):
 @register("http")
 class HttpBackend(RolloutBackend):
     """Servers (or a router) someone else runs: `rollout.urls`."""
+    external = True
+
+    @classmethod
+    def check_config(cls, r):
+        if not r.urls:
+            raise ValueError("rollout.backend=http needs rollout.urls (SGLang server or router URLs)")
+        if r.host:
+            raise ValueError(f"rollout.host={r.host} binds engines this launch starts; rollout.backend=http uses "
+                             f"servers at rollout.urls: unset rollout.host")
+        super().check_config(r)
+
+    @classmethod
+    def describe_engines(cls, plan):
+        return [f"engines: external, {len(plan.urls)} URL(s): {' '.join(plan.urls)}"]
 
     def _start(self):
         from .client import RolloutClient
@@ -247,7 +268,43 @@ class HttpBackend(RolloutBackend):
 class SGLangBackend(RolloutBackend):
     """Real SGLang servers started by this rank on this node's GPUs (GPU only). Tensor weight sync hands CUDA IPC
     handles to the colocated server (weight_sync.CudaIpcWeightSync)."""
+    weight_sync_modes = ("tensor", "disk", "distributed")
     weight_sync_classes = {"tensor": "cuda_ipc"}
+    releases_memory_when_colocated = True
+
+    @classmethod
+    def check_config(cls, r):
+        if r.weight_sync == "tensor" and not (r.colocate and r.sglang_num_servers == 1 and r.sglang_tp_size == 1):
+            raise ValueError(refuse_weight_sync(r, ["disk", "distributed"]))
+        super().check_config(r)
+
+    @classmethod
+    def plan_engines(cls, r, kind, engine_nodes, gpus_per_node):
+        etp, count = r.sglang_tp_size, r.sglang_num_servers
+        if etp > gpus_per_node or gpus_per_node % etp:
+            raise ValueError(f"rollout.sglang_tp_size={etp} must divide the {gpus_per_node} GPUs of a node "
+                             f"(an engine stays inside a node)")
+        if count % len(engine_nodes):
+            raise ValueError(f"rollout.sglang_num_servers={count} must be a multiple of the {len(engine_nodes)} "
+                             f"engine node(s) (each node starts the same number)")
+        per_node = count // len(engine_nodes)
+        if per_node * etp > gpus_per_node:
+            raise ValueError(f"rollout.sglang_num_servers={count} x sglang_tp_size={etp} needs {count * etp} GPUs, "
+                             f"more than the {len(engine_nodes) * gpus_per_node} of the engine node(s); use at most "
+                             f"{len(engine_nodes) * gpus_per_node // etp} servers")
+        if kind == "colocated" and cls.weight_sync_mode_of(r) == "distributed":
+            raise ValueError("rollout.weight_sync=distributed with rollout.colocate=true puts a trainer rank and an "
+                             "engine rank on one GPU in one NCCL group; use weight_sync=disk, or colocate=false "
+                             "with rollout.rollout_nodes")
+        from .sglang_launcher import PORT_STRIDE
+
+        return [(engine_nodes[i // per_node], list(range(i % per_node * etp, (i % per_node + 1) * etp)),
+                 r.sglang_base_port + PORT_STRIDE * (i % per_node)) for i in range(count)]
+
+    @classmethod
+    def describe_engines(cls, plan):
+        return [f"engines: {len(plan.engines)} x SGLang TP {len(plan.engines[0].gpus)}"] + [
+            f"  engine {e.index}: node {e.node} GPUs {e.gpus[0]}-{e.gpus[-1]} port {e.port}" for e in plan.engines]
 
     def _start(self):
         from .sglang_launcher import servers_for

@@ -3,7 +3,10 @@
     client = RolloutClient(["http://127.0.0.1:30000"])       # SGLang servers, or one router URL
     client = RolloutClient(engine=Engine(model_dir))         # in-process, no HTTP
     outs = await client.generate(prompt_ids, {"temperature": 1.0, "max_new_tokens": 512, "n": 8})
-    group = await client.generate_group(samples, sampling_params)
+    group = await client.generate_group(samples, GenerationParams(temperature=1.0, max_tokens=512))
+
+It implements the trainer's engine interface (rollout/protocol.py: `RolloutFleet`); SGLang's endpoint and
+sampling-parameter names stay in this module.
 
 `generate_group` sends one request with `n = len(samples)`: the prompt is prefilled once and all samples of a group
 share a server (and its prefix cache). The response tokens and log-probs are read from
@@ -23,6 +26,7 @@ workers behind it). The client works from any event loop, including a new one pe
 """
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import time
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..types import WeightVersion
+from .protocol import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,32 @@ def run_sync(coro):
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def sglang_sampling_params(params: GenerationParams) -> dict:
+    """Our GenerationParams in SGLang's sampling_params names (the embedded server takes the same)."""
+    out = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+           "max_new_tokens": params.max_tokens}
+    if params.seed is not None:
+        out["sampling_seed"] = params.seed
+    return out
+
+
+@contextlib.contextmanager
+def update_session(client):
+    """SGLang's weight-update session around tensor / distributed loads: pause (abort in-flight requests),
+    /begin_weight_update; on leaving /end_weight_update (also after a failed bucket, so the next sync can open one),
+    then flush the cache (only after a complete update) and continue generation."""
+    run_sync(client.pause_generation())
+    try:
+        run_sync(client.begin_weight_update())
+        try:
+            yield
+        finally:
+            run_sync(client.end_weight_update())
+        run_sync(client.flush_cache())
+    finally:
+        run_sync(client.continue_generation())
 
 
 def _aborted(n: int, rid: str, prompt_tokens: int, version) -> list:
@@ -193,8 +224,11 @@ class RolloutClient:
                                       f"{_error_message(body)}")
         raise RolloutServerError(f"/generate failed after {self.max_retries + 1} attempts: " + "; ".join(errors))
 
-    async def generate_group(self, samples: list, sampling_params: dict) -> list:
-        """Fill the G prompt-only Samples of one group (same prompt_ids) with one request of n = G."""
+    async def generate_group(self, samples: list, sampling_params) -> list:
+        """Fill the G prompt-only Samples of one group (same prompt_ids) with one request of n = G.
+        `sampling_params`: GenerationParams, or a dict in SGLang's names."""
+        if isinstance(sampling_params, GenerationParams):
+            sampling_params = sglang_sampling_params(sampling_params)
         if not samples:
             return samples
         prompt = samples[0].prompt_ids
@@ -288,6 +322,19 @@ class RolloutClient:
 
     async def continue_generation(self) -> list:
         return await self._fan_out("/continue_generation", {})
+
+    async def pause(self) -> None:
+        await self.pause_generation()
+
+    async def resume(self) -> None:
+        await self.continue_generation()
+
+    def weight_update_session(self):
+        return update_session(self)
+
+    async def weights_digest(self) -> list:
+        """Each worker's /debug/weights_digest (served by the embedded server with DAPO_CHECK_SYNC=1)."""
+        return await self._fan_out("/debug/weights_digest", {}, timeout_s=120)
 
     async def release_memory_occupation(self, tags: Optional[list] = None) -> list:
         return await self._fan_out("/release_memory_occupation", {"tags": tags})

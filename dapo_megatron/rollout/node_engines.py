@@ -13,6 +13,9 @@ trainer saves, and the sbatch stops this step after it.
 The API key must be the trainer's: rollout.api_key or $DAPO_ROLLOUT_API_KEY, set for both (the sbatch makes one per
 job); a generated key could not match, so none is generated here. The trainer builds these engines' URLs from the
 plan and the node host list and waits for their /health (rollout/engine_health.py).
+
+`start_node_engines` is the trainer side, collective at start-up: each trainer node's local rank 0 starts what the plan
+puts on its node (the same `start_engines`), and every rank gets all nodes' URLs.
 """
 import argparse
 import os
@@ -58,6 +61,75 @@ def engines_here(plan, node: int, source: str) -> list:
     if not mine:
         raise PlacementError(f"the plan puts no engine on node {node}; see `dapo-megatron plan`")
     return mine
+
+
+def start_node_engines(cfg) -> "NodeEngines":
+    """Collective, once at start-up: each trainer node's local rank 0 starts the engines the plan puts on its node,
+    bound to its address (placement.engine_bind_host); engines on nodes with no trainer rank (`dapo-megatron
+    engines` runs them) are found from the node host list (placement.node_hosts) and waited for. Every rank gets
+    every URL in engine order. The run's API key is resolved here, once, on global rank 0 (`run_api_key`) and
+    shared with the other nodes' engines; engine-only nodes need it configured, the same on both sides. One node
+    with the embedded engine: nothing is started here (the backend builds its in-process engine); external engines:
+    rollout.urls."""
+    import torch.distributed as dist
+
+    from ..config import ConfigError
+    from ..placement import PlacementError, engine_bind_host, launch_plan, local_world_size, node_engine_hosts, \
+        node_hosts, ordered_urls, remote_engine_urls
+    from .backends import BACKENDS, NodeEngines, configured_api_key, run_api_key
+
+    r, world, rank = cfg.rollout, dist.get_world_size(), dist.get_rank()
+    backend = BACKENDS[r.backend]
+    local = local_world_size(world)
+    if backend.external:
+        return NodeEngines(urls=r.urls, api_key=run_api_key(cfg) if rank == 0 else None)
+    try:  # the same on every rank: all raise, none waits
+        plan = launch_plan(cfg, world, local)
+    except PlacementError as e:
+        raise ConfigError(str(e)) from None
+    hosts, remote_nodes = node_engine_hosts(plan), plan.engine_only_nodes()
+    if backend.in_process_on_one_node and world <= local and not remote_nodes:
+        if r.host:
+            raise ConfigError(f"rollout.host={r.host}: the embedded engine of a one-node run lives in rank 0's "
+                              f"process and binds nothing; unset rollout.host (it applies to SGLang servers and "
+                              f"multi-node engines)")
+        return NodeEngines(api_key=run_api_key(cfg) if rank == 0 else None)
+    box = [(configured_api_key(cfg), run_api_key(cfg)) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    configured, key = box[0]
+    if remote_nodes and not configured:
+        raise ConfigError(f"the engines on node(s) {', '.join(map(str, remote_nodes))} (`dapo-megatron engines`) "
+                          f"and this trainer must share the run's API key: set $DAPO_ROLLOUT_API_KEY (or "
+                          f"rollout.api_key) to the same value for both (launch/slurm/dapo.sbatch makes one per job)")
+    started, error, remote = None, None, []
+    if rank in hosts:
+        try:
+            bind, url_host = engine_bind_host(r.host, world // local, os.environ.get("DAPO_ROLLOUT_HOST"),
+                                              lambda: socket.gethostbyname(socket.gethostname()))
+            started = backend.start_engines(cfg, hosts[rank], bind, url_host, key)
+        except PlacementError as e:
+            error = ConfigError(f"node {rank // local}: {e}")
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            error = RuntimeError(f"node {rank // local} could not start its engines: {' '.join(str(e).split())}")
+    if rank == 0 and error is None and remote_nodes:
+        from .engine_health import wait_for_engines
+
+        try:
+            remote = remote_engine_urls(plan, *node_hosts())
+            wait_for_engines(remote, key, r.engine_wait_s)
+        except (PlacementError, ConfigError) as e:
+            error = ConfigError(str(e))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (None if error is None else (type(error).__name__, str(error)),
+                                      started.urls if started is not None else None, remote))
+    failed = [e for e, _, _ in gathered if e]
+    if failed:
+        if started is not None:
+            started.shutdown()
+        kind, msg = failed[0]
+        raise (ConfigError if kind == "ConfigError" else RuntimeError)(msg)
+    urls = ordered_urls([u for _, u, _ in gathered], hosts, gathered[0][2])
+    return NodeEngines(sorted(hosts), urls, api_key=key, engine=getattr(started, "engine", None), servers=started)
 
 
 def main(argv=None):

@@ -26,7 +26,6 @@ The receiving side of the embedded engine (name/shape checks, in-place copy) is 
 """
 import base64
 import concurrent.futures
-import contextlib
 import io
 import logging
 import shutil
@@ -39,7 +38,7 @@ import torch
 
 from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
 from ..types import WeightVersion
-from .client import RolloutError
+from .client import RolloutError, update_session
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,23 @@ class WeightSyncRefused(RolloutError):
 
 
 # --------------------------------------------------------------------------- sync modes
+WEIGHT_SYNC_MODES: dict = {}  # registered name -> WeightSync class (filled by @register_weight_sync)
+
+
+def register_weight_sync(name: str):
+    """Register a WeightSync class under `name`. Its `mode` is the rollout.weight_sync value it serves (a backend maps
+    a mode to another registered name through `RolloutBackend.weight_sync_classes`, e.g. tensor -> cuda_ipc)."""
+    def wrap(cls):
+        WEIGHT_SYNC_MODES[name] = cls
+        return cls
+    return wrap
+
+
+def weight_sync_modes() -> list:
+    """The rollout.weight_sync values (besides auto), in registration order."""
+    return list(dict.fromkeys(cls.mode for cls in WEIGHT_SYNC_MODES.values()))
+
+
 class WeightSync:
     """Base: `sync_buckets(buckets, version)` pushes one weight version; `last_sync` holds seconds and bytes.
 
@@ -70,6 +86,7 @@ class WeightSync:
     engines hold the new weights. `sync(named_tensors)` is the same for a flat iterable of (name, tensor).
     """
     mode = ""
+    needs = ""  # what the mode needs of a backend, for the one-line refusal of a backend that does not offer it
 
     def __init__(self, weight_version=None, bucket_size_mb: float = 512):
         self.version = weight_version if isinstance(weight_version, WeightVersion) else WeightVersion(weight_version or 0)
@@ -115,11 +132,13 @@ def _count(buckets, counter: list):
         yield from bucket
 
 
+@register_weight_sync("disk")
 class DiskWeightSync(WeightSync):
     """Write HF safetensors under `out_dir/weights_v{N}` and have every server load them.
 
     For engines that share a filesystem with the writing rank (the only mode that needs one)."""
     mode = "disk"
+    needs = "a filesystem shared by the writing rank and the engines"
 
     def __init__(self, client, base_model_path, out_dir, *, max_shard_size_mb: float = 2048, keep_last: int = 1,
                  weight_version=None, bucket_size_mb: float = 512):
@@ -145,9 +164,12 @@ class DiskWeightSync(WeightSync):
         return nbytes[0]
 
 
+@register_weight_sync("tensor")
 class TensorWeightSync(WeightSync):
     """Copy into an in-process embedded engine, bucket by bucket. Takes the Engine or a RolloutClient(engine=)."""
     mode = "tensor"
+    needs = ("the engine in the trainer's process (embedded) or one colocated SGLang server of TP 1 on its GPU "
+             "(colocate=true, sglang_num_servers=1, sglang_tp_size=1)")
 
     def __init__(self, engine, *, weight_version=None, bucket_size_mb: float = 512):
         super().__init__(weight_version, bucket_size_mb)
@@ -158,7 +180,7 @@ class TensorWeightSync(WeightSync):
 
     @classmethod
     def check_backend(cls, backend):
-        if backend.name != "embedded":
+        if "tensor" not in backend.weight_sync_modes:  # a backend that declares it hands over its in-process engine
             raise WeightSyncRefused(f"rollout.weight_sync=tensor with rollout.backend={backend.name} needs the engine "
                                     f"in the trainer's process or SGLang servers this rank starts; use disk or "
                                     f"distributed")
@@ -202,6 +224,7 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
     return group
 
 
+@register_weight_sync("distributed")
 class DistributedWeightSync(WeightSync):
     """Broadcast from this process (rank 0) to every SGLang worker over a dedicated NCCL group.
 
@@ -211,10 +234,28 @@ class DistributedWeightSync(WeightSync):
     the caller (rank 0).
     """
     mode = "distributed"
+    needs = "SGLang engines that join an NCCL group"
 
     @classmethod
     def for_backend(cls, backend):
-        return None  # every pipeline stage's source rank sends its own tensors (train/stages.py: _stage_sender)
+        return None  # every pipeline stage's source rank sends its own tensors (for_stage)
+
+    @classmethod
+    def for_stage(cls, r, urls: list, api_key, pp_rank: int, version) -> "DistributedWeightSync":
+        """The sender of pipeline stage `pp_rank`'s source rank (train/stages.py: WeightSyncer), to the engine
+        workers at `urls`; rank 0 runs the session around it (manage_generation=False)."""
+        import os
+        import socket
+
+        from .client import RolloutClient
+
+        client = RolloutClient(urls, api_key=api_key)
+        # This rank is rank 0 of its stage's group and hosts the group's rendezvous: an address of this host that
+        # the engines reach (DAPO_WEIGHT_SYNC_ADDR overrides, e.g. a fabric interface).
+        here = os.environ.get("DAPO_WEIGHT_SYNC_ADDR") or socket.gethostbyname(socket.gethostname())
+        return cls(client, master_address=here, master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")) +
+                   pp_rank, engine_ranks=r.sglang_tp_size, group_name=f"dapo_weight_sync_pp{pp_rank}",
+                   bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version, manage_generation=False)
 
     def __init__(self, client, *, master_address: str, master_port: int, engine_ranks=1,
                  bucket_size_mb: float = 512, group_name: str = "dapo_weight_sync", backend: str = "nccl",
@@ -276,25 +317,6 @@ class DistributedWeightSync(WeightSync):
         self._pool.shutdown(wait=False)
 
 
-@contextlib.contextmanager
-def update_session(client):
-    """SGLang's weight-update session around tensor / distributed loads: pause (abort in-flight requests),
-    /begin_weight_update; on leaving /end_weight_update (also after a failed bucket, so the next sync can open one),
-    then flush the cache (only after a complete update) and continue generation."""
-    from .client import run_sync
-
-    run_sync(client.pause_generation())
-    try:
-        run_sync(client.begin_weight_update())
-        try:
-            yield
-        finally:
-            run_sync(client.end_weight_update())
-        run_sync(client.flush_cache())
-    finally:
-        run_sync(client.continue_generation())
-
-
 # --------------------------------------------------------------------------- tensor mode for real SGLang: CUDA IPC
 def serialize_named_tensors(named_tensors: list) -> str:
     """`[(name, tensor), ...]` as SGLang's MultiprocessingSerializer writes it (a ForkingPickler dump: CUDA tensors
@@ -344,6 +366,7 @@ def check_ipc_sender(engine_gpu: int) -> None:
                                 f"and the engine on GPU {engine_gpu}; use rollout.weight_sync=disk or distributed")
 
 
+@register_weight_sync("cuda_ipc")
 class CudaIpcWeightSync(WeightSync):
     """Tensor mode with a real SGLang server colocated on this rank's GPU: every bucket is packed into fresh flat
     buffers and sent as CUDA IPC handles to `/update_weights_from_tensor`, inside one weight-update session.
@@ -351,6 +374,7 @@ class CudaIpcWeightSync(WeightSync):
     `device`: the sending rank's GPU, which must be the engine's (check_ipc_sender); "cpu" only for protocol tests
     (CPU tensors do not cross unrelated processes this way)."""
     mode = "tensor"
+    needs = TensorWeightSync.needs
 
     def __init__(self, client, *, device="cuda", weight_version=None, bucket_size_mb: float = 512):
         super().__init__(weight_version, bucket_size_mb)
@@ -387,10 +411,6 @@ class CudaIpcWeightSync(WeightSync):
         if self.device.type == "cuda":
             torch.cuda.ipc_collect()
         return nbytes
-
-
-WEIGHT_SYNC_MODES = {"disk": DiskWeightSync, "tensor": TensorWeightSync, "distributed": DistributedWeightSync,
-                     "cuda_ipc": CudaIpcWeightSync}
 
 
 def make_weight_sync(mode: str, *args, **kwargs) -> WeightSync:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .. import parallel
 from ..config import Config
 from ..placement import startup_plan
-from ..rollout.backends import start_node_engines
+from ..rollout.node_engines import start_node_engines
 from .actor import Actor, train_on_batch
 from ..models import ckpt_layout
 from .checkpoint import load_checkpoint, save_checkpoint

@@ -2,11 +2,12 @@
 
 The rollout stage owns the rollout backend (rollout/backends.py: client, weight version, memory release), the reward
 scorer, the prompt sampler and the dynamic-sampling buffer. It lives on global rank 0; the other ranks receive the
-finished batch as tensors, and every pipeline stage sends its own weights (WeightSyncer).
+finished batch as tensors, and every pipeline stage sends its own weights (WeightSyncer). Both reach the engines only
+through the backend and its client's interface (rollout/protocol.py: `RolloutFleet`), whatever the engine.
 """
 import asyncio
-import os
-from contextlib import contextmanager
+import dataclasses
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,8 @@ from ..config import Config
 from ..data.dataset import PromptDataset
 from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
-from ..rollout.backends import make_backend, run_api_key
+from ..rollout.backends import BACKENDS, make_backend, run_api_key
+from ..rollout.protocol import GenerationParams, RolloutFleet
 from ..types import Sample
 from .progress import RolloutProgress
 from .weight_stream import broadcast_samples
@@ -33,7 +35,7 @@ class RolloutStage:
         # engines: rollout/backends.py start_node_engines (every node's engines, started by its local rank 0)
         self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
                                     api_key=self.api_key, engines=engines)
-        self.client = self.backend.client
+        self.client: RolloutFleet = self.backend.client
         self.weight_sync = self.backend.make_weight_sync()  # None in distributed mode (each stage sends its own)
         d = cfg.data
         self.dataset = PromptDataset(d.path, tokenizer, template=d.template, apply_chat_template=d.apply_chat_template,
@@ -51,16 +53,16 @@ class RolloutStage:
         with self.backend.memory_released():
             yield
 
-    def sampling_params(self, temperature=None, top_p=None, max_new_tokens=None) -> dict:
+    def generation_params(self, temperature=None, top_p=None, max_tokens=None) -> GenerationParams:
         r = self.cfg.rollout
-        return {"temperature": r.temperature if temperature is None else temperature,
-                "top_p": r.top_p if top_p is None else top_p, "top_k": r.top_k,
-                "max_new_tokens": max_new_tokens or r.max_response_length}
+        return GenerationParams(temperature=r.temperature if temperature is None else temperature,
+                                top_p=r.top_p if top_p is None else top_p, top_k=r.top_k,
+                                max_tokens=max_tokens or r.max_response_length)
 
     async def _generate_group(self, group: list[Sample]) -> list[Sample]:
-        params = self.sampling_params()
         # A seed per (step, group) makes generation reproducible, so a resumed run samples the same responses.
-        params["sampling_seed"] = hash((self.cfg.trainer.seed, group[0].group_id)) % (2 ** 31)
+        params = dataclasses.replace(self.generation_params(),
+                                     seed=hash((self.cfg.trainer.seed, group[0].group_id)) % (2 ** 31))
         return await self.client.generate_group(group, params)
 
     def collect(self) -> tuple[list[list[Sample]], dict]:
@@ -84,8 +86,7 @@ class RolloutStage:
                                  apply_chat_template=self.cfg.data.apply_chat_template, shuffle=False)
             self._eval_items = [data[i] for i in range(min(len(data), e.max_prompts or len(data)))]
         items = self._eval_items
-        params = self.sampling_params(e.temperature, e.top_p, e.max_response_length)
-        params["sampling_seed"] = 0
+        params = dataclasses.replace(self.generation_params(e.temperature, e.top_p, e.max_response_length), seed=0)
 
         async def run():
             groups = [[Sample(prompt_ids=list(it.prompt_ids), label=it.label, group_id=-1 - i, index=j)
@@ -161,8 +162,9 @@ class WeightSyncer:
         if self.mode == "distributed":
             urls, key = broadcast_from_rank0((stage.client.worker_urls, stage.api_key) if stage is not None else None)
             if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
-                self.sender = _stage_sender(cfg, urls, key, ps.get_pipeline_model_parallel_rank(),
-                                            stage.backend.version if stage is not None else None)
+                self.sender = BACKENDS[cfg.rollout.backend].stage_weight_sender(
+                    cfg.rollout, urls, key, ps.get_pipeline_model_parallel_rank(),
+                    stage.backend.version if stage is not None else None)
 
     def sync(self, actor, version: int) -> dict:
         from . import sync_check
@@ -181,25 +183,19 @@ class WeightSyncer:
                 **checked}
 
     def _sync_distributed(self, stream, version: int) -> dict:
-        from ..rollout.client import run_sync
-
-        client = self.stage.client if self.stage is not None else None
-        if client is not None:
-            run_sync(client.pause_generation())
-            run_sync(client.begin_weight_update())  # SGLang loads distributed updates only inside a session
-        dist.barrier()
+        # rank 0 holds the engines' update session (pause ... resume) around every stage's broadcast
+        session = self.stage.client.weight_update_session() if self.stage is not None else nullcontext()
         nbytes = 0
-        if self.sender is not None:
-            self.sender.sync_buckets(stream._local_buckets(), version)
-            nbytes = self.sender.last_sync["bytes"]
-        else:
-            for _ in stream._local_buckets():  # TP peers of a source take part in its gathers
-                pass
-        dist.barrier()
-        if client is not None:
-            run_sync(client.end_weight_update())
-            run_sync(client.flush_cache())
-            run_sync(client.continue_generation())
+        with session:
+            dist.barrier()
+            if self.sender is not None:
+                self.sender.sync_buckets(stream.local_buckets(), version)
+                nbytes = self.sender.last_sync["bytes"]
+            else:
+                for _ in stream.local_buckets():  # TP peers of a source take part in its gathers
+                    pass
+            dist.barrier()
+        if self.stage is not None:
             self.stage.backend.version.set(version)
         return {"sync/gb_stage0": nbytes / 1e9} if self.stage is not None else {}
 
@@ -207,19 +203,3 @@ class WeightSyncer:
         if self.sender is not None:
             self.sender.close()
 
-
-def _stage_sender(cfg: Config, urls: list, api_key, pp_rank: int, version):
-    import socket
-
-    from ..rollout.client import RolloutClient
-    from ..rollout.weight_sync import make_weight_sync
-
-    r = cfg.rollout
-    client = RolloutClient(urls, api_key=api_key)
-    # This rank is rank 0 of its stage's group and hosts the group's rendezvous: an address of this host that
-    # the engines reach (DAPO_WEIGHT_SYNC_ADDR overrides, e.g. a fabric interface).
-    here = os.environ.get("DAPO_WEIGHT_SYNC_ADDR") or socket.gethostbyname(socket.gethostname())
-    return make_weight_sync("distributed", client, master_address=here,
-                            master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")) + pp_rank,
-                            engine_ranks=r.sglang_tp_size, group_name=f"dapo_weight_sync_pp{pp_rank}",
-                            bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version, manage_generation=False)

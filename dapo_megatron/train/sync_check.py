@@ -107,16 +107,11 @@ def check(actor, dsts: list, sink, bucket_mb: float, rss: _RSS) -> dict:
 
 
 def _compare_remote(client, sent: dict, counts: dict) -> None:
-    """Every engine the disk sync updated, over HTTP (its /debug/weights_digest, served with the check on)."""
-    import json
-    import urllib.request
-
+    """Every engine the disk sync updated, through the client (each worker's weights digest, served with the check
+    on)."""
+    from ..rollout.client import run_sync
     from ..rollout.weights_digest import compare_digests
 
-    for url in client.worker_urls:
-        req = urllib.request.Request(f"{url}/debug/weights_digest", data=b"{}", headers={
-            **client._headers, "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            served = json.loads(r.read())
+    for served in run_sync(client.weights_digest()):
         counts["checked"] += len(sent)
         counts["mismatches"] += compare_digests(sent, served)

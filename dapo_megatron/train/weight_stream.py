@@ -108,7 +108,7 @@ class WeightStream:
         self.is_source = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
         self.nbytes = 0
 
-    def _local_buckets(self) -> Iterator[list]:
+    def local_buckets(self) -> Iterator[list]:
         for bucket in iter_buckets(self.actor.hf_weights(), self.bucket_bytes):
             self.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             yield bucket
@@ -117,7 +117,7 @@ class WeightStream:
     def _send_local(self, also_here: bool) -> Iterator[list]:
         """This source's buckets to every other destination (each bucket yielded here too if this rank is one)."""
         rank = dist.get_rank()
-        for bucket in self._local_buckets():
+        for bucket in self.local_buckets():
             for d in self.dsts:
                 if d != rank:
                     send_bucket(bucket, d)
@@ -160,7 +160,7 @@ class WeightStream:
             for _ in self._send_local(also_here=False):
                 pass
         elif self.is_member:
-            for bucket in self._local_buckets():  # TP (and expert) peers take part in the source's gathers
+            for bucket in self.local_buckets():  # TP (and expert) peers take part in the source's gathers
                 del bucket
         return self.nbytes
 
