@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
@@ -35,16 +35,9 @@ class AlgorithmConfig(PolicyLossConfig):
     norm_adv_by_std: bool = True  # False: Dr. GRPO (no std normalisation)
     leave_one_out: bool = False  # baseline = mean of the other responses of the group
     adv_eps: float = 1e-6
-
-    def __post_init__(self):
-        # loss_scale_factor defaults to rollout.max_response_length (Dr. GRPO); validate() fills it in, so the
-        # section alone must not refuse it as missing.
-        deferred = self.loss_scale_factor is None
-        if deferred:
-            self.loss_scale_factor = 1
-        super().__post_init__()
-        if deferred:
-            self.loss_scale_factor = None
+    # loss_scale_factor defaults to rollout.max_response_length (Dr. GRPO); validate() fills it in, so the section
+    # alone does not refuse it as missing.
+    loss_scale_factor_default: ClassVar[Optional[str]] = "rollout.max_response_length"
 
 
 @dataclass

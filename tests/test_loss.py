@@ -147,9 +147,24 @@ def test_agg_modes(mode, kwargs, want):
     assert agg_loss(LOSS_MAT, MASK, mode, **kwargs).item() == pytest.approx(want)
 
 
-def test_all_five_modes_are_registered():
-    assert set(LOSS_AGG_MODES) == {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                   "seq-mean-token-sum-norm", "token-sum"}
+def test_the_five_modes_are_registered():
+    assert {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+            "token-sum"} <= set(LOSS_AGG_MODES)
+
+
+def test_each_agg_mode_declares_whether_it_needs_a_length():
+    """Validation reads the declaration, never the name: a mode that needs loss_scale_factor is refused without one
+    (in the section alone; AlgorithmConfig fills it in later), the others are not."""
+    from dapo_megatron.config import AlgorithmConfig
+
+    for mode, fn in LOSS_AGG_MODES.items():
+        if fn.needs_norm_length:
+            with pytest.raises(ValueError, match=f"loss_agg_mode='{mode}' needs loss_scale_factor"):
+                PolicyLossConfig(loss_agg_mode=mode)
+            assert AlgorithmConfig(loss_agg_mode=mode).loss_scale_factor is None
+        else:
+            PolicyLossConfig(loss_agg_mode=mode)
+    assert [m for m, fn in LOSS_AGG_MODES.items() if fn.needs_norm_length] == ["seq-mean-token-sum-norm"]
 
 
 def test_fully_masked_sequences_and_micro_batches():

@@ -12,7 +12,7 @@ exactly the loss of the global batch, hence the same gradient as one big batch, 
 """
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -32,9 +32,12 @@ AggFn = Callable[..., Tensor]
 LOSS_AGG_MODES: dict[str, AggFn] = {}
 
 
-def register_agg_mode(name: str) -> Callable[[AggFn], AggFn]:
-    """Register a loss aggregation `fn(loss_mat, loss_mask, token_count, seq_count, norm_length) -> scalar`."""
+def register_agg_mode(name: str, *, needs_norm_length: bool = False) -> Callable[[AggFn], AggFn]:
+    """Register a loss aggregation `fn(loss_mat, loss_mask, token_count, seq_count, norm_length) -> scalar`.
+
+    `needs_norm_length`: it divides by the constant `loss_scale_factor` (validation refuses the mode without one)."""
     def decorate(fn: AggFn) -> AggFn:
+        fn.needs_norm_length = needs_norm_length
         LOSS_AGG_MODES[name] = fn
         return fn
     return decorate
@@ -74,7 +77,7 @@ def _seq_mean_token_sum(loss_mat, loss_mask, token_count, seq_count, norm_length
     return (loss_mat * loss_mask).sum() / seq_count
 
 
-@register_agg_mode("seq-mean-token-sum-norm")
+@register_agg_mode("seq-mean-token-sum-norm", needs_norm_length=True)
 def _seq_mean_token_sum_norm(loss_mat, loss_mask, token_count, seq_count, norm_length):
     """Dr. GRPO: token sums divided by a constant length (not the response's own), then mean over responses."""
     if norm_length is None:
@@ -117,6 +120,9 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * agg(entropy)
     tis_cap: Optional[float] = None  # shorthand for rollout_correction {level: token, mode: truncate, threshold}
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    # Where a missing loss_scale_factor comes from later, if anywhere (config.AlgorithmConfig fills it in validate):
+    # then an aggregation mode that needs one does not refuse it missing here.
+    loss_scale_factor_default: ClassVar[Optional[str]] = None
 
     def __post_init__(self):
         if isinstance(self.rollout_correction, dict):
@@ -129,15 +135,16 @@ class PolicyLossConfig:
             raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
             raise ValueError(f"clip_ratio_c must be > 1 (or null to disable dual-clip), got {self.clip_ratio_c}")
-        if self.clip_ratio_c is not None and self.loss_mode != "vanilla":
+        if self.clip_ratio_c is not None and not POLICY_LOSS_MODES[self.loss_mode].dual_clip:
             raise ValueError(f"clip_ratio_c (dual-clip) applies to loss_mode=vanilla only; with "
                              f"loss_mode={self.loss_mode} set clip_ratio_c: null")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {sorted(LOSS_AGG_MODES)}, got {self.loss_agg_mode!r}")
         if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
             raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
-        if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.loss_scale_factor is None:
-            raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' needs loss_scale_factor: set it to the "
+        if (LOSS_AGG_MODES[self.loss_agg_mode].needs_norm_length and self.loss_scale_factor is None
+                and self.loss_scale_factor_default is None):
+            raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r} needs loss_scale_factor: set it to the "
                              "constant divisor (Dr. GRPO uses max_response_length)")
         if not self.kl_coef >= 0.0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
@@ -199,18 +206,20 @@ PolicyLossFn = Callable[[Tensor, Tensor, Tensor, Tensor, "PolicyLossConfig"], tu
 POLICY_LOSS_MODES: dict[str, PolicyLossFn] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+def register_policy_loss(name: str, *, dual_clip: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Register `fn(logprobs, old_logprobs, advantages, mask, cfg) -> (per-token loss [N, T], clip masks)`.
 
-    The clip masks are booleans named clip_high / clip_low / dual (where the respective clip binds).
+    The clip masks are booleans named clip_high / clip_low / dual (where the respective clip binds). `dual_clip`:
+    it applies `clip_ratio_c` (validation refuses clip_ratio_c with a mode that does not).
     """
     def decorate(fn: PolicyLossFn) -> PolicyLossFn:
+        fn.dual_clip = dual_clip
         POLICY_LOSS_MODES[name] = fn
         return fn
     return decorate
 
 
-@register_policy_loss("vanilla")
+@register_policy_loss("vanilla", dual_clip=True)
 def vanilla_pg_loss(logprobs, old_logprobs, advantages, mask, cfg):
     """PPO / DAPO: token ratio r_t = pi_t / pi_old_t, Clip-Higher and dual-clip (`clipped_pg_loss`)."""
     return clipped_pg_loss(torch.exp(_log_ratio(logprobs, old_logprobs, mask)), advantages, cfg)

@@ -3,7 +3,6 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-BUILTIN_TYPES = ("math_dapo", "math_verify", "gsm8k", "remote")
 START_METHODS = ("forkserver", "spawn", "fork")
 
 
@@ -32,8 +31,10 @@ class RewardConfig:
     remote_use_raw_score: bool = False  # reward = the endpoint's number instead of correct/wrong_reward
 
     def __post_init__(self):
-        if self.type not in BUILTIN_TYPES and not self.type.startswith("python:"):
-            raise ValueError(f"reward.type={self.type!r} is unknown; use one of {', '.join(BUILTIN_TYPES)} "
+        from dapo_megatron.reward.registry import verifier_names  # the verifiers register there
+
+        if self.type not in verifier_names() and not self.type.startswith("python:"):
+            raise ValueError(f"reward.type={self.type!r} is unknown; use one of {', '.join(verifier_names())} "
                              "or python:module.function")
         if self.type == "remote" and not self.remote_url:
             raise ValueError("reward.type=remote needs reward.remote_url (the endpoint to POST to)")

@@ -3,6 +3,8 @@ import math
 import re
 from typing import Optional
 
+from dapo_megatron.reward.registry import register_verifier
+
 # A minus sign only when it is not a hyphen between words or numbers ("3-4 hours" is 4, not -4).
 _NUMBER_RE = re.compile(r"(?<![\w)])(-)?\$?(\d[\d,]*(?:\.\d+)?|\.\d+)")
 
@@ -24,6 +26,7 @@ def extract_number(text: str) -> Optional[float]:
     return _to_float(*found.groups()) if found else None
 
 
+@register_verifier("gsm8k", warm_up=("\\boxed{\\frac{1}{2}}", "0.5"))
 def verify(response: str, ground_truth: str) -> bool:
     pred = extract_number(response)
     truth = extract_number(str(ground_truth))

@@ -23,6 +23,7 @@ from typing import Optional
 
 from dapo_megatron.reward.extract import last_answer_line, last_boxed_content
 from dapo_megatron.reward.prefilter import surely_different
+from dapo_megatron.reward.registry import register_verifier
 
 TAIL_CHARS = 300  # the longest MATH-500 answer is 159 characters
 
@@ -155,6 +156,7 @@ def answers_match(pred: str, truth: str, symbolic: bool = True) -> bool:
     return symbolic_match(a, b)
 
 
+@register_verifier("math_dapo", preload=("math_verify",), warm_up=("\\boxed{\\frac{1}{2}}", "0.5"))
 def verify(response: str, ground_truth: str) -> bool:
     """True iff the response's final answer equals the ground truth (see the module docstring)."""
     pred = extract_prediction(response)

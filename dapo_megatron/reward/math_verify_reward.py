@@ -9,6 +9,7 @@ from typing import Optional
 
 from dapo_megatron.reward.extract import last_answer_line, last_boxed_content
 from dapo_megatron.reward.math_dapo import TAIL_CHARS, normalize_answer
+from dapo_megatron.reward.registry import register_verifier
 from dapo_megatron.reward.symbolic import symbolic_match
 
 def final_answer(response: str) -> Optional[str]:
@@ -22,6 +23,7 @@ def final_answer(response: str) -> Optional[str]:
     return (inline.group(1) if inline else line.replace("$", "")).strip()
 
 
+@register_verifier("math_verify", preload=("math_verify",), warm_up=("\\boxed{\\frac{1}{2}}", "0.5"))
 def verify(response: str, ground_truth: str) -> bool:
     pred = final_answer(response)
     if not pred:

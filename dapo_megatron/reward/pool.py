@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from dapo_megatron.reward.config import default_start_method
 from dapo_megatron.types import VerifyResult  # noqa: F401 (re-exported)
-from dapo_megatron.reward.registry import PRELOAD_MODULES, as_correct, get_verifier, warm_up
+from dapo_megatron.reward.registry import as_correct, get_verifier, preload_modules, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class VerifierPool:
         self._fn = fn if num_workers == 0 else None
         self._ctx = mp.get_context(start_method or default_start_method())
         if self._ctx.get_start_method() == "forkserver":
-            self._ctx.set_forkserver_preload(PRELOAD_MODULES)  # no effect if the server already runs
+            self._ctx.set_forkserver_preload(preload_modules())  # no effect if the server already runs
         self._workers = [_Worker(self._ctx, verifier_type) for _ in range(num_workers)]
         self._wait_ready()
 

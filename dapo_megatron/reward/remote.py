@@ -11,6 +11,7 @@ from typing import Sequence
 
 import aiohttp
 
+from dapo_megatron.reward.registry import register_verifier
 from dapo_megatron.types import VerifyResult, as_correct
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class RemoteRewardClient:
             return parse_scores(await resp.json(content_type=None), len(batch))
 
 
+@register_verifier("remote", needs_config=True)
 class RemoteVerifier:
     """The remote endpoint as a plain `(response, ground_truth) -> bool` verifier (one request per call)."""
 

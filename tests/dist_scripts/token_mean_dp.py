@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dapo_megatron.algo.loss import PolicyLossConfig, count_loss_seqs, count_loss_tokens, policy_loss
+from dapo_megatron.algo.loss import LOSS_AGG_MODES, PolicyLossConfig, count_loss_seqs, count_loss_tokens, policy_loss
 from dapo_megatron.train.logprobs import vocab_parallel_logprobs
 
 VOCAB, HIDDEN = 7, 5
@@ -78,7 +78,7 @@ def main():
                for r, shapes in SHAPES.items()}
     everything = batches[0] + batches[1]
 
-    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum"):
+    for mode in LOSS_AGG_MODES:  # every registered mode, the next one too
         cfg = PolicyLossConfig(loss_agg_mode=mode, loss_scale_factor=8, kl_coef=0.05, entropy_coef=0.01)
         ref_loss, ref_grad = full_batch_grad(everything, weight, cfg)
         loss, grad = distributed_grad(batches[rank], weight, cfg)
