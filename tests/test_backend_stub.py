@@ -100,6 +100,24 @@ def test_the_fake_fleet_implements_the_protocol_and_is_registered():
         RolloutConfig(backend="fake_fleet", weight_sync="tensor")
 
 
+def test_a_backend_module_is_found_by_its_name_alone(tmp_path, monkeypatch):
+    """rollout/backend_<name>.py registers itself when the registry loads: a new engine is one module."""
+    from dapo_megatron.rollout.backends import import_backend_modules
+
+    pkg = tmp_path / "fleetpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "backend_tiny.py").write_text("from dapo_megatron.rollout.backends import RolloutBackend, register\n\n\n"
+                                         "@register('tiny_fleet')\nclass Tiny(RolloutBackend):\n    pass\n")
+    (pkg / "helpers.py").write_text("raise AssertionError('only backend_*.py modules are imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert import_backend_modules(pkg, "fleetpkg") == ["backend_tiny"]
+        assert BACKENDS["tiny_fleet"].name == "tiny_fleet"
+    finally:
+        BACKENDS.pop("tiny_fleet", None)
+
+
 @pytest.mark.dist
 def test_a_backend_registered_from_this_file_serves_dapo_steps(tmp_path, torchrun):
     from dapo_megatron.models.tiny import make_tiny_hf_model

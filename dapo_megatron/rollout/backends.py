@@ -344,3 +344,18 @@ class SGLangBackend(RolloutBackend):
         if self._own is not None:  # the router this rank started in front of other nodes' servers
             self._own.shutdown()
         # the servers stop with their NodeEngines (every node's own)
+
+
+def import_backend_modules(folder=Path(__file__).parent, package=__name__.rpartition(".")[0]) -> list:
+    """A backend beyond the three above is one module, `rollout/backend_<name>.py`, that `@register`s its class: every
+    such module of `folder` is imported here, when this registry is (config validation and the plan read it)."""
+    import importlib
+    import pkgutil
+
+    found = [m.name for m in pkgutil.iter_modules([str(folder)]) if m.name.startswith("backend_")]
+    for name in found:
+        importlib.import_module(f"{package}.{name}")
+    return found
+
+
+import_backend_modules()
