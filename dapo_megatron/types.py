@@ -1,4 +1,5 @@
-"""Types shared by rollout, reward/filter and the trainer (see DESIGN.md). Imports nothing of the package."""
+"""Types shared by rollout, reward/filter and the trainer (docs/ARCHITECTURE.md, "Contracts": token-exact samples,
+weight versions). Imports nothing of the package."""
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
