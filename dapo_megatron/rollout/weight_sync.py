@@ -87,6 +87,12 @@ class WeightSync:
     """
     mode = ""
     needs = ""  # what the mode needs of a backend, for the one-line refusal of a backend that does not offer it
+    # How the trainer streams to it (train/stages.py: WeightSyncer). Default: every pipeline stage's buckets to global
+    # rank 0, which holds this sync. to_engine_hosts: to every rank that hosts an engine (per-node engines), each
+    # feeding its own. from_stage_sources: each stage's source rank sends its own (`for_stage`); rank 0 runs the
+    # engines' update session around them.
+    to_engine_hosts = False
+    from_stage_sources = False
 
     def __init__(self, weight_version=None, bucket_size_mb: float = 512):
         self.version = weight_version if isinstance(weight_version, WeightVersion) else WeightVersion(weight_version or 0)
@@ -168,6 +174,7 @@ class DiskWeightSync(WeightSync):
 class TensorWeightSync(WeightSync):
     """Copy into an in-process embedded engine, bucket by bucket. Takes the Engine or a RolloutClient(engine=)."""
     mode = "tensor"
+    to_engine_hosts = True
     needs = ("the engine in the trainer's process (embedded) or one colocated SGLang server of TP 1 on its GPU "
              "(colocate=true, sglang_num_servers=1, sglang_tp_size=1)")
 
@@ -235,6 +242,7 @@ class DistributedWeightSync(WeightSync):
     """
     mode = "distributed"
     needs = "SGLang engines that join an NCCL group"
+    from_stage_sources = True
 
     @classmethod
     def for_backend(cls, backend):
@@ -374,7 +382,7 @@ class CudaIpcWeightSync(WeightSync):
     `device`: the sending rank's GPU, which must be the engine's (check_ipc_sender); "cpu" only for protocol tests
     (CPU tensors do not cross unrelated processes this way)."""
     mode = "tensor"
-    needs = TensorWeightSync.needs
+    needs, to_engine_hosts = TensorWeightSync.needs, TensorWeightSync.to_engine_hosts
 
     def __init__(self, client, *, device="cuda", weight_version=None, bucket_size_mb: float = 512):
         super().__init__(weight_version, bucket_size_mb)

@@ -32,7 +32,7 @@ class RolloutStage:
         self.loop = asyncio.new_event_loop()
         r = cfg.rollout
         self.api_key = engines.api_key if engines is not None else run_api_key(cfg)  # no engines: `eval` alone
-        # engines: rollout/backends.py start_node_engines (every node's engines, started by its local rank 0)
+        # engines: rollout/node_engines.py start_node_engines (every node's engines, started by its local rank 0)
         self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
                                     api_key=self.api_key, engines=engines)
         self.client: RolloutFleet = self.backend.client
@@ -150,16 +150,18 @@ class WeightSyncer:
         from megatron.core import parallel_state as ps
 
         self.cfg, self.stage = cfg, stage
-        self.mode = broadcast_from_rank0(stage.backend.weight_sync_mode() if stage is not None else None)
+        # the same on every rank (the backend class declares it; rank 0 alone holds the backend)
+        sync_class = BACKENDS[cfg.rollout.backend].weight_sync_class_of(cfg.rollout)
+        self.mode, self.from_stage_sources = sync_class.mode, sync_class.from_stage_sources
         self.bucket_mb = cfg.rollout.weight_sync_bucket_mb
-        # tensor mode with per-node engines: every engine host receives the stream and feeds its own engine
+        # per-node engines: every engine host receives the stream and feeds its own engine
         self.dsts, self.sink = [0], stage.weight_sync if stage is not None else None
-        if self.mode == "tensor" and engines is not None and engines.host_ranks:
+        if sync_class.to_engine_hosts and engines is not None and engines.host_ranks:
             self.dsts = engines.host_ranks
             if stage is None and dist.get_rank() in self.dsts:
                 self.sink = engines.weight_sink()
         self.sender = None
-        if self.mode == "distributed":
+        if self.from_stage_sources:
             urls, key = broadcast_from_rank0((stage.client.worker_urls, stage.api_key) if stage is not None else None)
             if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
                 self.sender = BACKENDS[cfg.rollout.backend].stage_weight_sender(
@@ -171,7 +173,7 @@ class WeightSyncer:
         from .weight_stream import WeightStream
 
         stream = WeightStream(actor, dst=self.dsts, bucket_mb=self.bucket_mb)
-        if self.mode == "distributed":
+        if self.from_stage_sources:
             return self._sync_distributed(stream, version)
         with sync_check.probe() as rss:  # DAPO_CHECK_SYNC=1 (tests): peak RSS during the sync
             stream.run(lambda buckets: self.sink.sync_buckets(buckets, version) if self.sink is not None else None)
