@@ -53,7 +53,6 @@ def test_sp_pads_the_sequence_to_a_multiple_of_tp(packed):
 def _check_equal(r, layouts):
     for name in layouts:
         off, on = r[(name, False)], r[(name, True)]
-        assert not off["norm_tagged"] and len(on["norm_tagged"]) == 2 * 4 + 1, name  # 2 per layer + final norm
         assert _max_diff(on["logprobs"], off["logprobs"]) < 1e-5, name
         assert on["gap"] == pytest.approx(off["gap"], abs=1e-5)  # the logged train/rollout log-prob gap
         for m in METRICS:
@@ -62,6 +61,7 @@ def _check_equal(r, layouts):
             assert (on["norm_grads"][k] - g).abs().max() <= 1e-5 * g.abs().max(), (name, k)
         for k, w in off["weights"].items():  # one Adam step at lr 1e-4
             assert (on["weights"][k] - w).abs().max() < 5e-6, (name, k)
+        assert not off["norm_tagged"] and len(on["norm_tagged"]) == 2 * 4 + 1, name  # 2 per layer + final norm
     assert r[(layouts[0], False)]["metrics"]["actor/grad_norm"] > 0.1  # the step really moved the weights
 
 
