@@ -1,10 +1,10 @@
 """torchrun script (TP=2): the actor with sequence parallelism on and off gives the same numbers.
 
-argv: hf_dir out_file [layout,...] [ckpt_dir] (layouts: packed, padded; default both). For each layout and SP off / on, a fresh Actor
+argv: hf_dir out_file layout,... pp [ckpt_dir] (layouts: packed, padded; TP=2 x PP=pp). For each layout and SP off / on, a fresh Actor
 on the same weights (pad_to_multiple_of=1, so only SP's own padding to a multiple of TP is applied) computes the
 log-probs of ragged samples (their largest gap to the rollout's log-probs is the logged
 train_infer_logprob_diff_max), takes one optimizer step (loss, grad norm, entropy), and records the norm weights'
-gradients and the updated weights. With ckpt_dir the packed SP run then saves a checkpoint there and
+gradients and the updated weights; with SP, the reference policy (train/reference.py) gives the same log-probs. With ckpt_dir the packed SP run then saves a checkpoint there and
 records what sp_resume.py (TP=1) must reproduce from it: the log-probs and a second step. It also counts the bytes saved for backward inside each transformer layer over
 one long micro-batch (saved_tensors_hooks, each storage once, parameters excluded). Rank 0 saves everything.
 """
@@ -76,8 +76,8 @@ def after_step(actor, batch) -> dict:
 
 def main():
     hf_dir, out_file = sys.argv[1], sys.argv[2]
-    names = sys.argv[3].split(",") if len(sys.argv) > 3 else ["packed", "padded"]
-    ckpt = sys.argv[4] if len(sys.argv) > 4 else None
+    names, pp = sys.argv[3].split(","), int(sys.argv[4])
+    ckpt = sys.argv[5] if len(sys.argv) > 5 else None
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -89,7 +89,8 @@ def main():
     results = {}
     for sp in (False, True):
         # groups are made once; each initialize records its sequence_parallel for the models built after it
-        parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sp), seed=1)
+        parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=pp,
+                                                    sequence_parallel=sp), seed=1)
         for name in names:
             cfg = ActorConfig(global_batch_size=12, micro_batch_size=3, lr=1e-4, weight_decay=0.0,
                               pad_to_multiple_of=1, use_remove_padding=name == "packed")
@@ -101,17 +102,28 @@ def main():
             rec = {"logprobs": [s.metadata["old_logprobs"] for s in batch],
                    "gap": max(abs(a - b) for s in batch for a, b in zip(s.metadata["old_logprobs"],
                                                                         s.rollout_logprobs))}
+            if sp and name == names[0]:
+                from dapo_megatron.train.reference import ReferencePolicy
+
+                ref = ReferencePolicy(ModelConfig(path=hf_dir, make_vocab_size_divisible_by=1), cfg, pad_id=0)
+                assert ref.config.sequence_parallel and ref.multiple == 2
+                ref.compute_logprobs(batch)
+                rec["ref_logprobs"] = [s.metadata.pop("ref_logprobs") for s in batch]
+                del ref
             off_policy(batch, "old_logprobs")
             rec["metrics"] = actor.train_step(batch)
             norms = {n: p.main_grad.detach().clone() for n, p in actor.model.named_parameters() if "norm" in n}
             rec["norm_grads"] = norms
             rec["norm_tagged"] = sorted(n for n, p in actor.model.named_parameters()
                                         if getattr(p, "sequence_parallel", False))
+            rec["token_norms"] = sorted(n for n, _ in actor.model.named_parameters()
+                                        if n.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight",
+                                                       "final_layernorm.weight")))
             weights = {k: v.detach().clone() for k, v in actor.hf_weights()}
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, weights if ps.get_tensor_model_parallel_rank() == 0 else {})
             rec["weights"] = {k: v for part in gathered for k, v in part.items()}
-            if name == names[0]:
+            if name == names[0] and pp == 1:
                 rec["saved_bytes_per_layer"] = saved_bytes_per_layer(actor, seq=SEQ)
                 rec["hidden_size"], rec["seq"] = actor.arch.hidden_size, SEQ
             if ckpt and sp and name == "packed":
