@@ -1,12 +1,14 @@
-"""torchrun script (TP=2): the actor with sequence parallelism on and off gives the same numbers.
+"""torchrun script (TP=2 x PP=pp): the actor with sequence parallelism on and off gives the same numbers.
 
-argv: hf_dir out_file layout,... pp [ckpt_dir] (layouts: packed, padded; TP=2 x PP=pp). For each layout and SP off / on, a fresh Actor
-on the same weights (pad_to_multiple_of=1, so only SP's own padding to a multiple of TP is applied) computes the
-log-probs of ragged samples (their largest gap to the rollout's log-probs is the logged
+argv: hf_dir out_file layout,... pp [ckpt_dir] (layouts: packed, padded). For each layout and SP off / on, a fresh
+Actor on the same weights (pad_to_multiple_of=1, so only SP's own padding to a multiple of TP is applied) computes
+the log-probs of ragged samples (their largest gap to the rollout's log-probs is the logged
 train_infer_logprob_diff_max), takes one optimizer step (loss, grad norm, entropy), and records the norm weights'
-gradients and the updated weights; with SP, the reference policy (train/reference.py) gives the same log-probs. With ckpt_dir the packed SP run then saves a checkpoint there and
-records what sp_resume.py (TP=1) must reproduce from it: the log-probs and a second step. It also counts the bytes saved for backward inside each transformer layer over
-one long micro-batch (saved_tensors_hooks, each storage once, parameters excluded). Rank 0 saves everything.
+gradients and the updated weights; with SP, the reference policy (train/reference.py) gives the same log-probs.
+At PP=1 it also counts the bytes saved for backward inside each transformer layer over one long micro-batch
+(saved_tensors_hooks, each storage once, parameters excluded). With ckpt_dir the packed SP run then saves a
+checkpoint there and records what sp_resume.py (TP=1) must reproduce from it: the log-probs and a second step.
+Rank 0 saves everything.
 """
 import sys
 
@@ -55,6 +57,7 @@ def saved_bytes_per_layer(actor, seq: int) -> dict:
     return {k: v / len(layers) for k, v in total.items()}
 
 
+BATCH = 6  # ragged samples (one fully masked), 2 micro-batches of 3
 SEQ = 96  # tokens of the activation-count micro-batch (not a hidden size of the tiny models: shapes stay distinct)
 
 
@@ -85,6 +88,7 @@ def main():
     from dapo_megatron.algo.loss import PolicyLossConfig
     from dapo_megatron.models import ModelConfig
     from dapo_megatron.train.actor import Actor, ActorConfig
+    from dapo_megatron.train.loop import _logprob_gap  # the logged rollout/train_infer_logprob_diff_max
 
     results = {}
     for sp in (False, True):
@@ -92,16 +96,14 @@ def main():
         parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=pp,
                                                     sequence_parallel=sp), seed=1)
         for name in names:
-            cfg = ActorConfig(global_batch_size=12, micro_batch_size=3, lr=1e-4, weight_decay=0.0,
+            cfg = ActorConfig(global_batch_size=BATCH, micro_batch_size=3, lr=1e-4, weight_decay=0.0,
                               pad_to_multiple_of=1, use_remove_padding=name == "packed")
             actor = Actor(ModelConfig(path=hf_dir, make_vocab_size_divisible_by=1), cfg,
                           PolicyLossConfig(clip_ratio_c=3.0, entropy_coef=0.01), pad_id=0)
             assert actor.config.sequence_parallel == sp and actor.multiple == (2 if sp else 1)
-            batch = samples(actor.arch.vocab_size)
+            batch = samples(actor.arch.vocab_size)[:BATCH]
             actor.compute_logprobs(batch)
-            rec = {"logprobs": [s.metadata["old_logprobs"] for s in batch],
-                   "gap": max(abs(a - b) for s in batch for a, b in zip(s.metadata["old_logprobs"],
-                                                                        s.rollout_logprobs))}
+            rec = {"logprobs": [s.metadata["old_logprobs"] for s in batch], "gap": _logprob_gap(batch)}
             if sp and name == names[0]:
                 from dapo_megatron.train.reference import ReferencePolicy
 
