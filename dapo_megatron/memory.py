@@ -193,32 +193,47 @@ def model_states(arch, stage: int, s: Shape) -> tuple:
 
 # ---- activations -----------------------------------------------------------------------------------------------
 def layer_activations(arch, layer: int, s: Shape) -> float:
-    """Bytes one transformer layer saves for backward over one micro-batch (no recompute)."""
+    """Bytes one transformer layer saves for backward over one micro-batch (no full recompute).
+
+    GPU (Transformer Engine, fused SwiGLU and RoPE, flash attention): per token, the norms' inputs and outputs (4h,
+    /TP with SP), q and k after RoPE and the fused qkv output (v views it), the attention output, the SwiGLU input
+    (2 ffn) and output (ffn), /TP, and flash attention's fp32 log-sum-exp. CPU (megatron's local layers, measured by
+    tools/mem_check.py): torch's RMSNorm also keeps x/rms, the unfused SwiGLU two more ffn-sized tensors, RoPE its
+    cos/sin, and the local attention (without selective recompute) q plus k and v repeated to every head, its
+    softmax (heads/TP x s^2 per sequence) and the causal mask.
+    """
     h, kv, b, t = arch.hidden_size, arch.kv_channels, s.param_bytes, s.tp
-    a, g = arch.num_attention_heads, arch.num_query_groups
+    q, g = arch.num_attention_heads * kv / t, arch.num_query_groups * kv / t
     T, sp = s.tokens, (s.tp if s.sp else 1)
-    elems = 4 * h * T / sp  # the two norms' inputs and the two linear inputs they feed (SP: a sequence shard)
-    elems += (a + 2 * g) * kv * T / t + a * kv * T / t  # q, k, v and the attention output (the projection's input)
+    gpu, selective = s.on_gpu, s.recompute == "selective"
+    elems = (4 if gpu else 6) * h * T / sp  # two norms: input, output (and x/rms on CPU)
+    if gpu or selective or q == g:
+        elems += (q + g + q + 2 * g) * T  # q, k after RoPE; the qkv output that v views
+    else:
+        elems += 3 * q * T  # CPU attention: q, k and v repeated to every head
+    elems += q * T  # the attention output (the projection's input)
     if arch.qk_layernorm:
-        elems += (a + g) * kv * T / t  # q, k before their norms
+        elems += (q + g) * T * (1 if gpu else 2)
     moe = arch.moe
     if moe is not None and moe.is_moe_layer(layer):
         routed = moe.topk * T / sp  # token copies this rank's experts see (balanced over EP)
-        elems += routed * (2 * h + 3 * moe.ffn_hidden_size / s.etp)  # permuted input, SwiGLU in/out, expert output
+        elems += routed * (2 * h + (3 if gpu else 5) * moe.ffn_hidden_size / s.etp)  # in, SwiGLU, expert output
         elems += 2 * moe.num_experts * T / sp * 4 / b  # router logits and probabilities (fp32)
         if moe.shared_expert_size:
-            elems += 3 * moe.shared_expert_size * T / t
+            elems += (3 if gpu else 5) * moe.shared_expert_size * T / t
     else:
-        elems += 3 * arch.ffn_hidden_size * T / t  # SwiGLU input (2 ffn) and output (fc2's input)
-    out = elems * b
-    if s.recompute == "selective":
+        elems += (3 if gpu else 5) * arch.ffn_hidden_size * T / t
+    out = elems * b + 2 * 4.0 * T / sp  # + the norms' fp32 1/rms
+    if gpu:
+        return out + (0.0 if selective else 4.0 * q / kv * T)  # flash attention's log-sum-exp (fp32)
+    out += 4 * kv * (T if s.packed else max(s.seq_lens)) * b  # unfused RoPE: cos, sin (q and k; padded: one row)
+    if selective:
         return out
-    if s.on_gpu:
-        return out + 4.0 * a / t * T  # flash attention's log-sum-exp (fp32)
-    # CPU: megatron's local attention keeps the softmax (heads/TP x s^2, in the activations' dtype) and the causal
-    # mask (bool) of each sequence, and the unfused RoPE its cos/sin (q and k, one pair each)
-    rows = s.seq_lens if s.packed else [max(s.seq_lens)] * len(s.seq_lens)
-    return out + sum(a / t * n * n * b + n * n for n in rows) + 4 * kv * T * b
+    heads = q / kv
+    if s.packed:  # one causal softmax and mask per sequence
+        return out + sum(heads * n * n * b + n * n for n in s.seq_lens)
+    n = max(s.seq_lens)
+    return out + len(s.seq_lens) * heads * n * n * b + n * n  # one mask for the batch
 
 
 def _stage_layers(arch, stage: int, s: Shape) -> list:
@@ -244,15 +259,20 @@ def stage_activations(arch, stage: int, s: Shape) -> tuple:
         saved, transient = sum(per), 0.0
     if stage == 0:
         saved += 8.0 * T  # the embedding's token ids (int64)
-    if stage == s.pp - 1:
-        saved += h * T / sp * b + s.response_tokens * (h * b + 8)  # final norm input; head input rows + their index
+    if stage == s.pp - 1:  # final norm (its input, x/rms on CPU), the head's input rows, the loss's per-token tensors
+        saved += (1 if s.on_gpu else 2) * h * T / sp * b + s.response_tokens * (h * b + 48)
     return saved, transient
+
+
+def saved_logits(arch, s: Shape) -> float:
+    """The logits of one micro-batch's response tokens, saved for the log-prob backward ([N, V/TP])."""
+    return s.response_tokens * (s.padded_vocab or arch.vocab_size) / s.tp * s.param_bytes
 
 
 def logits_bytes(arch, s: Shape) -> float:
     """The last stage's LM-head buffers for one micro-batch: saved logits, their gradient, the chunk buffers."""
     v_local = (s.padded_vocab or arch.vocab_size) / s.tp
-    logits = s.response_tokens * v_local * s.param_bytes
+    logits = saved_logits(arch, s)
     grad = 0.0 if s.param_bytes == 4 else logits  # fp32 logits: the gradient is built in their own buffer
     return logits + grad + 2 * min(s.logprob_chunk, s.response_tokens) * v_local * 4
 
