@@ -204,7 +204,8 @@ def _run_command(name: str, argv: list) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
-        line = f"dapo-megatron {name}: {describe(e)} (DAPO_DEBUG=1 for the traceback)"
+        hint = "" if isinstance(e, UsageError) else " (DAPO_DEBUG=1 for the traceback)"
+        line = f"dapo-megatron {name}: {describe(e)}{hint}"
         if _first_to_say(line):
             print(line, file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
