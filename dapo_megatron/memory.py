@@ -131,11 +131,12 @@ class MemoryPlan:
         lines = [f"memory ({where}; {'bf16' if s.param_bytes == 2 else 'fp32'} weights, "
                  f"{'distributed optimizer' if s.dist_opt else 'optimizer not sharded'}, SP "
                  f"{'on' if s.sp else 'off'}, recompute {s.recompute or 'none'}, {s.tokens} tokens per micro-batch):"]
+        unit, size = ("GiB", GIB) if max(st.total for st in self.stages) >= GIB else ("MiB", 2 ** 20)
         for st in self.stages:
-            terms = ", ".join(f"{k} {v / GIB:.1f}" for k, v in st.terms().items() if v)
-            kv = f"; engines' KV cache {st.kv_cache / GIB:.1f}" if st.kv_cache is not None else ""
-            lines.append(f"  stage {st.stage}: {st.total / GIB:.1f} GiB = {terms} (GiB; {st.in_flight} micro-batch(es)"
-                         f" in flight){kv}")
+            terms = ", ".join(f"{k} {v / size:.1f}" for k, v in st.terms().items() if v)
+            kv = f"; engines' KV cache {st.kv_cache / size:.1f}" if st.kv_cache is not None else ""
+            lines.append(f"  stage {st.stage}: {st.total / size:.1f} {unit} = {terms} ({unit}; {st.in_flight} "
+                         f"micro-batch(es) in flight){kv}")
         if s.engine == "sglang":
             lines.append(f"  colocated engines take up to rollout.sglang_mem_fraction_static={s.engine_fraction:g} of "
                          "the GPU while generating (the actor's states included) and release it while the actor "

@@ -146,3 +146,25 @@ def test_shape_of_reads_the_config():
     short = m.shape_of(build_config(str(REPO / "examples/dapo_qwen2.5_7b/config.yaml"),
                                     ["actor.max_tokens_per_microbatch=100"]), arch, world=8)
     assert short.seq_lens == (10240,)  # a longer sequence gets a micro-batch of its own
+
+
+def test_train_startup_prints_the_estimate_and_warns_over_the_device(monkeypatch, tmp_path):
+    import shutil
+
+    import torch
+
+    from dapo_megatron.placement import startup_plan
+
+    shutil.copy(REPO / "examples/dapo_qwen2.5_7b/hf_config.json", tmp_path / "config.json")
+    cfg = build_config(str(REPO / "examples/toy/config.yaml"), [f"model.path={tmp_path}"])
+    text = startup_plan(cfg, 1, 1)
+    assert "memory (per process, CPU; fp32 weights" in text and "stage 0:" in text and "WARNING" not in text
+
+    class Props:
+        total_memory = 8 * GIB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an 8 GiB GPU: the 7B model does not fit
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    text = startup_plan(cfg, 1, 1)
+    warning = [line for line in text.splitlines() if line.startswith("WARNING")]
+    assert len(warning) == 1 and "over 8 GiB" in warning[0] and "memory (per GPU, 8 GiB; bf16" in text

@@ -10,8 +10,10 @@ measures
 - activations: the bytes saved for backward while one micro-batch runs forward on this stage, each storage counted
   once (torch.autograd.graph.saved_tensors_hooks, keyed by untyped_storage().data_ptr(); parameters excluded; what a
   recompute saves inside backward excluded), for its largest micro-batch;
-and the estimate for the same shapes (the micro-batch's real sequence lengths and response tokens, fp32 weights,
-the optimizer as configured). It prints one row per rank and layout with measured / estimated ratios.
+and the estimate for the same shapes (the micro-batch's real sequence lengths and response tokens, the weights' dtype
+and the optimizer as the actor built them). It prints one row per stage and layout with measured / estimated
+ratios. On a GPU (bf16, distributed optimizer, Transformer Engine layers) it also prints the step's
+torch.cuda.max_memory_allocated against the estimate's total for the stage.
 
 As a rank script (`--ranks TP PP HF_DIR OUT VARIANTS`) it writes the rows to OUT (tests/test_memory_measured.py).
 """
@@ -106,7 +108,10 @@ def rank_main(tp: int, pp: int, hf_dir: str, out: str, variants: list) -> None:
 
     parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     stage, rows = ps.get_pipeline_model_parallel_rank(), []
+    on_gpu = torch.cuda.is_available()
     for name in variants:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         cfg = ActorConfig(global_batch_size=8, micro_batch_size=4, lr=1e-4, weight_decay=0.0, **VARIANTS[name])
         actor = Actor(ModelConfig(path=hf_dir), cfg, PolicyLossConfig(), pad_id=0)
         exclude = {p.untyped_storage().data_ptr() for p in actor.model.parameters()}
@@ -125,12 +130,15 @@ def rank_main(tp: int, pp: int, hf_dir: str, out: str, variants: list) -> None:
             actor.train_step(samples(actor.arch.vocab_size))
         actor.model.forward = forward
         measured = model_state_bytes(actor)
+        if on_gpu:  # the whole step's peak, to compare with the estimate's total
+            measured["peak_allocated"] = torch.cuda.max_memory_allocated()
         info, kept = max(saved.per_mb, key=lambda x: x[0]["shape"][0] * x[0]["shape"][1])
         b, s = info["shape"]
         seq_lens = tuple(y - x for x, y in zip(info["cu"], info["cu"][1:])) if info["cu"] else (s,) * b
         shape = memory.Shape(
-            tp=tp, pp=pp, dp=1, sp=bool(actor.config.sequence_parallel), dist_opt=bool(
-                actor.cfg.use_distributed_optimizer), param_bytes=actor.config.params_dtype.itemsize, on_gpu=False,
+            tp=tp, pp=pp, dp=1, sp=bool(actor.config.sequence_parallel),
+            dist_opt=on_gpu if cfg.use_distributed_optimizer is None else cfg.use_distributed_optimizer,
+            param_bytes=actor.config.params_dtype.itemsize, on_gpu=on_gpu, num_microbatches=len(saved.per_mb),
             recompute=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
             recompute_num_layers=cfg.recompute_num_layers, seq_lens=seq_lens, packed=info["cu"] is not None,
             response_tokens=info["response"], padded_vocab=padded_vocab_size(actor.arch.vocab_size, 128, tp))
@@ -138,9 +146,12 @@ def rank_main(tp: int, pp: int, hf_dir: str, out: str, variants: list) -> None:
         acts = memory.stage_activations(actor.arch, stage, shape)[0]
         if stage == pp - 1:
             acts += memory.saved_logits(actor.arch, shape)
+        estimated = {"weights": w, "grads": g, "optimizer": o, "activations": acts}
+        if on_gpu:
+            estimated["total"] = memory.estimate(actor.arch, shape).stages[stage].total
         rows.append({"layout": f"TP{tp} PP{pp}", "variant": name, "rank": dist.get_rank(), "stage": stage,
                      "tokens": shape.tokens, "measured": {**measured, "activations": sum(kept.values())},
-                     "estimated": {"weights": w, "grads": g, "optimizer": o, "activations": acts},
+                     "estimated": estimated,
                      "shape": dataclasses.asdict(shape)})
         del actor
     parts = [None] * dist.get_world_size()
@@ -157,9 +168,13 @@ def ratios(row: dict) -> dict:
 
 
 def table(rows: list) -> str:
-    lines = ["| layout | variant | rank (stage) | tokens | states measured / est. (KiB) | ratio | activations "
+    lines = ["| layout | variant | first rank (stage) | tokens | states measured / est. (KiB) | ratio | activations "
              "measured / est. (KiB) | ratio |", "|---|---|---|---|---|---|---|---|"]
+    seen = set()
     for r in rows:
+        if (r["layout"], r["variant"], r["stage"]) in seen:  # the TP ranks of a stage hold the same
+            continue
+        seen.add((r["layout"], r["variant"], r["stage"]))
         m, e, q = r["measured"], r["estimated"], ratios(r)
         ms, es = (sum(x[k] for k in ("weights", "grads", "optimizer")) / 1024 for x in (m, e))
         lines.append(f"| {r['layout']} | {r['variant']} | {r['rank']} ({r['stage']}) | {r['tokens']} | {ms:.0f} / "
@@ -191,6 +206,11 @@ def main():
                            stdout=subprocess.DEVNULL)
             rows += json.loads(out.read_text())
     print(table(rows))
+    for r in rows:  # GPU only: the step's torch.cuda.max_memory_allocated against the estimate's stage total
+        if "peak_allocated" in r["measured"]:
+            print(f"{r['layout']} {r['variant']} rank {r['rank']}: max_memory_allocated "
+                  f"{r['measured']['peak_allocated'] / 2 ** 20:.1f} MiB, estimated total "
+                  f"{r['estimated']['total'] / 2 ** 20:.1f} MiB")
     worst = max(max(abs(q - 1) for q in ratios(r).values()) for r in rows)
     print(f"\nlargest deviation: {worst:.1%} (bounds: 10% model states, 15% activations)")
 
