@@ -93,8 +93,8 @@ def test_batch_sizes_that_tile_dp_pass(base):
      r"parallel.expert_model_parallel_size=2 needs a mixture-of-experts model; model.path is dense.*set it to 1"),
     (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 2,
      r"parallel.virtual_pipeline_model_parallel_size=2 is not supported.*set it to null"),
-    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"], 2,
-     r"parallel.sequence_parallel=true is not supported yet.*set parallel.sequence_parallel=false"),
+    (["parallel.sequence_parallel=true"], 1,
+     r"parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1.*set it to null or false"),
     (["parallel.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible by tensor_model_parallel_size"),
     (["parallel.pipeline_model_parallel_size=2"], 3, r"world size 3 is not divisible by.*pipeline_model_parallel_size"),
     (["parallel.tensor_model_parallel_size=4"], 4, r"tensor_model_parallel_size=4 must divide num_attention_heads=4 "
@@ -138,7 +138,8 @@ def test_planned_world_counts_every_size_that_multiplies_the_world():
     (["parallel.expert_model_parallel_size=2"], "config error: parallel.expert_model_parallel_size=2 needs a "
                                                 "mixture-of-experts model"),
     (["parallel.tensor_model_parallel_size=3"], "config error: model.path="),
-    (["parallel.sequence_parallel=true"], "config error: parallel.sequence_parallel=true is not supported"),
+    (["parallel.sequence_parallel=true"], "config error: parallel.sequence_parallel=true needs "
+                                          "parallel.tensor_model_parallel_size > 1"),
 ])
 def test_cli_refuses_before_launch(base, overrides, message):
     rc, out, err = run_cli(["train", *base, *overrides], timeout=120)

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from . import moe as moe_lib
+from . import norms
 from .hf_config import (
     ModelArch,
     arch_from_hf,
@@ -39,6 +40,7 @@ def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str], config=None, v
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if arch.moe is not None:
         block = moe_lib.decoder_block_spec(config, on_gpu, vp_stage)
@@ -47,7 +49,14 @@ def layer_spec(arch: ModelArch, on_gpu: bool, fp8: Optional[str], config=None, v
         return block
     if on_gpu:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, fp8=fp8)
-    return _packed_core_attention(get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"))
+    spec = _packed_core_attention(get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"))
+    if config is None or not config.sequence_parallel:
+        return spec
+    # CPU + SP: torch's norm on the sequence shard, weights tagged for the TP gradient sum (models/norms.py); the
+    # block's final norm too, so the spec is a whole block's
+    spec = norms.sequence_parallel_layer_spec(spec)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=norms.SequenceParallelRMSNorm)
 
 
 def _packed_core_attention(spec):
@@ -62,8 +71,11 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
                     fp8: Optional[str] = None, fp8_recipe: str = "delayed", on_gpu: Optional[bool] = None,
                     vp_stage: Optional[int] = None, moe_options: Optional[moe_lib.MoEOptions] = None,
                     make_vocab_size_divisible_by: int = 128, padded_vocab: Optional[int] = None,
-                    config_overrides: Optional[dict] = None):
+                    config_overrides: Optional[dict] = None, sequence_parallel: Optional[bool] = None):
     """One pipeline stage of the model, sharded for the current tensor-parallel rank.
+
+    `sequence_parallel`: None = what `parallel.initialize` resolved (parallel.sequence_parallel; default on at
+    TP > 1). Sequence parallelism changes activations only: the parameters, their names and shapes are the same.
 
     The vocabulary is padded to `padded_vocab` rows, by default Megatron-LM's size for this TP.
     `config_overrides`: extra TransformerConfig fields of the trainer (activation recompute), applied last.
@@ -72,8 +84,13 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from .. import parallel
+
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    sp = (parallel.sequence_parallel() if sequence_parallel is None else sequence_parallel) and tp > 1
+    if arch.moe is not None:
+        sp = tp > 1  # megatron-core trains MoE layers at TP > 1 only with SP (check_supported refuses false)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     etp = parallel_state.get_expert_tensor_parallel_world_size()
@@ -90,6 +107,7 @@ def build_gpt_model(arch: ModelArch, *, pre_process: bool = True, post_process: 
         expert_tensor_parallel_size=etp,
         **{**transformer_config_kwargs(arch, on_gpu=on_gpu, fp8=fp8, fp8_recipe=fp8_recipe, moe_options=moe_options,
                                        tp=tp),
+           "sequence_parallel": sp,
            **(config_overrides or {})},
     )
     return GPTModel(

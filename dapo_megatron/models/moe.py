@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from . import norms
+
 _EXPERT_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 _TE_GROUPED_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -196,41 +198,10 @@ def decoder_block_spec(config, on_gpu: bool, vp_stage=None):
         config = dataclasses.replace(config, sequence_parallel=False)
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
                                           vp_stage=vp_stage)
-        return dataclasses.replace(spec, layer_norm=_SequenceParallelRMSNorm,
-                                   layer_specs=[_sp_layer_spec(ls) for ls in spec.layer_specs])
+        return dataclasses.replace(spec, layer_norm=norms.SequenceParallelRMSNorm,
+                                   layer_specs=[norms.sequence_parallel_layer_spec(ls) for ls in spec.layer_specs])
     return get_gpt_decoder_block_spec(config, use_transformer_engine=on_gpu, normalization="RMSNorm",
                                       vp_stage=vp_stage)
-
-
-class _TorchRMSNorm:
-    """torch RMSNorm built whatever the config's sequence_parallel says (q/k norms act on heads, not tokens)."""
-
-    tag_sequence_parallel = False
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
-        import torch
-
-        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
-        for p in norm.parameters():
-            p.sequence_parallel = cls.tag_sequence_parallel
-        return norm
-
-
-class _SequenceParallelRMSNorm(_TorchRMSNorm):
-    """torch RMSNorm over a sequence-parallel shard: weights tagged `sequence_parallel` (grads summed over TP)."""
-
-    tag_sequence_parallel = True
-
-
-def _sp_layer_spec(layer_spec):
-    from megatron.core.transformer.identity_op import IdentityOp
-
-    attn = layer_spec.submodules.self_attention
-    qk = {k: _TorchRMSNorm for k in ("q_layernorm", "k_layernorm") if getattr(attn.submodules, k) is not IdentityOp}
-    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, **qk))
-    sub = dataclasses.replace(layer_spec.submodules, input_layernorm=_SequenceParallelRMSNorm,
-                              pre_mlp_layernorm=_SequenceParallelRMSNorm, self_attention=attn)
-    return dataclasses.replace(layer_spec, submodules=sub)
 
 
 # ---------------------------------------------------------------- weight names

@@ -18,8 +18,33 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1  # MoE models only; carved out of data parallel (world / PP / TP / EP)
     expert_tensor_parallel_size: int | None = None  # MoE only: TP inside each expert; null = tensor_model_parallel_size
     virtual_pipeline_model_parallel_size: int | None = None  # refused (one model chunk per pipeline stage)
-    sequence_parallel: bool = False  # refused when true (see check_supported)
+    # Megatron's sequence parallelism: at TP > 1 the norms, residuals and dropout of each layer hold 1/TP of the
+    # sequence (activations per layer s*h*34/t bytes instead of s*h*(10 + 24/t), Korthikanti et al. 2022) for the
+    # same all-reduce volume (an all-gather + reduce-scatter pair replaces each all-reduce) and the same numbers.
+    # null (default) = on when tensor_model_parallel_size > 1, as every Megatron-LM recipe runs TP; false turns it
+    # off; true at TP = 1 is refused (there is nothing to split the sequence over).
+    sequence_parallel: bool | None = None
     distributed_timeout_minutes: int = 30
+
+
+def resolve_sequence_parallel(cfg: ParallelConfig) -> bool:
+    """Whether `cfg` runs sequence parallelism (null = on at TP > 1)."""
+    if cfg.sequence_parallel is None:
+        return cfg.tensor_model_parallel_size > 1
+    return bool(cfg.sequence_parallel) and cfg.tensor_model_parallel_size > 1
+
+
+_sequence_parallel: bool | None = None  # the setting of the latest `initialize` (None: not called)
+
+
+def sequence_parallel() -> bool:
+    """Whether models built now use sequence parallelism: what the latest `initialize` resolved; without one
+    (megatron's parallel state set up directly), the default, TP > 1."""
+    if _sequence_parallel is not None:
+        return _sequence_parallel
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size() > 1
 
 
 def world_size_from_env() -> int:
@@ -100,10 +125,16 @@ def check_supported(cfg: ParallelConfig, num_experts: int = 0) -> None:
         raise ValueError(
             f"parallel.virtual_pipeline_model_parallel_size={cfg.virtual_pipeline_model_parallel_size} is not "
             "supported: the actor builds one model chunk per pipeline stage (no interleaved schedule); set it to null")
-    if cfg.sequence_parallel:
+    sp = cfg.sequence_parallel
+    if sp not in (None, True, False):
+        raise ValueError(f"parallel.sequence_parallel={sp!r} must be true, false or null (null: on when TP > 1)")
+    if sp and cfg.tensor_model_parallel_size == 1:
+        raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1 (it splits "
+                         "the sequence over the TP ranks); set it to null or false, or raise the TP size")
+    if sp is False and num_experts and cfg.tensor_model_parallel_size > 1:
         raise ValueError(
-            "parallel.sequence_parallel=true is not supported yet: the actor does not shard activations along the "
-            "sequence (it would run as plain TP); set parallel.sequence_parallel=false")
+            f"parallel.sequence_parallel=false with tensor_model_parallel_size={cfg.tensor_model_parallel_size}: "
+            "megatron-core trains mixture-of-experts layers at TP > 1 only with sequence parallelism; set it to null")
 
 
 def initialize(cfg: ParallelConfig | None = None, seed: int = 1234) -> None:
@@ -129,6 +160,9 @@ def initialize(cfg: ParallelConfig | None = None, seed: int = 1234) -> None:
         dist.init_process_group("nccl" if on_gpu else "gloo",
                                 timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes))
     check_sizes(cfg, dist.get_world_size())
+    global _sequence_parallel
+    # Recorded on every call (the groups are made once): a process may build models with SP on and off.
+    _sequence_parallel = resolve_sequence_parallel(cfg)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor_model_parallel_size,
@@ -156,6 +190,8 @@ def seed_all(seed: int) -> None:
 def destroy() -> None:
     from megatron.core import parallel_state
 
+    global _sequence_parallel
+    _sequence_parallel = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -29,6 +29,7 @@ from .packing import (
     pack_microbatch,
     packed_seq_params,
     seq_len,
+    sequence_multiple,
     to_rows,
 )
 from .routing_replay import MODES as ROUTING_REPLAY_MODES
@@ -139,6 +140,8 @@ class Actor:
             lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
             wd_incr_steps=1, wd_incr_style="constant")
         self.config = config
+        self.multiple = sequence_multiple(cfg.pad_to_multiple_of, config.tensor_model_parallel_size,
+                                          config.sequence_parallel)
         self.head = ResponseHead(module.output_layer) if ps.is_pipeline_last_stage() else None
         self.replay = RoutingReplay(module, cfg.routing_replay, self.arch.num_layers,
                                     self.arch.moe.topk if self.arch.moe else 1, bool(config.sequence_parallel))
@@ -161,7 +164,7 @@ class Actor:
         parts = dp_partition(lengths, self.dp_size)
         groups = microbatch_groups([[lengths[i] for i in part] for part in parts],
                                    micro_batch_size=cfg.micro_batch_size, budget=cfg.max_tokens_per_microbatch,
-                                   packed=cfg.use_remove_padding, multiple=cfg.pad_to_multiple_of)
+                                   packed=cfg.use_remove_padding, multiple=self.multiple)
         return [[[part[j] for j in g] for g in rank_groups] for part, rank_groups in zip(parts, groups)]
 
     def _layout(self, samples: list[Sample]) -> list[list[int]]:
@@ -172,7 +175,7 @@ class Actor:
         fields = TOKEN_FIELDS
         if samples and all("ref_logprobs" in s.metadata for s in samples):  # the reference policy's (reference.py)
             fields = {**TOKEN_FIELDS, "ref_logprobs": lambda s: s.metadata["ref_logprobs"]}
-        mbs = [pack_microbatch([samples[i] for i in idx], self.pad_id, self.cfg.pad_to_multiple_of,
+        mbs = [pack_microbatch([samples[i] for i in idx], self.pad_id, self.multiple,
                                packed=self.cfg.use_remove_padding, token_fields=fields) for idx in layout]
         if replay:  # the experts each token must take (routing_replay.py); None where nothing is replayed
             for mb, idx in zip(mbs, layout):

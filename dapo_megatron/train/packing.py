@@ -16,6 +16,7 @@ per-token values) and per-sample scalars broadcast over the response (`SAMPLE_FI
 head positions to [B, R]. Both input layouts give identical [B, R] tensors, which is what makes them comparable.
 """
 import heapq
+import math
 from typing import Callable, Optional
 
 import torch
@@ -42,6 +43,12 @@ def register_token_field(name: str, getter: Callable[[Sample], Optional[list]]) 
 
 def seq_len(s: Sample) -> int:
     return len(s.prompt_ids) + len(s.response_ids)
+
+
+def sequence_multiple(pad_to_multiple_of: int, tp: int, sequence_parallel: bool) -> int:
+    """What each micro-batch's sequence dimension is padded to a multiple of: megatron's sequence parallelism
+    splits it evenly over the TP ranks (packed: the THD token count; padded: S of [B, S])."""
+    return math.lcm(pad_to_multiple_of, tp) if sequence_parallel else pad_to_multiple_of
 
 
 # ---- balancing ----------------------------------------------------------------------------------------------

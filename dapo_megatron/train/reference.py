@@ -21,6 +21,7 @@ from ..models import build_model
 from ..models.weights import load_hf_weights, safetensors_getter
 from .actor import Actor
 from .head import ResponseHead
+from .packing import sequence_multiple
 
 
 class ReferencePolicy(Actor):
@@ -42,6 +43,8 @@ class ReferencePolicy(Actor):
         module.requires_grad_(False)
         module.eval()
         self.model, self.config = module, module.config
+        self.multiple = sequence_multiple(actor_cfg.pad_to_multiple_of, module.config.tensor_model_parallel_size,
+                                          module.config.sequence_parallel)
         self.head = ResponseHead(module.output_layer) if ps.is_pipeline_last_stage() else None
         param_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2 ** 20
         self.build_metrics = {"ref/param_mb": param_mb, "ref/build_s": time.perf_counter() - t0,
