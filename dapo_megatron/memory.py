@@ -310,7 +310,8 @@ def shape_of(cfg, arch, world: int, on_gpu: bool = True, gpu_gib: float = 80.0) 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = max(1, world // (tp * pp))
     sp = getattr(p, "sequence_parallel", False)
-    sp = (tp > 1 if sp is None else bool(sp)) or (arch.moe is not None and tp > 1)  # MoE at TP > 1 always runs SP
+    # parallel.resolve_sequence_parallel: null = on at TP > 1; MoE layers at TP > 1 always run it
+    sp = (tp > 1 if sp is None else bool(sp) and tp > 1) or (arch.moe is not None and tp > 1)
     seq = (cfg.data.max_prompt_length or 0) + r.max_response_length
     if a.max_tokens_per_microbatch:
         budget = max(a.max_tokens_per_microbatch, seq)  # a longer sequence gets a micro-batch of its own

@@ -34,6 +34,14 @@ VARIANTS = {
     "padded_selective": {"use_remove_padding": False, "recompute_granularity": "selective"},
     "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     "full_block": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
+    # sequence parallelism (TP > 1 only; the variants above run without it)
+    "sp_packed": {"sequence_parallel": True},
+    "sp_padded": {"sequence_parallel": True, "use_remove_padding": False},
+    "sp_selective": {"sequence_parallel": True, "recompute_granularity": "selective"},
+    "sp_padded_selective": {"sequence_parallel": True, "use_remove_padding": False,
+                            "recompute_granularity": "selective"},
+    "sp_full": {"sequence_parallel": True, "recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1},
 }
 
 
@@ -106,13 +114,20 @@ def rank_main(tp: int, pp: int, hf_dir: str, out: str, variants: list) -> None:
     from dapo_megatron.models.hf_config import padded_vocab_size
     from dapo_megatron.train.actor import Actor, ActorConfig
 
-    parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-    stage, rows = ps.get_pipeline_model_parallel_rank(), []
+    stage, rows = None, []
     on_gpu = torch.cuda.is_available()
     for name in variants:
+        over = dict(VARIANTS[name])
+        sp = over.pop("sequence_parallel", False)
+        if sp and tp == 1:
+            continue
+        # a process may build models with SP on and off: initialize records the setting for the next build
+        parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                    sequence_parallel=sp))
+        stage = ps.get_pipeline_model_parallel_rank()
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        cfg = ActorConfig(global_batch_size=8, micro_batch_size=4, lr=1e-4, weight_decay=0.0, **VARIANTS[name])
+        cfg = ActorConfig(global_batch_size=8, micro_batch_size=4, lr=1e-4, weight_decay=0.0, **over)
         actor = Actor(ModelConfig(path=hf_dir), cfg, PolicyLossConfig(), pad_id=0)
         exclude = {p.untyped_storage().data_ptr() for p in actor.model.parameters()}
         exclude |= {b.grad_data.untyped_storage().data_ptr() for b in actor.model.buffers}
