@@ -326,12 +326,18 @@ def shape_of(cfg, arch, world: int, on_gpu: bool = True, gpu_gib: float = 80.0) 
     return Shape(tp=tp, pp=pp, dp=dp, ep=p.expert_model_parallel_size,
                  etp=p.expert_tensor_parallel_size or tp, sp=sp,
                  dist_opt=on_gpu if a.use_distributed_optimizer is None else a.use_distributed_optimizer,
-                 param_bytes=2 if on_gpu else 4, on_gpu=on_gpu, recompute=a.recompute_granularity,
+                 param_bytes=2 if _bf16(a, on_gpu) else 4, on_gpu=on_gpu, recompute=a.recompute_granularity,
                  recompute_method=a.recompute_method, recompute_num_layers=a.recompute_num_layers,
                  seq_lens=seq_lens, packed=a.use_remove_padding, longest=seq, response_tokens=response,
                  num_microbatches=max(1, a.global_batch_size // (dp * a.micro_batch_size)), logprob_chunk=chunk,
                  padded_vocab=padded, reference=cfg.algorithm.needs_reference, engine=engine,
                  engine_fraction=r.sglang_mem_fraction_static, engine_tp=r.sglang_tp_size, gpu_gib=gpu_gib)
+
+
+def _bf16(actor_cfg, on_gpu: bool) -> bool:
+    """Megatron's --bf16: actor.bf16 where the config has it (null: on with a GPU), else the device's default."""
+    bf16 = getattr(actor_cfg, "bf16", None)
+    return on_gpu if bf16 is None else bool(bf16)
 
 
 def fixes(arch, s: Shape) -> list:

@@ -136,6 +136,10 @@ def test_shape_of_reads_the_config():
     assert s.num_microbatches == 256 // 2 and s.padded_vocab == 152064 and not s.reference
     cpu = m.shape_of(cfg, arch, world=8, on_gpu=False)
     assert (cpu.param_bytes, cpu.dist_opt, cpu.on_gpu) == (4, False, False)  # fp32 and no dist-opt by default
+    cfg.actor.bf16, cfg.actor.use_distributed_optimizer = True, True  # actor.bf16 (branch py312) forced on CPU
+    forced = m.shape_of(cfg, arch, world=8, on_gpu=False)
+    assert (forced.param_bytes, forced.dist_opt) == (2, True)
+    assert m.model_states(arch, 0, forced)[2] == pytest.approx(m.model_states(arch, 0, s)[2])  # master + moments / DP
     budget = m.shape_of(build_config(str(REPO / "examples/dapo_qwen2.5_7b/config.yaml"),
                                      ["actor.max_tokens_per_microbatch=30000", "algorithm.kl_coef=0.001",
                                       "actor.use_distributed_optimizer=false"]), arch, world=8)
