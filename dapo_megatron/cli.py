@@ -1,4 +1,4 @@
-"""`dapo-megatron train | eval | serve | convert` console entry.
+"""`dapo-megatron train | eval | serve | convert | plan | engines` console entry.
 
 Every command registered in COMMANDS runs inside one error boundary (`run_command`): a user error (config, data,
 checkpoint, model, placement, memory plan, an unreachable server, a full disk, a bad command line) prints one line,
@@ -120,7 +120,7 @@ HELP = {"train": "DAPO training from a YAML config and dotted overrides",
         "eval": "avg@k accuracy of model.path on eval.path",
         "serve": "serve an HF model with the embedded engine (SGLang's HTTP API)",
         "convert": "checkpoint conversion: hf-to-megatron | megatron-to-hf",
-        "plan": "print where every trainer rank and rollout engine runs (--nodes N --gpus-per-node G)",
+        "plan": "where every trainer rank and engine runs, and each stage's GPU memory (--nodes N --gpus-per-node G)",
         "engines": "start the engines the plan puts on this node (one with no trainer rank); serve until SIGTERM"}
 
 
