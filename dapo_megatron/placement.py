@@ -389,7 +389,12 @@ def model_arch(cfg, config_path, model_config=None) -> tuple:
 
     from .models.hf_config import arch_from_hf, load_hf_config
 
-    candidates = [Path(model_config)] if model_config else []
+    if model_config:
+        path = Path(model_config) / "config.json" if Path(model_config).is_dir() else Path(model_config)
+        if not path.is_file():
+            raise PlacementError(f"--model-config {model_config}: no such file; give the model's HF config.json")
+        return arch_from_hf(load_hf_config(path)), str(path)
+    candidates = []
     if cfg.model.path:
         candidates.append(Path(cfg.model.path) / "config.json")
     if config_path:
@@ -397,8 +402,6 @@ def model_arch(cfg, config_path, model_config=None) -> tuple:
     for path in candidates:
         if path.is_file():
             return arch_from_hf(load_hf_config(path)), str(path)
-    if model_config:
-        raise PlacementError(f"--model-config {model_config}: no such file; give the model's HF config.json")
     return None, (f"no config.json at model.path={cfg.model.path or '(unset)'} nor hf_config.json beside the config; "
                   "pass --model-config FILE")
 

@@ -81,6 +81,8 @@ def test_plan_without_a_model_config_still_places(capsys, tmp_path):
     rc, out, err = plan(capsys, "--config", cfg, "--nodes", 1, "--gpus-per-node", 1, "--json",
                         "--model-config", REPO / "examples/toy/hf_config.json")
     assert rc == 0 and json.loads(out)["memory"]["fits"]
+    rc, out, err = plan(capsys, "--config", cfg, "--nodes", 1, "--gpus-per-node", 1, "--model-config", tmp_path / "no")
+    assert rc == 2 and err.startswith(f"dapo-megatron plan: placement error: --model-config {tmp_path / 'no'}: no such")
 
 
 def test_readme_table_matches_the_plans(capsys):
