@@ -5,9 +5,11 @@ hidden states at `index` (positions flattened in megatron's [s, b] order) and ha
 then returns [1, N, V_local] logits: its `transpose(0, 1).contiguous()` is a no-op on that shape (no copy), and the
 prompt and padding positions never reach the head, the log-prob pass or their backward. The hook keeps the
 module tree (and so every state-dict key) unchanged. Each TP rank selects the same rows of its replicated input,
-and the layer's input gradient is reduced across TP as usual. With sequence parallelism (MoE models at TP > 1) the
-input is sequence-sharded: the hook gathers it first (backward: this rank's slice of the gradient) and the layer
-runs that call as plain TP (its input copy sums the gradient over TP), then gets its setting back.
+and the layer's input gradient is reduced across TP as usual. With sequence parallelism (`parallel.sequence_parallel`,
+on by default at TP > 1) the input is sequence-sharded: the hook gathers it first (backward: this rank's slice of the
+gradient) and the layer runs that call as plain TP (its input copy sums the gradient over TP), then gets its setting
+back. Under SP each micro-batch's sequence is padded to a multiple of TP (`packing.sequence_multiple`); the padded
+positions are never in `index`.
 """
 from typing import Optional
 

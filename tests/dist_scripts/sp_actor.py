@@ -1,12 +1,14 @@
-"""torchrun script (TP=2): the actor with sequence parallelism on and off gives the same numbers.
+"""torchrun script (TP=2 x PP=pp): the actor with sequence parallelism on and off gives the same numbers.
 
-argv: hf_dir out_file [layout,...] [ckpt_dir] (layouts: packed, padded; default both). For each layout and SP off / on, a fresh Actor
-on the same weights (pad_to_multiple_of=1, so only SP's own padding to a multiple of TP is applied) computes the
-log-probs of ragged samples (their largest gap to the rollout's log-probs is the logged
+argv: hf_dir out_file layout,... pp [ckpt_dir] (layouts: packed, padded). For each layout and SP off / on, a fresh
+Actor on the same weights (pad_to_multiple_of=1, so only SP's own padding to a multiple of TP is applied) computes
+the log-probs of ragged samples (their largest gap to the rollout's log-probs is the logged
 train_infer_logprob_diff_max), takes one optimizer step (loss, grad norm, entropy), and records the norm weights'
-gradients and the updated weights. With ckpt_dir the packed SP run then saves a checkpoint there and
-records what sp_resume.py (TP=1) must reproduce from it: the log-probs and a second step. It also counts the bytes saved for backward inside each transformer layer over
-one long micro-batch (saved_tensors_hooks, each storage once, parameters excluded). Rank 0 saves everything.
+gradients and the updated weights; with SP, the reference policy (train/reference.py) gives the same log-probs.
+At PP=1 it also counts the bytes saved for backward inside each transformer layer over one long micro-batch
+(saved_tensors_hooks, each storage once, parameters excluded). With ckpt_dir the packed SP run then saves a
+checkpoint there and records what sp_resume.py (TP=1) must reproduce from it: the log-probs and a second step.
+Rank 0 saves everything.
 """
 import sys
 
@@ -55,6 +57,7 @@ def saved_bytes_per_layer(actor, seq: int) -> dict:
     return {k: v / len(layers) for k, v in total.items()}
 
 
+BATCH = 6  # ragged samples (one fully masked), 2 micro-batches of 3
 SEQ = 96  # tokens of the activation-count micro-batch (not a hidden size of the tiny models: shapes stay distinct)
 
 
@@ -76,8 +79,8 @@ def after_step(actor, batch) -> dict:
 
 def main():
     hf_dir, out_file = sys.argv[1], sys.argv[2]
-    names = sys.argv[3].split(",") if len(sys.argv) > 3 else ["packed", "padded"]
-    ckpt = sys.argv[4] if len(sys.argv) > 4 else None
+    names, pp = sys.argv[3].split(","), int(sys.argv[4])
+    ckpt = sys.argv[5] if len(sys.argv) > 5 else None
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -85,33 +88,44 @@ def main():
     from dapo_megatron.algo.loss import PolicyLossConfig
     from dapo_megatron.models import ModelConfig
     from dapo_megatron.train.actor import Actor, ActorConfig
+    from dapo_megatron.train.loop import _logprob_gap  # the logged rollout/train_infer_logprob_diff_max
 
     results = {}
     for sp in (False, True):
         # groups are made once; each initialize records its sequence_parallel for the models built after it
-        parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sp), seed=1)
+        parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=pp,
+                                                    sequence_parallel=sp), seed=1)
         for name in names:
-            cfg = ActorConfig(global_batch_size=12, micro_batch_size=3, lr=1e-4, weight_decay=0.0,
+            cfg = ActorConfig(global_batch_size=BATCH, micro_batch_size=3, lr=1e-4, weight_decay=0.0,
                               pad_to_multiple_of=1, use_remove_padding=name == "packed")
             actor = Actor(ModelConfig(path=hf_dir, make_vocab_size_divisible_by=1), cfg,
                           PolicyLossConfig(clip_ratio_c=3.0, entropy_coef=0.01), pad_id=0)
             assert actor.config.sequence_parallel == sp and actor.multiple == (2 if sp else 1)
-            batch = samples(actor.arch.vocab_size)
+            batch = samples(actor.arch.vocab_size)[:BATCH]
             actor.compute_logprobs(batch)
-            rec = {"logprobs": [s.metadata["old_logprobs"] for s in batch],
-                   "gap": max(abs(a - b) for s in batch for a, b in zip(s.metadata["old_logprobs"],
-                                                                        s.rollout_logprobs))}
+            rec = {"logprobs": [s.metadata["old_logprobs"] for s in batch], "gap": _logprob_gap(batch)}
+            if sp and name == names[0]:
+                from dapo_megatron.train.reference import ReferencePolicy
+
+                ref = ReferencePolicy(ModelConfig(path=hf_dir, make_vocab_size_divisible_by=1), cfg, pad_id=0)
+                assert ref.config.sequence_parallel and ref.multiple == 2
+                ref.compute_logprobs(batch)
+                rec["ref_logprobs"] = [s.metadata.pop("ref_logprobs") for s in batch]
+                del ref
             off_policy(batch, "old_logprobs")
             rec["metrics"] = actor.train_step(batch)
             norms = {n: p.main_grad.detach().clone() for n, p in actor.model.named_parameters() if "norm" in n}
             rec["norm_grads"] = norms
             rec["norm_tagged"] = sorted(n for n, p in actor.model.named_parameters()
                                         if getattr(p, "sequence_parallel", False))
+            rec["token_norms"] = sorted(n for n, _ in actor.model.named_parameters()
+                                        if n.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight",
+                                                       "final_layernorm.weight")))
             weights = {k: v.detach().clone() for k, v in actor.hf_weights()}
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, weights if ps.get_tensor_model_parallel_rank() == 0 else {})
             rec["weights"] = {k: v for part in gathered for k, v in part.items()}
-            if name == names[0]:
+            if name == names[0] and pp == 1:
                 rec["saved_bytes_per_layer"] = saved_bytes_per_layer(actor, seq=SEQ)
                 rec["hidden_size"], rec["seq"] = actor.arch.hidden_size, SEQ
             if ckpt and sp and name == "packed":

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from tests.dist_scripts.actor_layouts import samples
-from tests.dist_scripts.sp_actor import after_step
+from tests.dist_scripts.sp_actor import BATCH, after_step
 
 
 def main():
@@ -21,12 +21,12 @@ def main():
     from dapo_megatron.train.checkpoint import find_latest, load_checkpoint
 
     parallel.initialize(parallel.ParallelConfig(), seed=1)
-    cfg = ActorConfig(global_batch_size=12, micro_batch_size=3, lr=1e-4, weight_decay=0.0, pad_to_multiple_of=1)
+    cfg = ActorConfig(global_batch_size=BATCH, micro_batch_size=3, lr=1e-4, weight_decay=0.0, pad_to_multiple_of=1)
     actor = Actor(ModelConfig(path=hf_dir, make_vocab_size_divisible_by=2), cfg,
                   PolicyLossConfig(clip_ratio_c=3.0, entropy_coef=0.01), pad_id=0, load_hf=False)
     assert not actor.config.sequence_parallel
     load_checkpoint(find_latest(ckpt), actor)
-    batch = samples(actor.arch.vocab_size)
+    batch = samples(actor.arch.vocab_size)[:BATCH]
     torch.save(after_step(actor, batch), out_file)
     parallel.destroy()
 
