@@ -19,10 +19,11 @@ nothing here imports megatron or starts a process. Terms, per GPU of a stage (al
 - LM head: the logits of one micro-batch's response tokens ([N, V/TP], in the activations' dtype, saved for the
   log-prob backward; train/head.py computes no other rows), the gradient of the same size (built in place for fp32
   logits) and two [chunk, V/TP] fp32 buffers of the chunked log-prob (train/logprobs.py).
-- colocated engines: SGLang sizes its KV cache so that the whole GPU's use reaches rollout.sglang_mem_fraction_static
-  x G while it generates (the actor's states count in it); the engines release that memory while the actor trains
-  (train/loop.py: `colocated`). The GPU's peak is the larger of the two phases, and the engines' KV cache is what
-  the fraction leaves after the actor's states and the engine's weights.
+- colocated engines: at start-up SGLang sizes its KV cache so that the whole GPU's use reaches
+  rollout.sglang_mem_fraction_static x G (the actor is built first: its weights, grads and master weights count in
+  it; Adam's moments, allocated at the first step, come on top when the engines resume); the engines release that
+  memory while the actor trains (train/loop.py: `colocated`). The GPU's peak is the larger of the two phases, and
+  the engines' KV cache is what the fraction leaves after the actor and the engine's weights.
 """
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -79,6 +80,7 @@ class StageMemory:
     activations_per_microbatch: float = 0.0
     in_flight: int = 1
     kv_cache: Optional[float] = None  # colocated SGLang: what the fraction leaves for the engines' KV cache
+    rollout: Optional[float] = None  # colocated SGLang: the GPU's use while the engines generate
 
     def terms(self) -> dict:
         return {"weights": self.weights, "grads": self.grads, "optimizer": self.optimizer,
@@ -89,7 +91,7 @@ class StageMemory:
         """The largest term of the phase that sets the peak (training, or colocated engines generating)."""
         terms = self.terms()
         if self.kv_cache is not None:  # colocated SGLang: a phase of its own
-            if self.total == self.engine:
+            if self.total == self.rollout:
                 return "engine"
             terms.pop("engine")
         return max(terms.items(), key=lambda kv: kv[1])[0]
@@ -138,9 +140,9 @@ class MemoryPlan:
             lines.append(f"  stage {st.stage}: {st.total / size:.1f} {unit} = {terms} ({unit}; {st.in_flight} "
                          f"micro-batch(es) in flight){kv}")
         if s.engine == "sglang":
-            lines.append(f"  colocated engines take up to rollout.sglang_mem_fraction_static={s.engine_fraction:g} of "
-                         "the GPU while generating (the actor's states included) and release it while the actor "
-                         "trains: the peak is the larger phase")
+            lines.append(f"  colocated engines fill the GPU to rollout.sglang_mem_fraction_static={s.engine_fraction:g} "
+                         "at start-up (the actor's weights, grads and master weights included; Adam's moments come "
+                         "later, on top) and release it while the actor trains: the peak is the larger phase")
         return "\n".join(lines)
 
 
@@ -290,15 +292,18 @@ def estimate(arch, s: Shape) -> MemoryPlan:
         acts = per_mb * in_flight + transient
         logits = logits_bytes(arch, s) if stage == s.pp - 1 else 0.0
         train = weights + grads + opt + ref + acts + logits
-        engine, kv = 0.0, None
+        engine, kv, rollout = 0.0, None, None
         if s.engine == "sglang" and math.isfinite(gpu):
             engine = s.engine_fraction * gpu
-            kv = engine - (weights + grads + opt + ref) - total_params(arch) * 2 / s.engine_tp
+            moments = opt * 8 / (8 + (4 if s.param_bytes < 4 else 0))  # Adam's m, v: allocated at the first step
+            kv = engine - (weights + grads + opt - moments + ref) - total_params(arch) * 2 / s.engine_tp
+            rollout = engine + moments
         elif s.engine == "embedded" and stage == 0:
             engine = total_params(arch) * s.param_bytes  # a full copy of the weights in rank 0's process
-        total = max(train, engine) if s.engine == "sglang" else train + engine
+        total = max(train, rollout) if rollout is not None else train + engine
         plan.stages.append(StageMemory(stage, weights, grads, opt, ref, acts, logits, engine, total,
-                                       activations_per_microbatch=per_mb, in_flight=in_flight, kv_cache=kv))
+                                       activations_per_microbatch=per_mb, in_flight=in_flight, kv_cache=kv,
+                                       rollout=rollout))
     return plan
 
 

@@ -64,7 +64,7 @@ def test_gpu_memory_and_overrides_change_the_verdict(capsys):
     r7 = REPO / "examples/dapo_qwen2.5_7b/config.yaml"
     rc, out, _ = plan(capsys, "--config", r7, "--nodes", 1, "--gpus-per-node", 8, "--json")
     base = json.loads(out)["memory"]["stages"][0]
-    rc, out, err = plan(capsys, "--config", r7, "--nodes", 1, "--gpus-per-node", 8, "--gpu-memory-gib", 40)
+    rc, out, err = plan(capsys, "--config", r7, "--nodes", 1, "--gpus-per-node", 8, "--gpu-memory-gib", 30)
     assert rc == 2 and "dapo-megatron plan: memory error: stage 0" in err
     rc, out, _ = plan(capsys, "--config", r7, "--nodes", 1, "--gpus-per-node", 8, "--json",
                       "actor.recompute_granularity=full", "actor.recompute_method=uniform",
