@@ -48,6 +48,7 @@ class Shape:
     recompute: Optional[str] = None  # None | selective | full
     recompute_method: Optional[str] = None  # uniform | block
     recompute_num_layers: Optional[int] = None
+    routing_replay: bool = False  # MoE routing replay: no full recompute (actor.py refuses it)
     seq_lens: tuple = (1024,)  # the sequences of one micro-batch (padded: each padded to the micro-batch's length)
     packed: bool = True
     longest: int = 1024  # the longest sequence: a micro-batch never holds fewer tokens
@@ -333,6 +334,7 @@ def shape_of(cfg, arch, world: int, on_gpu: bool = True, gpu_gib: float = 80.0) 
                  dist_opt=on_gpu if a.use_distributed_optimizer is None else a.use_distributed_optimizer,
                  param_bytes=2 if _bf16(a, on_gpu) else 4, on_gpu=on_gpu, recompute=a.recompute_granularity,
                  recompute_method=a.recompute_method, recompute_num_layers=a.recompute_num_layers,
+                 routing_replay=a.routing_replay != "none",
                  seq_lens=seq_lens, packed=a.use_remove_padding, longest=seq, response_tokens=response,
                  num_microbatches=max(1, a.global_batch_size // (dp * a.micro_batch_size)), logprob_chunk=chunk,
                  padded_vocab=padded, reference=cfg.algorithm.needs_reference, engine=engine,
@@ -351,7 +353,7 @@ def fixes(arch, s: Shape) -> list:
     trials = []
     if s.tp > 1 and not s.sp:
         trials.append(("parallel.sequence_parallel=true", replace(s, sp=True)))
-    if s.recompute != "full":
+    if s.recompute != "full" and not s.routing_replay:
         trials.append(("actor.recompute_granularity=full actor.recompute_method=uniform actor.recompute_num_layers=1",
                        replace(s, recompute="full", recompute_method="uniform", recompute_num_layers=1)))
     if s.dp % 2 == 0 and arch.num_layers % (s.pp * 2) == 0:

@@ -94,3 +94,12 @@ def test_readme_table_matches_the_plans(capsys):
                             for s in json.loads(out)["memory"]["stages"])
         row = next((line for line in readme.splitlines() if line.startswith(f"| `{recipe}`")), None)
         assert row is not None and f"| {totals} |" in row, (recipe, totals, row)
+
+
+def test_fixes_are_settings_that_the_config_accepts(capsys):
+    # the 30B-A3B recipe as it was (TP 2 x PP 1): R3 routing replay rules out full recompute, so only more PP is named
+    rc, out, err = plan(capsys, "--config", REPO / "examples/dapo_qwen3_30b_a3b/config.yaml", "--nodes", 2,
+                        "--gpus-per-node", 8, "parallel.tensor_model_parallel_size=2",
+                        "parallel.pipeline_model_parallel_size=1")
+    assert rc == 2 and "largest term: activations" in err and "recompute_granularity" not in err, err
+    assert "fits with any of" not in err or "parallel.pipeline_model_parallel_size=2" in err
