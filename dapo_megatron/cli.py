@@ -1,7 +1,8 @@
-"""`dapo-megatron train | eval | serve | convert` console entry.
+"""`dapo-megatron train | eval | serve | convert | plan | engines` console entry.
 
 Every command registered in COMMANDS runs inside one error boundary (`run_command`): a user error (config, data,
-checkpoint, model, an unreachable server, a full disk) prints one line naming the thing and the fix and exits 2;
+checkpoint, model, placement, memory plan, an unreachable server, a full disk, a bad command line) prints one line,
+`dapo-megatron <command>: <kind> error: ...`, naming the thing and the fix, and exits 2;
 `--debug` or DAPO_DEBUG=1 shows the traceback instead. Ranks that `train` launches under torchrun print their one
 line the same way (a line raised on every rank once), and the launching process exits with their code, without
 torchrun's report.
@@ -94,7 +95,7 @@ def _serve(argv):
 
 def _convert(argv):
     if not argv or argv[0] not in ("hf-to-megatron", "megatron-to-hf"):
-        sys.exit("usage: dapo-megatron convert {hf-to-megatron|megatron-to-hf} ...")
+        raise UsageError("give a direction: dapo-megatron convert {hf-to-megatron|megatron-to-hf} ... (--help)")
     from .models import convert
 
     sys.exit((convert.main_hf_to_megatron if argv[0] == "hf-to-megatron" else convert.main_megatron_to_hf)(argv[1:]))
@@ -119,8 +120,16 @@ HELP = {"train": "DAPO training from a YAML config and dotted overrides",
         "eval": "avg@k accuracy of model.path on eval.path",
         "serve": "serve an HF model with the embedded engine (SGLang's HTTP API)",
         "convert": "checkpoint conversion: hf-to-megatron | megatron-to-hf",
-        "plan": "print where every trainer rank and rollout engine runs (--nodes N --gpus-per-node G)",
+        "plan": "where every trainer rank and engine runs, and each stage's GPU memory (--nodes N --gpus-per-node G)",
         "engines": "start the engines the plan puts on this node (one with no trainer rank); serve until SIGTERM"}
+
+
+class UsageError(ValueError):
+    """A bad command line (argparse's complaint, a missing sub-command)."""
+
+
+def _usage_error(parser, message):
+    raise UsageError(f"{message} (usage: {' '.join(parser.format_usage().split())[7:]})")
 
 
 def _debug() -> bool:
@@ -133,9 +142,11 @@ def user_errors() -> tuple:
     from .data.dataset import DataError
     from .models.hf_config import UnsupportedModelError
     from .models.hf_io import CheckpointError
+    from .placement import PlacementError
     from .rollout.client import RolloutError
 
-    errors = [ConfigError, DataError, CheckpointError, UnsupportedModelError, RolloutError, OSError]
+    errors = [ConfigError, DataError, CheckpointError, UnsupportedModelError, RolloutError, PlacementError, UsageError,
+              OSError]
     try:
         import aiohttp
 
@@ -149,23 +160,36 @@ def describe(e: BaseException) -> str:
     """One line for a user error: what failed and, where the message does not say it, the fix."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         where = f" writing {e.filename}" if e.filename else ""
-        return f"disk full{where}: free space or write elsewhere (trainer.run_dir / trainer.save), then resume"
+        return (f"disk error: disk full{where}: free space or write elsewhere (trainer.run_dir / trainer.save), then "
+                "resume")
     if isinstance(e, OSError) and not isinstance(e, ConnectionError) and e.filename:
-        return f"{e.strerror or e}: {e.filename}"
+        return f"file error: {e.strerror or e}: {e.filename}"
     if isinstance(e, ConnectionError) or type(e).__module__.startswith("aiohttp"):
-        return f"server unreachable ({e}); check rollout.urls and that the server is up"
+        return f"rollout server error: server unreachable ({e}); check rollout.urls and that the server is up"
     if type(e).__name__.startswith("Rollout"):
         text = " ".join(str(e).split())
         return (f"rollout server error: {text[:300]}{' ...' if len(text) > 300 else ''}; check rollout.urls and that "
                 "the server is up")
     kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
-            "CheckpointDamaged": "checkpoint error", "UnsupportedModelError": "model error"}
-    label = kind.get(type(e).__name__, "error")
+            "CheckpointDamaged": "checkpoint error", "UnsupportedModelError": "model error",
+            "PlacementError": "placement error", "MemoryPlanError": "memory error", "UsageError": "usage error"}
+    label = kind.get(type(e).__name__, "file error" if isinstance(e, OSError) else "error")
     return f"{label}: {' '.join(str(e).split())}"
 
 
 def run_command(name: str, argv: list) -> int:
     """The error boundary of one command: 0, the command's own exit code, or EXIT_USER_ERROR after one line."""
+    import argparse
+
+    error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _usage_error  # every command's parser (also convert's, serve's) says it in one line
+    try:
+        return _run_command(name, argv)
+    finally:
+        argparse.ArgumentParser.error = error
+
+
+def _run_command(name: str, argv: list) -> int:
     if _debug():
         COMMANDS[name](argv)
         return 0
@@ -180,7 +204,8 @@ def run_command(name: str, argv: list) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
-        line = f"dapo-megatron {name}: {describe(e)} (DAPO_DEBUG=1 for the traceback)"
+        hint = "" if isinstance(e, UsageError) else " (DAPO_DEBUG=1 for the traceback)"
+        line = f"dapo-megatron {name}: {describe(e)}{hint}"
         if _first_to_say(line):
             print(line, file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
@@ -216,7 +241,9 @@ def main(argv=None):
               + "\n\n--debug (or DAPO_DEBUG=1): show tracebacks instead of one-line errors")
         sys.exit(0 if argv else EXIT_USER_ERROR)
     if argv[0] not in COMMANDS:
-        sys.exit(f"dapo-megatron: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)} (see --help)")
+        print(f"dapo-megatron: usage error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)} (see --help)",
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     sys.exit(run_command(argv[0], argv[1:]))
 
 

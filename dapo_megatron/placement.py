@@ -290,27 +290,106 @@ def launch_plan(cfg, world_size: int, local_world: int) -> Plan:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="dapo-megatron plan", description="Print where every trainer rank and rollout "
-                                 "engine runs, and the weight-sync groups; refuse an impossible placement.")
+                                 "engine runs, the weight-sync groups and each pipeline stage's peak GPU memory; "
+                                 "refuse an impossible placement or one over --gpu-memory-gib (exit 2).")
     ap.add_argument("--config", required=True)
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--gpus-per-node", type=int, required=True)
     ap.add_argument("--print", choices=["plan", "engine-nodes"], default="plan", dest="what",
                     help="engine-nodes: only the indices of the nodes with engines and no trainer rank, one line "
                          "(launch/slurm/dapo.sbatch starts `dapo-megatron engines` there)")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    ap.add_argument("--json", action="store_true", help="print the plan and the memory estimate as one JSON object")
+    ap.add_argument("--model-config", help="the model's HF config.json when model.path is not on this machine "
+                                           "(default: model.path/config.json, else hf_config.json beside --config)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, as for train (e.g. actor.micro_batch_size=2)")
     args = ap.parse_args(argv)
-    from .config import ConfigError, build_config
+    from .config import build_config
 
-    try:
-        plan = make_plan(build_config(args.config, args.overrides), args.nodes, args.gpus_per_node)
-    except (ConfigError, PlacementError) as e:
-        sys.exit(f"placement error: {e}")
-    print(" ".join(map(str, plan.engine_only_nodes())) if args.what == "engine-nodes" else plan.describe())
+    cfg = build_config(args.config, args.overrides)
+    plan = make_plan(cfg, args.nodes, args.gpus_per_node)
+    if args.what == "engine-nodes":
+        print(" ".join(map(str, plan.engine_only_nodes())))
+        return
+    if not args.gpu_memory_gib > 0:
+        raise PlacementError(f"--gpu-memory-gib {args.gpu_memory_gib:g}: give the memory of one GPU in GiB (> 0)")
+    arch, source = model_arch(cfg, args.config, args.model_config)
+    memory = None
+    if arch is not None:
+        from . import memory as mem
+
+        memory = mem.estimate(arch, mem.shape_of(cfg, arch, plan.trainer_world, on_gpu=True,
+                                                 gpu_gib=args.gpu_memory_gib))
+    if args.json:
+        import dataclasses
+        import json
+
+        out = dataclasses.asdict(plan)
+        out["trainer_world"] = plan.trainer_world
+        out["memory"] = memory.to_json() if memory is not None else None
+        print(json.dumps(out))
+    else:
+        print(plan.describe())
+        print(memory.describe() + f"\n  model config: {source}" if memory is not None else
+              f"memory: not estimated: {source}")
+    sys.stdout.flush()
+    if memory is not None and not memory.fits:
+        raise MemoryPlanError(mem.refusal(arch, memory))
+
+
+class MemoryPlanError(PlacementError):
+    """The plan does not fit the GPUs' memory; the message names the stage, the largest term and the fixes."""
+
+
+def model_arch(cfg, config_path, model_config=None) -> tuple:
+    """(ModelArch or None, where its config came from / why there is none): --model-config, else model.path, else
+    the recipe's own hf_config.json (the recipes ship their models' config.json, so plan runs without the weights)."""
+    from pathlib import Path
+
+    from .models.hf_config import arch_from_hf, load_hf_config
+
+    if model_config:
+        path = Path(model_config) / "config.json" if Path(model_config).is_dir() else Path(model_config)
+        if not path.is_file():
+            raise PlacementError(f"--model-config {model_config}: no such file; give the model's HF config.json")
+        return arch_from_hf(load_hf_config(path)), str(path)
+    candidates = []
+    if cfg.model.path:
+        candidates.append(Path(cfg.model.path) / "config.json")
+    if config_path:
+        candidates.append(Path(config_path).parent / "hf_config.json")
+    for path in candidates:
+        if path.is_file():
+            return arch_from_hf(load_hf_config(path)), str(path)
+    return None, (f"no config.json at model.path={cfg.model.path or '(unset)'} nor hf_config.json beside the config; "
+                  "pass --model-config FILE")
 
 
 def startup_plan(cfg, world_size: int, local_world_size: int) -> str:
-    """The plan of this launch (printed by rank 0 at start-up); a placement problem is reported, not raised."""
+    """The plan of this launch and its memory estimate (printed by rank 0 at start-up); a placement problem is
+    reported, not raised, and an estimate over the device's memory is a warning (the estimate can be wrong)."""
     try:
-        return launch_plan(cfg, world_size, local_world_size).describe()
+        text = launch_plan(cfg, world_size, local_world_size).describe()
     except PlacementError as e:
-        return f"plan: {e}"
+        text = f"plan: {e}"
+    return text + "\n" + startup_memory(cfg, world_size)
+
+
+def startup_memory(cfg, world_size: int) -> str:
+    from . import memory as mem
+
+    try:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        gib = torch.cuda.get_device_properties(0).total_memory / mem.GIB if on_gpu else float("inf")
+        arch, _ = model_arch(cfg, None)
+        if arch is None:
+            return "memory: not estimated (model.path has no config.json)"
+        plan = mem.estimate(arch, mem.shape_of(cfg, arch, world_size, on_gpu=on_gpu, gpu_gib=gib))
+    except (ValueError, OSError) as e:  # the run itself reports a bad model config, in its own words
+        return f"memory: not estimated ({e})"
+    text = plan.describe()
+    if on_gpu and not plan.fits:
+        text += f"\nWARNING: the memory estimate is over this GPU: {mem.refusal(arch, plan)}"
+    return text

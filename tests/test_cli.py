@@ -197,3 +197,53 @@ def test_an_error_inside_torchrun_ranks_is_a_line_not_a_traceback_wall(toy, tmp_
     assert len(lines) == 1 and "saving checkpoint iter_0000001" in lines[0] and "disk is full" in lines[0], lines
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
     assert not list(tmp.glob("dapo-megatron-errors-*"))  # the ranks' shared note of printed lines is removed
+
+
+# Every command, one user error each (and a bad command line): `dapo-megatron <cmd>: <kind> error: ...`, exit 2.
+STYLE_CASES = [
+    ("train", ["--config", "nope.yaml"], r"config error: config file nope\.yaml not found"),
+    ("train", ["--confg", "x.yaml"], r"usage error: unrecognized arguments: --confg"),
+    ("eval", ["--config", "nope.yaml"], r"config error: config file nope\.yaml not found"),
+    ("serve", [], r"usage error: the following arguments are required: --model-path"),
+    ("convert", [], r"usage error: give a direction: dapo-megatron convert \{hf-to-megatron\|megatron-to-hf\}"),
+    ("convert", ["hf-to-megatron", "--hf-dir", "/nonexistent/hf", "--save-dir", "SAVE"],
+     r"(checkpoint|model|file) error: .*/nonexistent/hf"),
+    ("convert", ["megatron-to-hf", "--load-dir", "x"], r"usage error: the following arguments are required: --save-dir"),
+    ("plan", ["--config", "nope.yaml", "--nodes", "1", "--gpus-per-node", "1"],
+     r"config error: config file nope\.yaml not found"),
+    ("plan", ["--config", "examples/dapo_qwen2.5_7b/config.yaml", "--nodes", "1", "--gpus-per-node", "8",
+              "parallel.tensor_model_parallel_size=3"], r"placement error: parallel\.tensor_model_parallel_size=3"),
+    ("plan", ["--config", "examples/dapo_qwen2.5_7b/config.yaml", "--gpus-per-node", "8"],
+     r"usage error: the following arguments are required: --nodes"),
+    ("engines", ["--config", "nope.yaml", "--nodes", "2", "--gpus-per-node", "8", "--node-rank", "1"],
+     r"config error: config file nope\.yaml not found"),
+]
+
+
+@pytest.mark.parametrize("command, args, pattern", STYLE_CASES, ids=lambda x: x if isinstance(x, str) else None)
+def test_every_command_says_user_errors_in_one_style(command, args, pattern, capsys, tmp_path, monkeypatch):
+    import re
+
+    from dapo_megatron.cli import run_command
+
+    monkeypatch.chdir(REPO)
+    rc = run_command(command, [a.replace("SAVE", str(tmp_path / "out")) for a in args])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, out, err)
+    assert re.match(rf"dapo-megatron {command}: [a-z ]+ error: ", lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_style_cases_cover_every_command():
+    from dapo_megatron.cli import COMMANDS
+
+    assert {c for c, _, _ in STYLE_CASES} == set(COMMANDS)
+
+
+def test_plan_and_unknown_command_as_processes():
+    # the issue's example: `plan --config nope.yaml` printed `placement error: ...` and exited 1
+    rc, out, err = cli("plan", "--config", "nope.yaml", "--nodes", "1", "--gpus-per-node", "1")
+    assert_one_line(rc, out, err, r"^dapo-megatron plan: config error: config file nope\.yaml not found")
+    rc, out, err = cli("trian")
+    assert rc == 2 and err.startswith("dapo-megatron: usage error: unknown command 'trian'")

@@ -215,7 +215,7 @@ def test_refused_inputs_name_the_culprit_and_leave_nothing(conv, case):
     res = conv["results"][case]
     pattern = conv["bad_hf"][case][1] if case in conv["bad_hf"] else conv["bad_cfg"][case][2]
     assert res["rc"] == 2, res
-    assert res["err"].startswith("error: ") and res["err"].count("\n") == 1, res["err"]
+    assert res["err"].startswith("dapo-megatron convert: ") and res["err"].count("\n") == 1, res["err"]
     assert re.search(pattern, res["err"]), res["err"]
     assert_nothing_left(conv["t"], f"out_{case}")
 

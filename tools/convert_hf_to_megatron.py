@@ -5,7 +5,7 @@ Same as `dapo-megatron convert hf-to-megatron ...`; see dapo_megatron/models/con
 """
 import sys
 
-from dapo_megatron.models.convert import main_hf_to_megatron
+from dapo_megatron.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main_hf_to_megatron())
+    main(["convert", "hf-to-megatron", *sys.argv[1:]])  # the CLI's one-line errors: dapo-megatron convert: ...

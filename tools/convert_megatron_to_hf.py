@@ -5,7 +5,7 @@ Same as `dapo-megatron convert megatron-to-hf ...`; see dapo_megatron/models/con
 """
 import sys
 
-from dapo_megatron.models.convert import main_megatron_to_hf
+from dapo_megatron.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main_megatron_to_hf())
+    main(["convert", "megatron-to-hf", *sys.argv[1:]])  # the CLI's one-line errors: dapo-megatron convert: ...

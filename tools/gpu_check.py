@@ -41,7 +41,8 @@ class Stage:
 
 
 PLAN = [
-    Stage("stage1_gpu_tests", 130, "pytest -m gpu (TE layers, real SGLang servers, CUDA IPC and NCCL weight sync)"),
+    Stage("stage1_gpu_tests", 130, "pytest -m gpu (TE layers, real SGLang servers, CUDA IPC and NCCL weight sync, "
+          "memory estimate vs measured: tests/test_memory_measured.py)"),
     Stage("stage2_te_fp8", 60, "TE layer spec fwd/bwd in bf16, FP8 e4m3 delayed and current scaling; logits vs "
           "local spec; step time"),
     Stage("stage3_dapo", 200, "3 DAPO steps, Qwen2.5-0.5B shape, bf16 + fp32 master + distributed optimizer, FP8, "

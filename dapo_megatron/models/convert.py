@@ -558,7 +558,9 @@ def _run(fn) -> int:
             warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed)")
             fn()
     except (CheckpointError, UnsupportedModelError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from ..cli import describe  # the CLI's one-line style: `dapo-megatron convert: <kind> error: ...`
+
+        print(f"dapo-megatron convert: {describe(e)}", file=sys.stderr)
         return 2
     return 0
 
