@@ -50,15 +50,20 @@ class TurnFleet:
         return samples
 
 
-def run(runner, fleet, prompt, n=2, max_tokens=None, seed=7):
+def run(runner, fleet, prompt, n=2, seed=7):
     group = [Sample(prompt_ids=list(prompt), group_id=3, index=i) for i in range(n)]
-    params = GenerationParams(temperature=1.0, max_tokens=max_tokens or runner.max_response_length, seed=seed)
+    params = GenerationParams(temperature=1.0, max_tokens=runner.test_budget, seed=seed)
     return asyncio.run(runner.generate_group(fleet, group, params))
 
 
 def fenced_runner(tok, max_len=200, **kw):
     cfg = MultiTurnConfig(enabled=True, format="fenced", tools=["calculator"], **kw)
-    return MultiTurnRunner(cfg, tok, max_len)
+    return budgeted(MultiTurnRunner(cfg, tok), max_len)
+
+
+def budgeted(runner, max_len):
+    runner.test_budget = max_len  # the response budget run() passes as GenerationParams.max_tokens
+    return runner
 
 
 def test_response_is_sampled_ids_plus_tool_ids_token_for_token_not_retokenized(tok):
@@ -94,7 +99,7 @@ def test_hermes_tool_message_is_rendered_by_the_chat_template(tok):
     prompt = chars(tok, "Q")
     turn1 = chars(tok, '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>')
     turn2 = chars(tok, "42") + [tok.eos_token_id]
-    runner = MultiTurnRunner(MultiTurnConfig(enabled=True, format="hermes"), tok, 400)
+    runner = budgeted(MultiTurnRunner(MultiTurnConfig(enabled=True, format="hermes"), tok), 400)
     s = run(runner, TurnFleet(prompt, [turn1, turn2]), prompt, n=1)[0]
     assert s.response_ids == turn1 + r.ids("42") + turn2
 
@@ -148,7 +153,7 @@ def test_errors_and_malformed_calls_go_back_to_the_model_and_are_counted(tok):
 def test_hermes_malformed_json_is_an_error_message(tok):
     prompt = chars(tok, "Q")
     turns = [chars(tok, "<tool_call>{calculator 6*7}</tool_call>"), [tok.eos_token_id]]
-    runner = MultiTurnRunner(MultiTurnConfig(enabled=True, format="hermes"), tok, 400)
+    runner = budgeted(MultiTurnRunner(MultiTurnConfig(enabled=True, format="hermes"), tok), 400)
     s = run(runner, TurnFleet(prompt, turns), prompt, n=1)[0]
     assert "<|im_start|>tool\nError: malformed tool call: not JSON" in tok.decode(s.response_ids)
     assert s.metadata["multi_turn"]["tool_errors"] == 1

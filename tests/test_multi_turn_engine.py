@@ -39,7 +39,7 @@ def test_model_token_logprobs_match_a_teacher_forced_forward_of_the_whole_respon
 
     monkeypatch.setitem(FORMATS, "operator", OperatorFormat)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    runner = MultiTurnRunner(MultiTurnConfig(enabled=True, format="operator", max_turns=4), tok, 96)
+    runner = MultiTurnRunner(MultiTurnConfig(enabled=True, format="operator", max_turns=4), tok)
     engine = Engine(model_dir, max_batch_size=8, seed=0)
     client = RolloutClient(engine=engine)
     prompt = tok.encode("<|im_start|>user\n12*34<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)

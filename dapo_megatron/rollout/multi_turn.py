@@ -8,7 +8,8 @@ ids between them, in order; nothing is decoded and encoded again (text is decode
 verifier). Tool-result tokens have `loss_mask` 0 and `rollout_logprobs` 0.0 (never used: every loss term, count and
 metric of the trainer is masked). Model tokens have mask 1.
 
-Budget: `rollout.max_response_length` counts model and tool tokens together (what the trainer holds per response);
+Budget: `rollout.max_response_length` (eval: `eval.max_response_length`) counts model and tool tokens together (what
+the trainer holds per response);
 each turn may generate what is left, and a tool result that does not fit is cut to fit and ends the sample with
 finish_reason "length". Overlong shaping and the overlong filter (algo/overlong.py) therefore act on the whole
 response, model and tool tokens, as DAPO's |y| is the response the trainer sees.
@@ -98,10 +99,9 @@ class ToolMessageRenderer:
 class MultiTurnRunner:
     """Fills a group of prompt-only samples with multi-turn responses (module docstring)."""
 
-    def __init__(self, cfg: MultiTurnConfig, tokenizer, max_response_length: int, executor=None):
+    def __init__(self, cfg: MultiTurnConfig, tokenizer, executor=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.max_response_length = max_response_length
         self.format = FORMATS[cfg.format]()
         self.renderer = ToolMessageRenderer(tokenizer, cfg.format)
         self.specs = {tool_label(t): get_tool(t) for t in cfg.tools}
@@ -110,8 +110,9 @@ class MultiTurnRunner:
         self.executor = executor
 
     async def generate_group(self, fleet, group: list, params: GenerationParams) -> list:
-        """The first turn of all samples as one request (one prompt, n = len(group)), then each sample on its own."""
-        params = dataclasses.replace(params, stop=tuple(self.format.stop), max_tokens=self.max_response_length)
+        """The first turn of all samples as one request (one prompt, n = len(group)), then each sample on its own.
+        `params.max_tokens` is the budget of the whole response, model and tool tokens."""
+        params = dataclasses.replace(params, stop=tuple(self.format.stop))
         await fleet.generate_group(group, params)
         await asyncio.gather(*(self._continue(fleet, s, params) for s in group))
         return group
@@ -131,7 +132,7 @@ class MultiTurnRunner:
             stats["tool_timeouts"] += outcome.status == "timeout"
             stats["tool_s"] += outcome.seconds
             tool_ids = self.renderer.ids(outcome.text)
-            room = self.max_response_length - len(ids)
+            room = params.max_tokens - len(ids)
             if len(tool_ids) >= room:  # nothing left to generate after it: cut it to fit and stop
                 tool_ids, s.finish_reason = tool_ids[:room], "length"
             ids += tool_ids

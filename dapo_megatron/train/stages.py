@@ -45,7 +45,7 @@ class RolloutStage:
         self.buffer = DynamicSamplingBuffer(cfg.sampling(), self.dataset, self._generate_group, self.scorer,
                                             cfg.overlong_buffer, r.max_response_length)
         # rollout.multi_turn: each response is a tool-calling conversation (rollout/multi_turn.py)
-        self.multi_turn = (MultiTurnRunner(r.multi_turn, tokenizer, r.max_response_length)
+        self.multi_turn = (MultiTurnRunner(r.multi_turn, tokenizer)
                            if r.multi_turn.enabled else None)
         self._generated = []  # this step's generated samples, kept or not, for the tool metrics
         self.step = 0
