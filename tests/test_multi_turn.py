@@ -200,3 +200,26 @@ def test_config_refusals_name_the_key():
     cfg = build_config(None, ["rollout.multi_turn.enabled=true", "rollout.multi_turn.tools=[calculator,python]"])
     assert cfg.rollout.multi_turn.tools == ["calculator", "python"]
     assert dataclasses.asdict(cfg.rollout.multi_turn)["max_turns"] == 4
+
+
+def test_tool_limit_keys_act_by_numbers(tok):
+    cfg = MultiTurnConfig(enabled=True, tool_timeout_s=0.3, max_output_chars=3, python_memory_mb=200)
+    assert (cfg.limits().timeout_s, cfg.limits().max_output_chars, cfg.limits().memory_mb) == (0.3, 3, 200)
+    prompt = chars(tok, "Q")
+    turns = [chars(tok, "```calculator\n2**20\n```\n"), [tok.eos_token_id]]
+    runner = budgeted(MultiTurnRunner(dataclasses.replace(cfg, format="fenced"), tok), 200)
+    s = run(runner, TurnFleet(prompt, turns), prompt, n=1)[0]
+    assert "```output\n104\n```" in tok.decode(s.response_ids)  # 1048576 cut to max_output_chars
+    # A user tool that outlives tool_timeout_s is answered as a timeout (its thread is left to finish).
+    cfg = MultiTurnConfig(enabled=True, format="fenced", tools=["tests.test_multi_turn:sleepy"], tool_timeout_s=0.2)
+    turns = [chars(tok, "```sleepy\n1.5\n```\n"), [tok.eos_token_id]]
+    s = run(budgeted(MultiTurnRunner(cfg, tok), 300), TurnFleet(prompt, turns), prompt, n=1)[0]
+    assert "```output\nError: timeout: no answer within 0.2s\n```" in tok.decode(s.response_ids)
+    assert multi_turn_metrics([s])["rollout/tool_timeout_frac"] == 1.0
+
+
+def sleepy(input: str) -> str:  # a user tool, tests.test_multi_turn:sleepy
+    import time
+
+    time.sleep(float(input))
+    return "woke"
