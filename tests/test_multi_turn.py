@@ -223,3 +223,24 @@ def sleepy(input: str) -> str:  # a user tool, tests.test_multi_turn:sleepy
 
     time.sleep(float(input))
     return "woke"
+
+
+def test_hermes_tool_schemas_go_into_the_prompt_through_the_chat_template(tmp_path):
+    import json
+
+    from dapo_megatron.data.dataset import PromptDataset
+
+    tok = toy_tokenizer()
+    tok.chat_template = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }}({{ t.function.parameters."
+                         "required | join(',') }});{% endfor %}{% endif %}" + tok.chat_template)
+    runner = MultiTurnRunner(MultiTurnConfig(enabled=True, tools=["calculator", "python", "tests.test_tools:shout"]),
+                             tok)
+    schemas = runner.tool_schemas()
+    assert schemas[0]["function"]["description"].startswith("Evaluate an arithmetic expression")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "2*3", "answer": "6"}) + "\n")
+    item = PromptDataset(data, tok, template="none", tools=schemas)[0]
+    assert item.prompt_text.startswith("TOOLS:calculator(expression);python(code);shout(text);<|im_start|>user\n2*3")
+    assert PromptDataset(data, tok, template="none")[0].prompt_text.startswith("<|im_start|>user")
+    fenced = MultiTurnRunner(MultiTurnConfig(enabled=True, format="fenced"), tok)
+    assert fenced.tool_schemas() is None  # a base model's prompt template names its tools

@@ -109,6 +109,12 @@ class MultiTurnRunner:
         self.limits = cfg.limits()
         self.executor = executor
 
+    def tool_schemas(self):
+        """The chat template's `tools=` (hermes), or None (fenced: a base model's prompt template names its tools)."""
+        if self.cfg.format != "hermes":
+            return None
+        return [spec.schema(name) for name, spec in self.specs.items()]
+
     async def generate_group(self, fleet, group: list, params: GenerationParams) -> list:
         """The first turn of all samples as one request (one prompt, n = len(group)), then each sample on its own.
         `params.max_tokens` is the budget of the whole response, model and tool tokens."""

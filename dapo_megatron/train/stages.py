@@ -38,15 +38,16 @@ class RolloutStage:
                                     api_key=self.api_key, engines=engines)
         self.client: RolloutFleet = self.backend.client
         self.weight_sync = self.backend.make_weight_sync()  # None in distributed mode (each stage sends its own)
+        # rollout.multi_turn: each response is a tool-calling conversation (rollout/multi_turn.py)
+        self.multi_turn = MultiTurnRunner(r.multi_turn, tokenizer) if r.multi_turn.enabled else None
+        self.tools = self.multi_turn.tool_schemas() if self.multi_turn is not None else None  # into the prompts
         d = cfg.data
         self.dataset = PromptDataset(d.path, tokenizer, template=d.template, apply_chat_template=d.apply_chat_template,
-                                     max_prompt_length=d.max_prompt_length, seed=d.seed, shuffle=d.shuffle)
+                                     max_prompt_length=d.max_prompt_length, seed=d.seed, shuffle=d.shuffle,
+                                     tools=self.tools)
         self.scorer = RewardScorer(cfg.reward)
         self.buffer = DynamicSamplingBuffer(cfg.sampling(), self.dataset, self._generate_group, self.scorer,
                                             cfg.overlong_buffer, r.max_response_length)
-        # rollout.multi_turn: each response is a tool-calling conversation (rollout/multi_turn.py)
-        self.multi_turn = (MultiTurnRunner(r.multi_turn, tokenizer)
-                           if r.multi_turn.enabled else None)
         self._generated = []  # this step's generated samples, kept or not, for the tool metrics
         self.step = 0
         self.generated_tokens = 0  # every generated response token since step 1 (trainer.max_generated_tokens)
@@ -98,7 +99,8 @@ class RolloutStage:
         e = self.cfg.eval
         if self._eval_items is None:  # read and tokenise the held-out file once per run
             data = PromptDataset(e.path, tokenizer, template=self.cfg.data.template,
-                                 apply_chat_template=self.cfg.data.apply_chat_template, shuffle=False)
+                                 apply_chat_template=self.cfg.data.apply_chat_template, shuffle=False,
+                                 tools=self.tools)
             self._eval_items = [data[i] for i in range(min(len(data), e.max_prompts or len(data)))]
         items = self._eval_items
         params = dataclasses.replace(self.generation_params(e.temperature, e.top_p, e.max_response_length), seed=0)

@@ -8,16 +8,18 @@ A tool registers itself where it is defined:
 `arg` names the argument that the body of a fenced code block fills (the base-model call format, tools/formats.py).
 A tool returns the text the model reads, or raises `ToolError` (a one-line message back to the model) or
 `ToolTimeout`. Every module of this package is imported on the first lookup, so a new tool module needs no other edit.
-A tool outside the package is named `module:function` and called as `function(**arguments) -> str` in a thread
-(its time limit is a wait: a thread cannot be killed, so a user tool that never returns holds that thread).
+A tool outside the package is named `module:function` and called as `function(**arguments) -> str` in a thread (its
+schema: one string argument per parameter, the first filled by a fenced block, and its docstring's first line; its
+time limit is a wait: a thread cannot be killed, so a user tool that never returns holds that thread).
 """
 import asyncio
 import concurrent.futures
 import importlib
+import inspect
 import pkgutil
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 
 class ToolError(Exception):
@@ -39,6 +41,15 @@ class ToolLimits:
 class ToolSpec:
     fn: Callable
     arg: str  # the argument a fenced code block's body fills
+    description: str = ""
+    parameters: Optional[dict] = None  # JSON schema of the arguments; None: one string argument `arg`
+
+    def schema(self, name: str) -> dict:
+        """The tool as a chat template's `tools=` entry (the OpenAI function format Qwen2.5 / Hermes templates read)."""
+        params = self.parameters or {"type": "object", "properties": {self.arg: {"type": "string"}},
+                                     "required": [self.arg]}
+        return {"type": "function", "function": {"name": name, "description": self.description,
+                                                 "parameters": params}}
 
 
 @dataclass(frozen=True)
@@ -51,9 +62,9 @@ class ToolOutcome:
 TOOLS: dict = {}  # name -> ToolSpec, filled by @register_tool
 
 
-def register_tool(name: str, *, arg: str):
+def register_tool(name: str, *, arg: str, description: str = "", parameters: Optional[dict] = None):
     def wrap(fn):
-        TOOLS[name] = ToolSpec(fn, arg)
+        TOOLS[name] = ToolSpec(fn, arg, description, parameters)
         return fn
     return wrap
 
@@ -81,7 +92,12 @@ def get_tool(name: str) -> ToolSpec:
         except (ImportError, AttributeError) as e:
             raise ValueError(f"rollout.multi_turn.tools: cannot load {name!r} ({e}); give module:function of an "
                              "importable module") from None
-        return ToolSpec(lambda args, limits, _fn=fn: _fn(**args), "input")
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        schema = {"type": "object", "properties": {p.name: {"type": "string"} for p in params},
+                  "required": [p.name for p in params if p.default is p.empty]}
+        doc = (inspect.getdoc(fn) or "").split("\n")[0]
+        return ToolSpec(lambda args, limits, _fn=fn: _fn(**args), params[0].name if params else "input", doc, schema)
     raise ValueError(f"rollout.multi_turn.tools: {name!r} is unknown; use one of {', '.join(tool_names())} "
                      "or module:function")
 

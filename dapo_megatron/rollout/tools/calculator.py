@@ -47,7 +47,8 @@ def format_number(value) -> str:
     return repr(value)
 
 
-@register_tool("calculator", arg="expression")
+@register_tool("calculator", arg="expression",
+               description="Evaluate an arithmetic expression of numbers and + - * / // % ** ( ).")
 def calculator(args: dict, limits: ToolLimits) -> str:
     expression = args.get("expression")
     if not isinstance(expression, str):

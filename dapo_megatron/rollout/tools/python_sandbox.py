@@ -149,7 +149,8 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-@register_tool("python", arg="code")
+@register_tool("python", arg="code",
+               description="Run a Python program and return what it prints (no network, limited time and memory).")
 def python(args: dict, limits: ToolLimits) -> str:
     code = args.get("code")
     if not isinstance(code, str):
