@@ -244,3 +244,18 @@ def test_hermes_tool_schemas_go_into_the_prompt_through_the_chat_template(tmp_pa
     assert PromptDataset(data, tok, template="none")[0].prompt_text.startswith("<|im_start|>user")
     fenced = MultiTurnRunner(MultiTurnConfig(enabled=True, format="fenced"), tok)
     assert fenced.tool_schemas() is None  # a base model's prompt template names its tools
+
+
+def test_tir_recipe_plans_on_its_cluster():
+    from pathlib import Path
+
+    from dapo_megatron.config import build_config
+    from dapo_megatron.placement import make_plan
+
+    path = Path(__file__).resolve().parents[1] / "examples/dapo_tir_qwen2.5_7b/config.yaml"
+    assert path.read_text().startswith("# cluster: 1 node x 8 GPUs, 80 GB\n")
+    cfg = build_config(str(path))
+    assert cfg.rollout.multi_turn.enabled and cfg.rollout.multi_turn.tools == ["python"]
+    assert cfg.data.template.endswith('{question}\n\nRemember to put your answer on its own line after "Answer:".')
+    plan = make_plan(cfg, 1, 8)
+    assert plan.kind == "colocated" and (plan.tp, plan.pp, plan.dp) == (4, 1, 2) and plan.sync_mode == "disk"
