@@ -12,6 +12,7 @@ from dapo_megatron.rollout.client import RolloutClient
 from dapo_megatron.rollout.engine import Engine
 from dapo_megatron.rollout.multi_turn import MultiTurnConfig, MultiTurnRunner
 from dapo_megatron.rollout.protocol import GenerationParams
+from dapo_megatron.rollout.server import launch_embedded_server
 from dapo_megatron.rollout.tools.formats import FORMATS, ToolCall
 from dapo_megatron.types import Sample
 
@@ -34,20 +35,26 @@ def model_dir(tmp_path_factory):
     return make_tiny_hf_model(tmp_path_factory.mktemp("mt_engine") / "qwen", family="qwen2.5", seed=0)
 
 
-def test_model_token_logprobs_match_a_teacher_forced_forward_of_the_whole_response(model_dir, monkeypatch):
+@pytest.mark.parametrize("transport", ["inprocess", "http"])
+def test_model_token_logprobs_match_a_teacher_forced_forward_of_the_whole_response(model_dir, monkeypatch, transport):
+    """Through RolloutClient(engine=...) (the embedded backend) and over HTTP to the embedded server (the http
+    backend's path, SGLang's API)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setitem(FORMATS, "operator", OperatorFormat)
     tok = AutoTokenizer.from_pretrained(model_dir)
     runner = MultiTurnRunner(MultiTurnConfig(enabled=True, format="operator", max_turns=4), tok)
     engine = Engine(model_dir, max_batch_size=8, seed=0)
-    client = RolloutClient(engine=engine)
+    server = launch_embedded_server(model_dir, 0, engine=engine) if transport == "http" else None
+    client = RolloutClient([server.url]) if server else RolloutClient(engine=engine)
     prompt = tok.encode("<|im_start|>user\n12*34<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     group = [Sample(prompt_ids=list(prompt), group_id=0, index=i) for i in range(6)]
     try:
         asyncio.run(runner.generate_group(client, group, GenerationParams(temperature=1.0, max_tokens=96, seed=5)))
     finally:
         asyncio.run(client.close())
+        if server:
+            server.shutdown()
         engine.shutdown()
     calls = [s.metadata["multi_turn"]["tool_calls"] for s in group]
     assert sum(calls) >= 3 and max(calls) >= 2, calls  # seeded: the loop really went round
