@@ -94,7 +94,7 @@ class RolloutConfig:
     # MoE: engines return the experts each token was routed to (SGLang --enable-return-routed-experts + the request's
     # return_routed_experts). Set by actor.routing_replay=r3 (validate); do not set it alone.
     return_routed_experts: bool = False
-    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)  # tool-calling rollouts (rollout/multi_turn.py)
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)  # tool calls (rollout/multi_turn.py)
 
     def __post_init__(self):
         if self.async_steps not in (0, 1):
