@@ -118,3 +118,19 @@ def test_hermes_and_fenced_parsing():
     assert f.parse("```calculator\n3*4\n```\n", args).args == {"expression": "3*4"}
     assert f.parse("```calculator\n3*4\n```", args) is None  # not closed (no stop string matched)
     assert f.parse("```bash\nls\n```\n", args).error == "unknown tool 'bash'"
+
+
+def test_time_waiting_for_a_free_worker_is_not_a_timeout():
+    """Twelve 0.3 s calls on two workers with a 0.5 s limit: the last ones wait 1.5 s for a worker; none times out."""
+    import asyncio
+    import concurrent.futures
+
+    from dapo_megatron.rollout.tools import arun_tool
+
+    spec = get_tool("tests.test_multi_turn:sleepy")
+    limits = ToolLimits(timeout_s=0.5)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        async def calls():
+            return await asyncio.gather(*(arun_tool(spec, {"input": "0.3"}, limits, pool) for _ in range(12)))
+        outs = asyncio.run(calls())
+    assert [o.status for o in outs] == ["ok"] * 12 and {o.text for o in outs} == {"woke"}

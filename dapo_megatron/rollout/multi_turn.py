@@ -19,8 +19,8 @@ response, model and tool tokens, as DAPO's |y| is the response the trainer sees.
 turn aborts the sample (finish_reason "abort": the buffer drops its group, so a resumed run regenerates it).
 """
 import asyncio
+import concurrent.futures
 import dataclasses
-import time
 from dataclasses import dataclass, field
 
 from ..types import Sample
@@ -99,6 +99,8 @@ class ToolMessageRenderer:
 class MultiTurnRunner:
     """Fills a group of prompt-only samples with multi-turn responses (module docstring)."""
 
+    MAX_PARALLEL_TOOLS = 16  # tool calls run at once per runner (threads; the python tool's are subprocesses)
+
     def __init__(self, cfg: MultiTurnConfig, tokenizer, executor=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -107,7 +109,8 @@ class MultiTurnRunner:
         self.specs = {tool_label(t): get_tool(t) for t in cfg.tools}
         self.tool_args = {name: spec.arg for name, spec in self.specs.items()}
         self.limits = cfg.limits()
-        self.executor = executor
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(self.MAX_PARALLEL_TOOLS,
+                                                                          thread_name_prefix="tool")
 
     def tool_schemas(self):
         """The chat template's `tools=` (hermes), or None (fenced: a base model's prompt template names its tools)."""

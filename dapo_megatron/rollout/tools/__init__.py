@@ -13,7 +13,6 @@ schema: one string argument per parameter, the first filled by a fenced block, a
 time limit is a wait: a thread cannot be killed, so a user tool that never returns holds that thread).
 """
 import asyncio
-import concurrent.futures
 import importlib
 import inspect
 import pkgutil
@@ -126,13 +125,24 @@ def run_tool(spec: ToolSpec, args: dict, limits: ToolLimits) -> ToolOutcome:
 
 
 async def arun_tool(spec: ToolSpec, args: dict, limits: ToolLimits, executor=None) -> ToolOutcome:
-    """`run_tool` off the event loop, so that other samples keep generating; a call that outlives its time limit
-    by a grace second (a user tool the sandbox does not cover) is answered as a timeout."""
+    """`run_tool` in `executor`, off the event loop, so that other samples keep generating. A call that outlives its
+    time limit by a grace second once it has started (a user tool the sandbox does not cover) is answered as a
+    timeout; the time a call waits for a free worker does not count."""
     loop = asyncio.get_running_loop()
-    start = time.monotonic()
-    fut = loop.run_in_executor(executor, run_tool, spec, args, limits)
+    started = asyncio.Event()
+
+    def job():
+        loop.call_soon_threadsafe(started.set)
+        return run_tool(spec, args, limits)
+
+    fut = asyncio.ensure_future(loop.run_in_executor(executor, job))
+    start = asyncio.ensure_future(started.wait())
     try:
-        return await asyncio.wait_for(asyncio.shield(fut), limits.timeout_s + 1.0)
-    except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
-        return ToolOutcome(f"Error: timeout: no answer within {limits.timeout_s:g}s", "timeout",
-                           time.monotonic() - start)
+        await asyncio.wait({fut, start}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        start.cancel()
+    t0 = time.monotonic()
+    done, _ = await asyncio.wait({fut}, timeout=limits.timeout_s + 1.0)
+    if fut in done:
+        return fut.result()
+    return ToolOutcome(f"Error: timeout: no answer within {limits.timeout_s:g}s", "timeout", time.monotonic() - t0)
