@@ -259,3 +259,34 @@ def test_tir_recipe_plans_on_its_cluster():
     assert cfg.data.template.endswith('{question}\n\nRemember to put your answer on its own line after "Answer:".')
     plan = make_plan(cfg, 1, 8)
     assert plan.kind == "colocated" and (plan.tp, plan.pp, plan.dp) == (4, 1, 2) and plan.sync_mode == "disk"
+
+
+def test_dynamic_sampling_drops_a_group_aborted_mid_trajectory_and_shapes_whole_responses(tok):
+    """A group whose second turn is aborted is dropped whole (never half-trained; a resumed run regenerates it), and
+    overlong shaping sees the whole response, model and tool tokens."""
+    from dapo_megatron.algo.overlong import OverlongConfig
+    from dapo_megatron.rollout.buffer import DynamicSamplingBuffer, DynamicSamplingConfig
+    from tests.test_buffer import LabelScorer, ScriptedPrompts
+
+    call = chars(tok, "```calculator\n1+1\n```\n")
+
+    class Fleet:
+        async def generate_group(self, samples, params):
+            first = len(samples[0].prompt_ids) == 1
+            for s in samples:
+                s.response_ids = call if first else [tok.eos_token_id]
+                s.rollout_logprobs = [-0.1] * len(s.response_ids)
+                s.finish_reason = "abort" if not first and s.prompt_ids[0] == 101 else "stop"
+            return samples
+
+    runner = fenced_runner(tok)
+    params = GenerationParams(max_tokens=60)
+    cfg = DynamicSamplingConfig(rollout_batch_size=2, n_samples_per_prompt=4, max_num_gen_batches=2)
+    overlong = OverlongConfig(enable=True, len=40, penalty_factor=1.0)
+    buf = DynamicSamplingBuffer(cfg, ScriptedPrompts([2, 2, 2]), lambda g: runner.generate_group(Fleet(), g, params),
+                                LabelScorer(), overlong, 60)
+    groups, metrics = asyncio.run(buf.collect())
+    assert metrics["rollout/groups_dropped_aborted"] == 1 and [g[0].prompt_ids for g in groups] == [[100], [102]]
+    length = len(call) + len(runner.renderer.ids("2")) + 1  # turn 1, the tool's "2", EOS
+    for s in (s for g in groups for s in g):
+        assert s.response_length == length and s.metadata["overlong_penalty"] == pytest.approx((20 - length) / 40)
