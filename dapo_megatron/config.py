@@ -21,6 +21,7 @@ from .parallel import ParallelConfig
 from .reward.config import RewardConfig
 from .rollout.backends import BACKENDS, backend_names
 from .rollout.buffer import DynamicSamplingConfig
+from .rollout.multi_turn import MultiTurnConfig
 from .rollout.weight_sync import weight_sync_modes
 from .train.actor import ActorConfig
 
@@ -93,6 +94,7 @@ class RolloutConfig:
     # MoE: engines return the experts each token was routed to (SGLang --enable-return-routed-experts + the request's
     # return_routed_experts). Set by actor.routing_replay=r3 (validate); do not set it alone.
     return_routed_experts: bool = False
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)  # tool calls (rollout/multi_turn.py)
 
     def __post_init__(self):
         if self.async_steps not in (0, 1):
@@ -324,6 +326,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError("rollout.return_routed_experts is set by actor.routing_replay=r3; remove it (or set "
                           "actor.routing_replay=r3)")
     cfg.rollout.return_routed_experts = cfg.actor.routing_replay == "r3"
+    if cfg.rollout.multi_turn.enabled and cfg.rollout.return_routed_experts:
+        raise ConfigError("rollout.multi_turn.enabled does not take actor.routing_replay=r3 (each turn's routed "
+                          "experts are not joined); use actor.routing_replay=r2 or none")
     if not cfg.model.path:
         raise ConfigError("model.path is required: a Hugging Face model folder (config.json + safetensors)")
     if not (Path(cfg.model.path) / "config.json").is_file():

@@ -120,8 +120,10 @@ class PromptDataset:
 
     def __init__(self, path, tokenizer, *, prompt_key: Optional[str] = None, label_key: Optional[str] = None,
                  template: str = "dapo", apply_chat_template: bool = True,
-                 max_prompt_length: Optional[int] = None, seed: int = 0, shuffle: bool = True):
+                 max_prompt_length: Optional[int] = None, seed: int = 0, shuffle: bool = True,
+                 tools: Optional[list] = None):
         self.path = Path(path)
+        self.tools = tools  # function schemas the chat template lists (rollout.multi_turn, format hermes)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such dataset file")
         self.tokenizer = tokenizer
@@ -154,7 +156,7 @@ class PromptDataset:
     def _make_item(self, row, where, layout, prompt_key, label_key) -> PromptItem:
         p_key, l_key, prompt, label = check_row(row, where, layout, prompt_key, label_key)
         messages = self._messages(prompt, where, p_key)
-        text, templated = render_messages(self.tokenizer, messages, self.apply_chat_template)
+        text, templated = render_messages(self.tokenizer, messages, self.apply_chat_template, self.tools)
         ids = list(self.tokenizer.encode(text, add_special_tokens=not templated))
         source = row.get("data_source") or self.path.stem
         return PromptItem(ids, text, str(label), str(source), self._metadata(row, layout, p_key, l_key))

@@ -1,4 +1,5 @@
 """Prompt templates: the DAPO math instruction around a question, and the tokenizer's chat template."""
+from typing import Optional
 
 DAPO_TEMPLATE = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
@@ -17,10 +18,13 @@ def format_question(question: str, template: str = "dapo") -> str:
     return fmt.replace("{question}", question)  # not str.format: questions and templates contain braces
 
 
-def render_messages(tokenizer, messages: list[dict], apply_chat_template: bool = True) -> tuple[str, bool]:
+def render_messages(tokenizer, messages: list[dict], apply_chat_template: bool = True,
+                    tools: Optional[list] = None) -> tuple[str, bool]:
     """The prompt text the model sees, and whether it came from the chat template (which already
-    carries its special tokens). Without a chat template, the turns' contents joined by blank lines."""
+    carries its special tokens). Without a chat template, the turns' contents joined by blank lines.
+    `tools`: function schemas the chat template lists in the prompt (multi-turn tool calling)."""
     if apply_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kw = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
         return text, True
     return "\n\n".join(m["content"] for m in messages), False

@@ -82,6 +82,8 @@ def sglang_sampling_params(params: GenerationParams) -> dict:
            "max_new_tokens": params.max_tokens}
     if params.seed is not None:
         out["sampling_seed"] = params.seed
+    if params.stop:
+        out["stop"] = list(params.stop)
     return out
 
 

@@ -20,6 +20,7 @@ class GenerationParams:
     top_k: int = -1  # -1: no top-k filtering
     max_tokens: int = 1024  # response budget (SGLang: max_new_tokens)
     seed: Optional[int] = None  # per-request sampling seed (SGLang: sampling_seed); None: the engine's own
+    stop: tuple = ()  # stop strings (multi-turn tool calls); the sampled ids keep the tokens that completed one
 
 
 @runtime_checkable

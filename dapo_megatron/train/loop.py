@@ -1,4 +1,5 @@
 """The DAPO loop: generate -> reward/filter -> (old log-probs) -> train -> sync weights -> checkpoint -> eval."""
+import itertools
 import json
 import os
 import signal
@@ -143,9 +144,11 @@ def colocated(stage):
 
 
 def _logprob_gap(batch) -> float:
-    """Max |trainer - engine| log-prob over the batch: ~0 when weight sync and both forward passes agree."""
-    return max((abs(a - b) for s in batch for a, b in zip(s.metadata["old_logprobs"], s.rollout_logprobs)),
-               default=0.0)
+    """Max |trainer - engine| log-prob over the batch's model tokens (loss mask 1; a tool result's tokens have no
+    engine log-prob): ~0 when weight sync and both forward passes agree."""
+    return max((abs(a - b) for s in batch
+                for a, b, m in zip(s.metadata["old_logprobs"], s.rollout_logprobs, s.loss_mask or itertools.repeat(1))
+                if m), default=0.0)
 
 
 def _inject_fault(step: int) -> None:

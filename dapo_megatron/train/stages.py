@@ -18,6 +18,7 @@ from ..data.dataset import PromptDataset
 from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
 from ..rollout.backends import BACKENDS, make_backend, run_api_key
+from ..rollout.multi_turn import MultiTurnRunner, multi_turn_metrics
 from ..rollout.protocol import GenerationParams, RolloutFleet
 from ..types import Sample
 from .progress import RolloutProgress
@@ -37,12 +38,17 @@ class RolloutStage:
                                     api_key=self.api_key, engines=engines)
         self.client: RolloutFleet = self.backend.client
         self.weight_sync = self.backend.make_weight_sync()  # None in distributed mode (each stage sends its own)
+        # rollout.multi_turn: each response is a tool-calling conversation (rollout/multi_turn.py)
+        self.multi_turn = MultiTurnRunner(r.multi_turn, tokenizer) if r.multi_turn.enabled else None
+        self.tools = self.multi_turn.tool_schemas() if self.multi_turn is not None else None  # into the prompts
         d = cfg.data
         self.dataset = PromptDataset(d.path, tokenizer, template=d.template, apply_chat_template=d.apply_chat_template,
-                                     max_prompt_length=d.max_prompt_length, seed=d.seed, shuffle=d.shuffle)
+                                     max_prompt_length=d.max_prompt_length, seed=d.seed, shuffle=d.shuffle,
+                                     tools=self.tools)
         self.scorer = RewardScorer(cfg.reward)
         self.buffer = DynamicSamplingBuffer(cfg.sampling(), self.dataset, self._generate_group, self.scorer,
                                             cfg.overlong_buffer, r.max_response_length)
+        self._generated = []  # this step's generated samples, kept or not, for the tool metrics
         self.step = 0
         self.generated_tokens = 0  # every generated response token since step 1 (trainer.max_generated_tokens)
         self._eval_items = None
@@ -63,7 +69,14 @@ class RolloutStage:
         # A seed per (step, group) makes generation reproducible, so a resumed run samples the same responses.
         params = dataclasses.replace(self.generation_params(),
                                      seed=hash((self.cfg.trainer.seed, group[0].group_id)) % (2 ** 31))
-        return await self.client.generate_group(group, params)
+        return await self._generate(group, params)
+
+    async def _generate(self, group: list[Sample], params: GenerationParams) -> list[Sample]:
+        if self.multi_turn is None:
+            return await self.client.generate_group(group, params)
+        group = await self.multi_turn.generate_group(self.client, group, params)
+        self._generated.extend(group)
+        return group
 
     def collect(self) -> tuple[list[list[Sample]], dict]:
         """One step's batch, with progress of kept groups (and generation rounds) on stderr (train/progress.py)."""
@@ -77,13 +90,17 @@ class RolloutStage:
             progress.close()
         self.step += 1
         self.generated_tokens += metrics["rollout/generated_tokens"]
+        if self.multi_turn is not None:
+            metrics.update(multi_turn_metrics(self._generated))
+            self._generated = []
         return groups, {**metrics, "rollout/generated_tokens_total": self.generated_tokens}
 
     def evaluate(self, tokenizer) -> dict:
         e = self.cfg.eval
         if self._eval_items is None:  # read and tokenise the held-out file once per run
             data = PromptDataset(e.path, tokenizer, template=self.cfg.data.template,
-                                 apply_chat_template=self.cfg.data.apply_chat_template, shuffle=False)
+                                 apply_chat_template=self.cfg.data.apply_chat_template, shuffle=False,
+                                 tools=self.tools)
             self._eval_items = [data[i] for i in range(min(len(data), e.max_prompts or len(data)))]
         items = self._eval_items
         params = dataclasses.replace(self.generation_params(e.temperature, e.top_p, e.max_response_length), seed=0)
@@ -91,9 +108,10 @@ class RolloutStage:
         async def run():
             groups = [[Sample(prompt_ids=list(it.prompt_ids), label=it.label, group_id=-1 - i, index=j)
                        for j in range(e.n_samples)] for i, it in enumerate(items)]
-            return await asyncio.gather(*(self.client.generate_group(g, params) for g in groups))
+            return await asyncio.gather(*(self._generate(g, params) for g in groups))
 
         groups = self.loop.run_until_complete(run())
+        self._generated = []  # eval's samples are not the step's
         samples = [s for g in groups for s in g]
         self.scorer.score_samples(samples)
         acc = sum(bool(s.correct) for s in samples) / max(len(samples), 1)
