@@ -558,7 +558,7 @@ def _run(fn) -> int:
             warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed)")
             fn()
     except (CheckpointError, UnsupportedModelError, FileNotFoundError) as e:
-        from ..cli import describe  # the CLI's one-line style: `dapo-megatron convert: <kind> error: ...`
+        from ..errors import describe  # the CLI's one-line style: `dapo-megatron convert: <kind> error: ...`
 
         print(f"dapo-megatron convert: {describe(e)}", file=sys.stderr)
         return 2
