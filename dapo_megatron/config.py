@@ -147,10 +147,14 @@ class TrainerConfig:
     # Stop after the step whose generated response tokens (all generated groups, kept or filtered, counted since
     # step 1, across resumes) reach this many: a compute-matched budget (tools/ablation.py). 0 = no limit.
     max_generated_tokens: int = 0
+    # Every N steps, every generated sample (kept or dropped) to run_dir/rollouts/ (train/rollout_dump.py); 0 = off
+    dump_rollouts: int = 0
 
     def __post_init__(self):
         if self.max_generated_tokens < 0:
             raise ConfigError(f"trainer.max_generated_tokens={self.max_generated_tokens}; use 0 (no limit) or more")
+        if self.dump_rollouts < 0:
+            raise ConfigError(f"trainer.dump_rollouts={self.dump_rollouts}; use 0 (off) or a step interval")
 
 
 @dataclass
