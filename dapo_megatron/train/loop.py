@@ -15,7 +15,7 @@ from ..placement import startup_plan
 from ..rollout.backends import start_node_engines
 from .actor import Actor, train_on_batch
 from . import ckpt_layout
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_line, save_checkpoint
 from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger
 from .reference import build_reference
@@ -133,8 +133,7 @@ def _resume(cfg: Config, actor: Actor, stage) -> int:
     rank0 = dist.get_rank() == 0
     say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     path, manifest = ckpt_layout.resolve(cfg.trainer.load, log=say)
-    if manifest["kind"] == ckpt_layout.KIND_MODEL:
-        say(f"{path} is a model-only checkpoint: loading it as initial weights (step 0, fresh optimizer)")
+    say(resume_line(cfg.trainer.load, path, manifest))
     state = load_checkpoint(path, actor, manifest)
     if stage is not None and state.get("rollout"):
         stage.load_state_dict(state["rollout"])
