@@ -39,7 +39,8 @@ def run(cfg: Config) -> dict:
     syncer = WeightSyncer(cfg, stage, engines)
     start = _resume(cfg, actor, stage)
     t = cfg.trainer
-    logger = MetricsLogger(t.run_dir, enabled=rank0, tensorboard=t.tensorboard, start_step=start)
+    logger = MetricsLogger(t.run_dir, enabled=rank0, tensorboard=t.tensorboard and "tensorboard" in t.loggers,
+                           start_step=start, trainer=t, config=cfg.to_dict())
     dumper = RolloutDumper(t.run_dir, t.dump_rollouts, enabled=rank0)  # a background writer (rollout_dump.py)
     if rank0:
         print(startup_plan(cfg, dist.get_world_size(), _local_world_size()), flush=True)

@@ -1,4 +1,5 @@
-"""Metrics: TensorBoard scalars, a JSONL log and a one-line console summary per step (rank 0 only).
+"""Metrics: TensorBoard scalars, a JSONL log, the trackers of trainer.loggers (train/trackers.py) and a one-line
+console summary per step (rank 0 only).
 
 metrics.jsonl is append-only, one whole line per write. On resume its lines are checked: a torn last line (a crash
 or a full disk while logging) is dropped with a warning, and the replayed steps after the checkpoint are moved to
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from .faults import fault, kill
+from .trackers import start_trackers
 
 SUMMARY_KEYS = [("rollout/reward_mean", "reward"), ("rollout/accuracy", "acc"), ("actor/pg_loss", "loss"),
                 ("rollout/response_length_mean", "len"), ("actor/pg_clipfrac_high", "clip_hi"),
@@ -18,10 +20,13 @@ REPLACED = "metrics_replaced.jsonl"
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True, start_step: int = 0, trainer=None,
+                 config: dict = None):
+        """`trainer`: the TrainerConfig whose loggers (wandb, mlflow) to start, with `config` as their parameters."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
+        self.trackers = []
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -32,9 +37,10 @@ class MetricsLogger:
             # purge_step: TensorBoard hides events of the replayed steps that a crashed run had written
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         log_file = run_dir / "metrics.jsonl"
-        if log_file.is_file():
-            trim_log(log_file, start_step)
+        logged_upto = trim_log(log_file, start_step) if log_file.is_file() else 0
         self.jsonl = open(log_file, "a")
+        if trainer is not None:
+            self.trackers = start_trackers(trainer, run_dir, config or {}, start_step, logged_upto)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -51,22 +57,27 @@ class MetricsLogger:
             kill()
         self.jsonl.write(line)
         self.jsonl.flush()
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
         parts = [f"{short}={scalars[k]:.3f}" for k, short in SUMMARY_KEYS if k in scalars]
         print(f"[step {step}] " + " ".join(parts), flush=True)
 
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
         if self.writer is not None:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
 
 
-def trim_log(log_file: Path, start_step: int, warn=print) -> None:
-    """Keep the whole lines of steps <= start_step; replayed steps go to metrics_replaced.jsonl; atomic rewrite."""
+def trim_log(log_file: Path, start_step: int, warn=print) -> int:
+    """Keep the whole lines of steps <= start_step; replayed steps go to metrics_replaced.jsonl; atomic rewrite.
+    Returns the last step the file held (what the trackers have seen of the run before this resume)."""
     data = log_file.read_bytes()
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline; otherwise a torn last line
-    keep, replaced = [], []
+    keep, replaced, last = [], [], 0
     for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -76,10 +87,11 @@ def trim_log(log_file: Path, start_step: int, warn=print) -> None:
             warn(f"warning: {log_file}, line {i} is not a JSON record; dropped")
             continue
         (keep if step <= start_step else replaced).append(raw + b"\n")
+        last = max(last, step)
     if tail.strip():
         warn(f"warning: {log_file} ends in a torn line (a crash while logging); dropped it")
     if not replaced and not tail.strip() and len(keep) == sum(1 for raw in lines if raw.strip()):
-        return
+        return last
     if replaced:
         with open(log_file.with_name(REPLACED), "ab") as f:
             f.write(b"".join(replaced))
@@ -92,3 +104,4 @@ def trim_log(log_file: Path, start_step: int, warn=print) -> None:
         os.replace(tmp, log_file)
     finally:
         tmp.unlink(missing_ok=True)
+    return last
