@@ -123,6 +123,16 @@ HELP = {"train": "DAPO training from a YAML config and dotted overrides",
         "engines": "start the engines the plan puts on this node (one with no trainer rank); serve until SIGTERM"}
 
 
+def _report(argv):
+    from .report import main
+
+    main(argv)
+
+
+COMMANDS["report"] = _report
+HELP["report"] = "RUN_DIR/report/index.html: plots of metrics.jsonl and a browser of the rollout dumps"
+
+
 def _debug() -> bool:
     return os.environ.get("DAPO_DEBUG", "") not in ("", "0")
 
