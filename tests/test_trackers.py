@@ -62,7 +62,11 @@ def test_mlflow_has_every_step_and_the_config(tmp_path, mlflow_uri):
 
 
 def _crash_after(run_dir, uri, steps):
-    _run(run_dir, steps, uri=uri)
+    logger = _run(run_dir, steps[:2], uri=uri)
+    logger.flush()  # the loop flushes before the step-2 checkpoint
+    for step in steps[2:]:
+        logger.log(step, _metrics(step))
+    logger.flush()  # step 3 reached the tracker, then the trainer died: it is replayed after the resume
     os.kill(os.getpid(), signal.SIGKILL)  # no close(): a killed trainer
 
 
@@ -104,7 +108,7 @@ def test_a_failing_tracker_warns_once_and_logging_goes_on(tmp_path, mlflow_uri, 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    logger.trackers[0].client.log_batch = full_disk
+    logger.trackers.trackers[0].client.log_batch = full_disk
     for step in (3, 4, 5):
         logger.log(step, _metrics(step))
     logger.close()

@@ -90,7 +90,8 @@ def run(cfg: Config) -> dict:
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
         logger.log(step + 1, last)  # before the save: a checkpoint's steps are always in metrics.jsonl
         if final or _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
-            dumper.flush()  # a checkpoint's steps have their dumps on disk
+            dumper.flush()  # a checkpoint's steps have their dumps on disk and in the trackers
+            logger.flush()
             with _timer(times, "save"):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
@@ -100,6 +101,7 @@ def run(cfg: Config) -> dict:
         if preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
             if not _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
                 dumper.flush()
+                logger.flush()
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
             preempted = True

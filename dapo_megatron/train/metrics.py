@@ -26,7 +26,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
-        self.trackers = []
+        self.trackers = None  # train/trackers.py Trackers: W&B / MLflow, fed by a background thread
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -37,10 +37,11 @@ class MetricsLogger:
             # purge_step: TensorBoard hides events of the replayed steps that a crashed run had written
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         log_file = run_dir / "metrics.jsonl"
-        logged_upto = trim_log(log_file, start_step) if log_file.is_file() else 0
+        if log_file.is_file():
+            trim_log(log_file, start_step)
         self.jsonl = open(log_file, "a")
         if trainer is not None:
-            self.trackers = start_trackers(trainer, run_dir, config or {}, start_step, logged_upto)
+            self.trackers = start_trackers(trainer, run_dir, config or {}, start_step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -57,27 +58,31 @@ class MetricsLogger:
             kill()
         self.jsonl.write(line)
         self.jsonl.flush()
-        for tracker in self.trackers:
-            tracker.log(step, scalars)
+        if self.trackers is not None:
+            self.trackers.log(step, scalars)
         parts = [f"{short}={scalars[k]:.3f}" for k, short in SUMMARY_KEYS if k in scalars]
         print(f"[step {step}] " + " ".join(parts), flush=True)
 
+    def flush(self) -> None:
+        """Every step logged so far delivered to the trackers (before a checkpoint: see train/trackers.py)."""
+        if self.trackers is not None:
+            self.trackers.flush()
+
     def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
+        if self.trackers is not None:
+            self.trackers.close()
         if self.writer is not None:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
 
 
-def trim_log(log_file: Path, start_step: int, warn=print) -> int:
-    """Keep the whole lines of steps <= start_step; replayed steps go to metrics_replaced.jsonl; atomic rewrite.
-    Returns the last step the file held (what the trackers have seen of the run before this resume)."""
+def trim_log(log_file: Path, start_step: int, warn=print) -> None:
+    """Keep the whole lines of steps <= start_step; replayed steps go to metrics_replaced.jsonl; atomic rewrite."""
     data = log_file.read_bytes()
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline; otherwise a torn last line
-    keep, replaced, last = [], [], 0
+    keep, replaced = [], []
     for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -87,11 +92,10 @@ def trim_log(log_file: Path, start_step: int, warn=print) -> int:
             warn(f"warning: {log_file}, line {i} is not a JSON record; dropped")
             continue
         (keep if step <= start_step else replaced).append(raw + b"\n")
-        last = max(last, step)
     if tail.strip():
         warn(f"warning: {log_file} ends in a torn line (a crash while logging); dropped it")
     if not replaced and not tail.strip() and len(keep) == sum(1 for raw in lines if raw.strip()):
-        return last
+        return
     if replaced:
         with open(log_file.with_name(REPLACED), "ab") as f:
             f.write(b"".join(replaced))
@@ -104,4 +108,3 @@ def trim_log(log_file: Path, start_step: int, warn=print) -> int:
         os.replace(tmp, log_file)
     finally:
         tmp.unlink(missing_ok=True)
-    return last

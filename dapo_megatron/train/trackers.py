@@ -6,17 +6,20 @@ metrics.jsonl (train/metrics.py). Rank 0 only (MetricsLogger is disabled elsewhe
   run_dir/mlflow.db (MLflow 3 default store kind; its file store is deprecated).
 - The resolved config is the run's parameters; project/experiment and run names come from the config.
 - A resumed run (same run_dir) continues the same tracker run: the ids are kept in run_dir/trackers.json.
-- Replayed steps: a tracker's history cannot be rewritten, so the steps a crashed run had already logged past its
-  checkpoint keep their first values there, and the resumed run's values of those steps are logged under
-  `replayed/<key>` at the same step (in metrics.jsonl it is the other way round: the old values move to
-  metrics_replaced.jsonl). Each step appears once under each key.
+- Off the critical path: one background thread delivers the steps; it is drained before every checkpoint.
+- Replayed steps: a tracker's history cannot be rewritten, so the steps a crashed run had already delivered past its
+  checkpoint (recorded per tracker in trackers.json) keep their first values there, and the resumed run's values of
+  those steps are logged under `replayed/<key>` at the same step (in metrics.jsonl it is the other way round: the old
+  values move to metrics_replaced.jsonl). Each step appears once under each key.
 - A tracker that fails (disk full, server gone) warns once and is switched off; training never stops for it.
 """
 import importlib.util
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,27 +63,70 @@ def check_loggers(loggers) -> None:
         raise ValueError("trainer.loggers must include jsonl: metrics.jsonl is the run's record (resume, report)")
 
 
-def start_trackers(trainer, run_dir, config: dict, start_step: int, logged_upto: int) -> list:
-    """The trackers trainer.loggers names (besides tensorboard/jsonl), started or resumed. `logged_upto`: the last
-    step the run had logged before this start (steps start_step+1..logged_upto are replayed)."""
+def start_trackers(trainer, run_dir, config: dict, start_step: int) -> Optional["Trackers"]:
+    """The trackers trainer.loggers names (besides tensorboard/jsonl), started or resumed; None when there are none."""
+    names = [n for n in ("wandb", "mlflow") if n in trainer.loggers]
+    if not names:
+        return None
     run_dir = Path(run_dir)
     state_file = run_dir / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() and start_step > 0 else {}
-    logged_upto = logged_upto if start_step > 0 else 0  # a fresh start is a new tracker run
-    out = []
-    for name, cls in (("wandb", WandbTracker), ("mlflow", MlflowTracker)):
-        if name not in trainer.loggers:
-            continue
-        tracker = cls(getattr(trainer, name), run_dir, logged_upto)
-        tracker.guard("starting", lambda t=tracker: t.start(config, state.get(t.name), start_step))
+    started = []
+    for name in names:
+        tracker = {"wandb": WandbTracker, "mlflow": MlflowTracker}[name](getattr(trainer, name), run_dir)
+        previous = state.get(name) or {}
+        # steps past the checkpoint that this tracker already holds: they are replayed now (module docstring)
+        tracker.logged_upto = int(previous.get("step", 0))
+        tracker.guard("starting", lambda t=tracker, prev=previous: t.start(config, prev or None, start_step))
         if not tracker.failed:
-            state[name] = tracker.state()
-            out.append(tracker)
-    if out:
-        tmp = state_file.with_name(STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, state_file)
-    return out
+            state[name] = {**tracker.state(), "step": tracker.logged_upto}
+            started.append(tracker)
+    return Trackers(started, state_file, state) if started else None
+
+
+class Trackers:
+    """The trackers, fed by one background thread so the step never waits on them. Each tracker's last delivered
+    step is kept in run_dir/trackers.json; `flush()` (before every checkpoint) delivers every step logged so far, so
+    a resume's replay starts at or below what the trackers hold and no step is missing."""
+
+    def __init__(self, trackers: list, state_file: Path, state: dict):
+        self.trackers, self.state_file, self.state = trackers, state_file, state
+        self._write_state()
+        self._queue: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._drain, name="dapo-trackers", daemon=True)
+        self._thread.start()
+
+    def log(self, step: int, scalars: dict) -> None:
+        self._queue.put((step, scalars))
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        for t in self.trackers:
+            t.close()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                for t in self.trackers:
+                    if t.log(*item):
+                        self.state[t.name]["step"] = max(item[0], self.state[t.name]["step"])
+                self._write_state()
+            except Exception as e:  # trackers.json unwritable: the trackers still get their steps
+                print(f"warning: {self.state_file}: {e}", file=sys.stderr, flush=True)
+            finally:
+                self._queue.task_done()
+
+    def _write_state(self) -> None:
+        tmp = self.state_file.with_name(STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.state_file)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -96,24 +142,27 @@ def flatten(d: dict, prefix: str = "") -> dict:
 class Tracker:
     name = ""
 
-    def __init__(self, cfg, run_dir: Path, logged_upto: int):
-        self.cfg, self.run_dir, self.logged_upto = cfg, run_dir, logged_upto
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.logged_upto = 0
         self.failed = False
 
-    def guard(self, what: str, fn) -> None:
+    def guard(self, what: str, fn) -> bool:
         if self.failed:
-            return
+            return False
         try:
             fn()
+            return True
         except Exception as e:  # a tracker never stops training
             self.failed = True
             print(f"warning: {self.name} tracker failed while {what} ({type(e).__name__}: {e}); it is off for the "
                   "rest of this run, training goes on (metrics.jsonl has every step)", file=sys.stderr, flush=True)
+            return False
 
-    def log(self, step: int, scalars: dict) -> None:
+    def log(self, step: int, scalars: dict) -> bool:
         if step <= self.logged_upto:  # already in the tracker from the run before the resume (module docstring)
             scalars = {REPLAYED + k: v for k, v in scalars.items()}
-        self.guard(f"logging step {step}", lambda: self._log(step, scalars))
+        return self.guard(f"logging step {step}", lambda: self._log(step, scalars))
 
     def close(self) -> None:
         self.guard("closing", self._close)
