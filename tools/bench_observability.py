@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's dapo_megatron (background_work imports it)
 
 
 def _toy_module():
@@ -40,18 +42,22 @@ def prepare(out: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def train(run_dir: Path, model: Path, data: Path, steps: int, extra: list) -> list[float]:
+def train(run_dir: Path, model: Path, data: Path, steps: int, extra: list) -> tuple[list[float], float]:
+    """(wall seconds between consecutive steps, CPU seconds of the whole run and its child processes)"""
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "dapo_megatron.cli", "train", "--config", str(REPO / "examples/toy/config.yaml"),
            f"model.path={model}", f"data.path={data}", f"trainer.run_dir={run_dir}", f"trainer.num_steps={steps}",
            "rollout.deterministic=true", f"eval.path={data}", "eval.max_prompts=8", "eval.n_samples=2",
            "trainer.eval_interval=5", *extra]
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode != 0:
         sys.exit(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    return [b["time"] - a["time"] for a, b in zip(rows, rows[1:])], cpu
 
 
 def main() -> None:
@@ -66,17 +72,23 @@ def main() -> None:
     model, data = prepare(out)
     variants = {"default": [],
                 "all": ["trainer.loggers=[tensorboard,jsonl,wandb,mlflow]", "trainer.dump_rollouts=1"]}
-    times = {k: [] for k in variants}
+    times, cpus = {k: [] for k in variants}, {k: [] for k in variants}
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     for r in range(args.repeats):
         for name, extra in variants.items():
-            dts = train(out / name, model, data, args.steps, extra)
+            dts, cpu = train(out / name, model, data, args.steps, extra)
             times[name] += dts[args.warmup:]
-            print(f"repeat {r + 1} {name:8s}: median step {statistics.median(dts[args.warmup:]):.3f} s", flush=True)
+            cpus[name].append(cpu)
+            print(f"repeat {r + 1} {name:8s}: median step {statistics.median(dts[args.warmup:]):.3f} s, "
+                  f"whole run {cpu:.1f} CPU s", flush=True)
     base, full = statistics.median(times["default"]), statistics.median(times["all"])
     dump = sum(f.stat().st_size for f in (out / "all" / "rollouts").glob("*.gz")) / max(1, args.steps)
     print(f"\nmedian wall time per step over {len(times['default'])} steps each: default {base:.3f} s, "
           f"all loggers + dumps {full:.3f} s")
     print(f"ratio all/default: {full / base:.3f} ({(full / base - 1) * 100:+.1f}%)")
+    c0, c1 = statistics.median(cpus["default"]), statistics.median(cpus["all"])
+    print(f"CPU seconds per run (start-up included, median of {args.repeats}): default {c0:.1f}, all {c1:.1f}, "
+          f"ratio {c1 / c0:.3f}; load average at end: {os.getloadavg()[0]:.1f}")
     print(f"rollout dump size: {dump / 1e3:.1f} kB per step (gzip)")
     work = background_work(out / "all", out / "components")
     print("background work per step (the writer threads' calls, timed alone in this process): "
