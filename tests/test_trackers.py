@@ -28,12 +28,14 @@ def _metrics(step, offset=0.0):
     return {KEY: step / 4 + offset, "rollout/accuracy": step / 8 + offset, "eval/avg@4": 0.5, "time/step_s": 1.5}
 
 
-def _trainer(loggers, uri=None):
-    return TrainerConfig(loggers=["jsonl", *loggers], tensorboard=False, mlflow=trackers.MlflowConfig(tracking_uri=uri))
+def _trainer(loggers, uri=None, **names):
+    return TrainerConfig(loggers=["jsonl", *loggers], tensorboard=False,
+                         mlflow=trackers.MlflowConfig(tracking_uri=uri, **names.get("mlflow", {})),
+                         wandb=trackers.WandbConfig(**names.get("wandb", {})))
 
 
-def _run(run_dir, steps, start=0, loggers=("mlflow",), uri=None, offset=0.0):
-    logger = MetricsLogger(run_dir, tensorboard=False, start_step=start, trainer=_trainer(loggers, uri),
+def _run(run_dir, steps, start=0, loggers=("mlflow",), uri=None, offset=0.0, **names):
+    logger = MetricsLogger(run_dir, tensorboard=False, start_step=start, trainer=_trainer(loggers, uri, **names),
                            config={"actor": {"lr": 0.001}, "trainer": {"run_dir": str(run_dir)}})
     for step in steps:
         logger.log(step, _metrics(step, offset))
@@ -52,12 +54,13 @@ def _history(uri, run_dir, key=KEY):
 
 
 def test_mlflow_has_every_step_and_the_config(tmp_path, mlflow_uri):
-    _run(tmp_path, range(1, 6), uri=mlflow_uri).close()
+    _run(tmp_path, range(1, 6), uri=mlflow_uri, mlflow={"experiment": "toy-exp", "run_name": "first"}).close()
     history, run_id = _history(mlflow_uri, tmp_path)
     assert sorted(history) == [(s, s / 4) for s in range(1, 6)]
-    run = MlflowClient(mlflow_uri).get_run(run_id)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
     assert run.data.params["actor.lr"] == "0.001" and run.info.status == "FINISHED"
-    assert run.info.run_name == tmp_path.name
+    assert run.info.run_name == "first" and client.get_experiment(run.info.experiment_id).name == "toy-exp"
     assert run.data.metrics["eval/avg_at_4"] == 0.5
 
 
@@ -89,10 +92,13 @@ def test_mlflow_killed_and_resumed_run_has_each_step_once(tmp_path, mlflow_uri):
 def test_wandb_offline_history_equals_metrics_jsonl(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    _run(tmp_path, range(1, 6), loggers=("wandb",)).close()
+    _run(tmp_path, range(1, 6), loggers=("wandb",), wandb={"project": "toy-proj", "name": "toy-run"}).close()
     (run,) = (tmp_path / "wandb").glob("offline-run-*")  # offline by default
     out = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(run)],
                          capture_output=True, text=True, timeout=120, check=True).stdout
+    (header,) = [json.loads(x)["run"] for x in out.splitlines() if '"type":"run"' in x]
+    assert header["project"] == "toy-proj" and header["display_name"] == "toy-run"
+    assert header["config"]["update"]["actor"] == {"lr": 0.001}  # the resolved config is the run's config
     history = [json.loads(x)["history"]["item"] for x in out.splitlines() if '"type":"history"' in x]
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == len(logged) == 5
@@ -115,6 +121,15 @@ def test_a_failing_tracker_warns_once_and_logging_goes_on(tmp_path, mlflow_uri, 
     err = capfd.readouterr().err
     assert err.count("mlflow tracker failed") == 1 and "No space left on device" in err
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_loggers_choose_tensorboard(tmp_path):
+    for loggers, has_events in ((["tensorboard", "jsonl"], True), (["jsonl"], False)):
+        run = tmp_path / str(len(loggers))
+        logger = MetricsLogger(run, trainer=TrainerConfig(loggers=loggers))
+        logger.log(1, _metrics(1))
+        logger.close()
+        assert (run / "tensorboard").is_dir() == has_events and (run / "metrics.jsonl").is_file()
 
 
 def test_loggers_are_checked_at_validation(monkeypatch):

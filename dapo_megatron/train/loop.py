@@ -39,7 +39,7 @@ def run(cfg: Config) -> dict:
     syncer = WeightSyncer(cfg, stage, engines)
     start = _resume(cfg, actor, stage)
     t = cfg.trainer
-    logger = MetricsLogger(t.run_dir, enabled=rank0, tensorboard=t.tensorboard and "tensorboard" in t.loggers,
+    logger = MetricsLogger(t.run_dir, enabled=rank0, tensorboard=t.tensorboard,
                            start_step=start, trainer=t, config=cfg.to_dict())
     dumper = RolloutDumper(t.run_dir, t.dump_rollouts, enabled=rank0)  # a background writer (rollout_dump.py)
     if rank0:

@@ -31,6 +31,8 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if trainer is not None:
+            tensorboard = tensorboard and "tensorboard" in trainer.loggers
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
