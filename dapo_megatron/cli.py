@@ -133,6 +133,16 @@ def _usage_error(parser, message):
     raise UsageError(f"{message} (usage: {' '.join(parser.format_usage().split())[7:]})")
 
 
+def _report(argv):
+    from .report import main
+
+    main(argv)
+
+
+COMMANDS["report"] = _report
+HELP["report"] = "RUN_DIR/report/index.html: plots of metrics.jsonl and a browser of the rollout dumps"
+
+
 def _debug() -> bool:
     return os.environ.get("DAPO_DEBUG", "") not in ("", "0")
 

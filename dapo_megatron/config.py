@@ -24,6 +24,7 @@ from .rollout.buffer import DynamicSamplingConfig
 from .rollout.multi_turn import MultiTurnConfig
 from .rollout.weight_sync import weight_sync_modes
 from .train.actor import ActorConfig
+from .train.trackers import MlflowConfig, WandbConfig, check_loggers
 
 
 class ConfigError(ValueError):
@@ -138,10 +139,23 @@ class TrainerConfig:
     # Stop after the step whose generated response tokens (all generated groups, kept or filtered, counted since
     # step 1, across resumes) reach this many: a compute-matched budget (tools/ablation.py). 0 = no limit.
     max_generated_tokens: int = 0
+    # Where each step's metrics go (train/trackers.py): tensorboard, jsonl (metrics.jsonl, always), wandb, mlflow.
+    # trainer.tensorboard=false drops tensorboard from the list.
+    loggers: list = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # Every N steps, every generated sample (kept or dropped) to run_dir/rollouts/ (train/rollout_dump.py); 0 = off
+    dump_rollouts: int = 0
 
     def __post_init__(self):
         if self.max_generated_tokens < 0:
             raise ConfigError(f"trainer.max_generated_tokens={self.max_generated_tokens}; use 0 (no limit) or more")
+        if self.dump_rollouts < 0:
+            raise ConfigError(f"trainer.dump_rollouts={self.dump_rollouts}; use 0 (off) or a step interval")
+        try:
+            check_loggers(self.loggers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

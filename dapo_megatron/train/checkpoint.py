@@ -29,6 +29,24 @@ def find_latest(root) -> Optional[Path]:
     return layout.newest_complete(root)[0]
 
 
+def resume_line(load, path: Path, manifest: dict) -> str:
+    """The one line a resume prints (rank 0): folder, step, kind, and why this folder (as Megatron-LM prints the
+    checkpoint it loads). `load` is trainer.load; `path`, `manifest` what ckpt_layout.resolve chose."""
+    load, path = Path(load), Path(path)
+    if layout.is_checkpoint_dir(load):
+        why = "pinned by trainer.load"
+    elif layout.read_latest(load) == path.name:
+        why = f"named by {load / LATEST}"
+    elif layout.iteration_dirs(load)[0].name == path.name:
+        why = f"the newest complete one ({load / LATEST} missing or unreadable)"
+    else:
+        why = "the newest complete one, after a fallback from a damaged newer checkpoint"
+    kind = manifest["kind"]
+    step = manifest.get("iteration", 0) if kind == layout.KIND_TRAIN else 0
+    extra = "; model-only: initial weights, fresh optimizer, step 0" if kind == layout.KIND_MODEL else ""
+    return f"resuming from {path} (step {step}, kind {kind}): {why}{extra}"
+
+
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 

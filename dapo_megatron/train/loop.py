@@ -16,11 +16,12 @@ from ..placement import startup_plan
 from ..rollout.node_engines import start_node_engines
 from .actor import Actor, train_on_batch
 from ..models import ckpt_layout
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_line, save_checkpoint
 from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger
 from .reference import build_reference
 from .rollout_ahead import RolloutAhead
+from .rollout_dump import RolloutDumper, dump_eval, dump_step
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, broadcast_from_rank0
 
@@ -38,7 +39,10 @@ def run(cfg: Config) -> dict:
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
     syncer = WeightSyncer(cfg, stage, engines)
     start = _resume(cfg, actor, stage)
-    logger = MetricsLogger(cfg.trainer.run_dir, enabled=rank0, tensorboard=cfg.trainer.tensorboard, start_step=start)
+    t = cfg.trainer
+    logger = MetricsLogger(t.run_dir, enabled=rank0, tensorboard=t.tensorboard,
+                           start_step=start, trainer=t, config=cfg.to_dict())
+    dumper = RolloutDumper(t.run_dir, t.dump_rollouts, enabled=rank0)  # a background writer (rollout_dump.py)
     if rank0:
         print(startup_plan(cfg, dist.get_world_size(), _local_world_size()), flush=True)
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
@@ -73,16 +77,22 @@ def run(cfg: Config) -> dict:
                     ahead.wait()
             with _timer(times, "sync"):
                 train_metrics.update(syncer.sync(actor, version=step + 1))
+        if rank0 and dumper.enabled:
+            dump_step(dumper, stage, step + 1, batch, cfg.sampling().enable and cfg.sampling().filter_metric)
         eval_metrics = {}
         if cfg.eval.path and cfg.trainer.eval_interval and ((step + 1) % cfg.trainer.eval_interval == 0 or final):
             if rank0:
                 ahead.wait()  # a skipped step (empty batch) did not wait: the engines serve one caller at a time
             eval_metrics = stage.evaluate(tokenizer) if rank0 else {}
+            if rank0:
+                dump_eval(dumper, stage, step + 1)
             dist.barrier()
         last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
         logger.log(step + 1, last)  # before the save: a checkpoint's steps are always in metrics.jsonl
         if final or _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+            dumper.flush()  # a checkpoint's steps have their dumps on disk and in the trackers
+            logger.flush()
             with _timer(times, "save"):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
@@ -91,12 +101,15 @@ def run(cfg: Config) -> dict:
             break
         if preemption.requested():  # SIGTERM / SIGUSR1: save, exit 75
             if not _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
+                dumper.flush()
+                logger.flush()
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
             preempted = True
             break
     if ahead is not None:
         ahead.close()
+    dumper.close()
     logger.close()
     syncer.close()
     if stage is not None:
@@ -124,8 +137,7 @@ def _resume(cfg: Config, actor: Actor, stage) -> int:
     rank0 = dist.get_rank() == 0
     say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     path, manifest = ckpt_layout.resolve(cfg.trainer.load, log=say)
-    if manifest["kind"] == ckpt_layout.KIND_MODEL:
-        say(f"{path} is a model-only checkpoint: loading it as initial weights (step 0, fresh optimizer)")
+    say(resume_line(cfg.trainer.load, path, manifest))
     state = load_checkpoint(path, actor, manifest)
     if stage is not None and state.get("rollout"):
         stage.load_state_dict(state["rollout"])

@@ -1,4 +1,5 @@
-"""Metrics: TensorBoard scalars, a JSONL log and a one-line console summary per step (rank 0 only).
+"""Metrics: TensorBoard scalars, a JSONL log, the trackers of trainer.loggers (train/trackers.py) and a one-line
+console summary per step (rank 0 only).
 
 metrics.jsonl is append-only, one whole line per write. On resume its lines are checked: a torn last line (a crash
 or a full disk while logging) is dropped with a warning, and the replayed steps after the checkpoint are moved to
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from .faults import fault, kill
+from .trackers import start_trackers
 
 SUMMARY_KEYS = [("rollout/reward_mean", "reward"), ("rollout/accuracy", "acc"), ("actor/pg_loss", "loss"),
                 ("rollout/response_length_mean", "len"), ("actor/pg_clipfrac_high", "clip_hi"),
@@ -18,14 +20,19 @@ REPLACED = "metrics_replaced.jsonl"
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True, start_step: int = 0, trainer=None,
+                 config: dict = None):
+        """`trainer`: the TrainerConfig whose loggers (wandb, mlflow) to start, with `config` as their parameters."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
+        self.trackers = None  # train/trackers.py Trackers: W&B / MLflow, fed by a background thread
         if not enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if trainer is not None:
+            tensorboard = tensorboard and "tensorboard" in trainer.loggers
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -35,6 +42,8 @@ class MetricsLogger:
         if log_file.is_file():
             trim_log(log_file, start_step)
         self.jsonl = open(log_file, "a")
+        if trainer is not None:
+            self.trackers = start_trackers(trainer, run_dir, config or {}, start_step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -51,10 +60,19 @@ class MetricsLogger:
             kill()
         self.jsonl.write(line)
         self.jsonl.flush()
+        if self.trackers is not None:
+            self.trackers.log(step, scalars)
         parts = [f"{short}={scalars[k]:.3f}" for k, short in SUMMARY_KEYS if k in scalars]
         print(f"[step {step}] " + " ".join(parts), flush=True)
 
+    def flush(self) -> None:
+        """Every step logged so far delivered to the trackers (before a checkpoint: see train/trackers.py)."""
+        if self.trackers is not None:
+            self.trackers.flush()
+
     def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
         if self.writer is not None:
             self.writer.close()
         if self.jsonl is not None:
