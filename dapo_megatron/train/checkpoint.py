@@ -22,7 +22,8 @@ LATEST = layout.LATEST
 iter_name = layout.iter_name
 # The distributed optimizer's state as each DP rank holds it (Megatron-LM's default: parallel writes, no gather; it
 # reshards across DP sizes). megatron-core's own default, fully_sharded_model_space, fails to save in 0.16 and 0.19
-# ("ShardedTensor.flattened_range is not supported"). The plain optimizer ignores it.
+# ("ShardedTensor.flattened_range is not supported"); fully_reshardable fails to load without Transformer Engine
+# (KeyError 'step', measured on 0.16.1 CPU). The plain optimizer ignores it.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
