@@ -17,6 +17,9 @@ LOG_NOTICES = (
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated",
      "megatron-core 0.19's synchronous torch_dist save runs through its own async request (async_strategy='mcore') "
      "and logs this although nothing is saved asynchronously; see train/checkpoint.py"),
+    ("megatron.core.distributed.distributed_data_parallel", "DistributedDataParallel: full_param_layout not provided",
+     "megatron-core 0.19 with the distributed optimizer: DDP computes the layout itself, as 0.16.1 always does (its "
+     "DDP takes no layout argument)"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found",
      "the CUDA build of torch (PyPI torch 2.14.1) imported on a machine without a GPU; nothing is compiled"),
 )
@@ -31,6 +34,11 @@ WARNING_NOTICES = (
      "TransformerConfig's own default cuda_graph scope; we set no CUDA-graph option"),
     (r"MimoModelConfig is experimental", UserWarning, r"megatron\.",
      "megatron-core 0.19 import side effect of a model we do not use"),
+    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning,
+     r"torch\.distributed\.", "torch >= 2.13 on the collectives megatron-core's DDP and distributed optimizer call"),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning,
+     r"(megatron|torch|dapo_megatron)\.", "torch >= 2.13 on megatron-core's dist_checkpointing internals (on CPU "
+     "the call passes through our device shim, parallel/cpu_compat.py, and is attributed to it)"),
 )
 
 

@@ -1,7 +1,8 @@
 """User-facing commands print no library notices to stderr (dapo_megatron/quiet.py), on whichever stack runs the tests
 (CI runs the suite on Python 3.11 + megatron-core 0.16.1 and on Python 3.12 + megatron-core 0.19.2).
 
-A short `make demo`-config training run with a checkpoint save, a conversion and a refused conversion run
+A short `make demo`-config training run with a checkpoint save (also with the GPU's bf16 + distributed
+optimizer), a conversion and a refused conversion run
 as subprocesses of this interpreter (sys.executable). What may reach stderr is listed: our rollout progress line and
 transformers' weight-loading progress bar; anything else (a megatron-core warning, a logging record) fails the test.
 """
@@ -45,11 +46,15 @@ def runs(tmp_path_factory):
     data = t / "train.jsonl"
     data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                             for a in range(3) for b in range(3)))
+    train = ["train", "--config", "examples/toy/config.yaml", f"model.path={hf}", f"data.path={data}",
+             "trainer.num_steps=2", "trainer.save_interval=1", "rollout.rollout_batch_size=4",
+             "rollout.n_samples_per_prompt=4", "actor.global_batch_size=16", "actor.micro_batch_size=8",
+             "dynamic_sampling.enable=false"]
     return {
-        "train": _cli("train", "--config", "examples/toy/config.yaml", f"model.path={hf}", f"data.path={data}",
-                      f"trainer.run_dir={t / 'run'}", "trainer.num_steps=2", "trainer.save_interval=1",
-                      "rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.global_batch_size=16",
-                      "actor.micro_batch_size=8", "dynamic_sampling.enable=false"),
+        "train": _cli(*train, f"trainer.run_dir={t / 'run'}"),
+        # the GPU defaults (bf16, distributed optimizer) take other megatron and torch code paths
+        "train_gpu_precision": _cli(*train, f"trainer.run_dir={t / 'run_gpu'}", "actor.bf16=true",
+                                    "actor.use_distributed_optimizer=true"),
         "to_megatron": _cli("convert", "hf-to-megatron", "--hf-dir", hf, "--save-dir", t / "mg"),
         # refused after the model is built: the checkpoint has no output layer for an untied config
         "refused": _cli("convert", "megatron-to-hf", "--load-dir", t / "mg", "--save-dir", t / "refused",
@@ -57,7 +62,7 @@ def runs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("name", ["train", "to_megatron"])
+@pytest.mark.parametrize("name", ["train", "train_gpu_precision", "to_megatron"])
 def test_normal_runs_print_no_library_notices(runs, name):
     rc, out, err = runs[name]
     assert rc == 0, err[-4000:]
@@ -91,11 +96,26 @@ def test_only_the_listed_notices_are_dropped(capsys):
     finally:
         logger.removeHandler(handler)
     assert records == ["a real megatron problem"]
+    examples = [  # one real message per WARNING_NOTICES entry, from the module Python attributes it to
+        ("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.", UserWarning,
+         "megatron.core.optimizer"),
+        ("Apex is not installed. Falling back to Torch Norm", UserWarning, "megatron.core.models.backends"),
+        ("full scope is deprecated. Use empty cuda_graph_modules to capture the whole layer.", UserWarning,
+         "megatron.core.transformer.transformer_config"),
+        ("MimoModelConfig is experimental and still under active development.", UserWarning,
+         "megatron.core.models.mimo.config.base_configs"),
+        ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use `torch.distributed.reduce_scatter_single`"
+         " instead.", FutureWarning, "torch.distributed.c10d_logger"),
+        ("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning,
+         "dapo_megatron.parallel.cpu_compat"),
+    ]
+    assert len(examples) == len(quiet.WARNING_NOTICES)
+    kept = [("another megatron warning", UserWarning, "megatron.core.x"),
+            (examples[0][0], UserWarning, "mylib"),  # the same text from another library
+            (examples[4][0], FutureWarning, "mylib")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet.filter_warnings()  # in front of "always", as install() puts them in front of the defaults
-        for message, category, _, _ in quiet.WARNING_NOTICES:
-            warnings.warn_explicit(message.replace("\\", "") + " ...", category, "x.py", 1, module="megatron.core.x")
-        warnings.warn_explicit("another megatron warning", UserWarning, "x.py", 1, module="megatron.core.x")
-        warnings.warn_explicit(quiet.WARNING_NOTICES[0][0] + " ...", UserWarning, "x.py", 1, module="mylib")
-    assert [str(w.message) for w in caught] == ["another megatron warning", quiet.WARNING_NOTICES[0][0] + " ..."]
+        for message, category, module in examples + kept:
+            warnings.warn_explicit(message, category, "x.py", 1, module=module)
+    assert [str(w.message) for w in caught] == [k[0] for k in kept]
