@@ -38,7 +38,7 @@ def _brace_group(text: str, open_idx: int) -> Optional[str]:
 
 
 def last_answer_line(text: str) -> Optional[str]:
-    """The rest of the line after the last `Answer:` (case-insensitive), stripped; None if absent.
+    r"""The rest of the line after the last `Answer:` (case-insensitive), stripped; None if absent.
 
     Like DAPO's `Answer\s*:\s*([^\n]+)`, an answer on the line below a bare `Answer:` counts.
     """

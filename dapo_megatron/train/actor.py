@@ -53,7 +53,10 @@ class ActorConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    use_distributed_optimizer: Optional[bool] = None  # default: on with a GPU, off on CPU
+    # Megatron's mixed precision (--bf16): bf16 parameters and activations, fp32 gradients (grad_reduce_in_fp32) and
+    # fp32 main weights in the optimizer. null: on with a GPU, off (fp32 throughout) on CPU.
+    bf16: Optional[bool] = None
+    use_distributed_optimizer: Optional[bool] = None  # shard fp32 main weights + Adam state over DP; null: GPU only
     max_tokens_per_microbatch: Optional[int] = None  # token budget per micro-batch (balanced); None: micro_batch_size
     use_remove_padding: bool = True  # pack sequences end to end (THD, no padding); false: right-padded [B, S]
     # Activation recompute, passed to megatron's TransformerConfig (Megatron names): null | selective | full.
@@ -68,6 +71,12 @@ class ActorConfig:
     routing_replay: str = "none"
 
     def __post_init__(self):
+        for key in ("bf16", "use_distributed_optimizer"):
+            if getattr(self, key) not in (None, True, False):
+                raise ValueError(f"actor.{key}={getattr(self, key)!r}; use true, false or null (null: on with a GPU, "
+                                 "off on CPU)")
+        if self.bf16 is not False and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ValueError("actor.bf16: this GPU has no bf16 (compute capability < 8.0); set actor.bf16=false")
         if self.routing_replay not in ROUTING_REPLAY_MODES:
             raise ValueError(f"actor.routing_replay={self.routing_replay!r}; use one of "
                              f"{', '.join(ROUTING_REPLAY_MODES)}")
@@ -102,6 +111,12 @@ class ActorConfig:
         return {**replay, "recompute_granularity": self.recompute_granularity,
                 "recompute_method": self.recompute_method, "recompute_num_layers": self.recompute_num_layers}
 
+    def precision(self, on_gpu: bool) -> dict:
+        """bf16 and use_distributed_optimizer, nulls resolved for the device."""
+        return {"bf16": on_gpu if self.bf16 is None else bool(self.bf16),
+                "use_distributed_optimizer": on_gpu if self.use_distributed_optimizer is None
+                else bool(self.use_distributed_optimizer)}
+
 
 class Actor:
     def __init__(self, model_cfg: ModelConfig, cfg: ActorConfig, loss_cfg: PolicyLossConfig, pad_id: int,
@@ -117,15 +132,23 @@ class Actor:
         if cfg.global_batch_size % (cfg.micro_batch_size * self.dp_size):
             raise ValueError(f"actor.global_batch_size={cfg.global_batch_size} must be a multiple of "
                              f"micro_batch_size x data-parallel size = {cfg.micro_batch_size * self.dp_size}")
-        module, self.arch = build_model(model_cfg, config_overrides=cfg.transformer_overrides())
+        on_gpu = torch.cuda.is_available()
+        self.precision = prec = cfg.precision(on_gpu)  # recorded in checkpoints (train/checkpoint.py)
+        dtype = torch.bfloat16 if prec["bf16"] else torch.float32
+        module, self.arch = build_model(model_cfg, config_overrides={
+            **cfg.transformer_overrides(), "bf16": prec["bf16"], "params_dtype": dtype, "pipeline_dtype": dtype})
+        if prec["bf16"]:
+            # What Megatron-LM's Float16Module does: every parameter bf16. The local spec's torch norms are built in
+            # fp32 whatever params_dtype says, and a model with both dtypes breaks the distributed optimizer (its
+            # param -> main-shard index assumes one dtype order: measured on CPU, norms matched to qkv biases).
+            module.bfloat16()
         if load_hf:
             load_hf_weights(module, self.arch, safetensors_getter(model_cfg.path))
         config = module.config
         config.calculate_per_token_loss = True  # DDP sums gradients; the loss carries the global divisor
         config.variable_seq_lengths = True  # each micro-batch is padded to its own length
         config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None, **kw)
-        on_gpu = torch.cuda.is_available()
-        dist_opt = on_gpu if cfg.use_distributed_optimizer is None else cfg.use_distributed_optimizer
+        dist_opt = prec["use_distributed_optimizer"]
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=dist_opt)
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=module)
@@ -133,7 +156,7 @@ class Actor:
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
-            bf16=on_gpu, params_dtype=config.params_dtype, use_distributed_optimizer=dist_opt), [self.model])
+            bf16=prec["bf16"], params_dtype=config.params_dtype, use_distributed_optimizer=dist_opt), [self.model])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
             lr_warmup_steps=cfg.lr_warmup_steps, lr_decay_steps=max(cfg.lr_decay_steps, cfg.lr_warmup_steps + 1),

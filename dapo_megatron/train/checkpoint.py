@@ -20,6 +20,11 @@ from .faults import fault
 
 LATEST = layout.LATEST
 iter_name = layout.iter_name
+# The distributed optimizer's state as each DP rank holds it (Megatron-LM's default: parallel writes, no gather; it
+# reshards across DP sizes). megatron-core's own default, fully_sharded_model_space, fails to save in 0.16 and 0.19
+# ("ShardedTensor.flattened_range is not supported"); fully_reshardable fails to load without Transformer Engine
+# (KeyError 'step', measured on 0.16.1 CPU). The plain optimizer ignores it.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def find_latest(root) -> Optional[Path]:
@@ -147,7 +152,12 @@ def _write(root: Path, tmp: Path, iteration: int, actor, trainer_state: dict, hf
     module = actor.model.module
     # Build both before saving: save() rewrites the state dict it is given in place.
     model_sd = module.sharded_state_dict()
-    optim_sd = actor.optimizer.sharded_state_dict(module.sharded_state_dict())
+    optim_sd = actor.optimizer.sharded_state_dict(module.sharded_state_dict(), metadata=OPTIM_METADATA)
+    # Synchronous torch_dist saves, on purpose: the manifest and the rename below must follow complete files. In
+    # megatron-core 0.19 this sync save runs through MCore's async request executed at once and logs "MCore's async
+    # save is deprecated ... use NVRx"; NVRx (nvidia-resiliency-ext) is only needed for saving in the background,
+    # which we do not do, so the notice is dropped (quiet.py) rather than the save rewritten. Revisit if megatron
+    # removes the "mcore" strategy (its own sync save must then change with it) or when background saves are wanted.
     dist_checkpointing.save(model_sd, str(tmp / layout.MODEL_DIR))
     fault("save_model", iteration)
     dist_checkpointing.save(optim_sd, str(tmp / layout.OPTIM_DIR))
@@ -155,7 +165,7 @@ def _write(root: Path, tmp: Path, iteration: int, actor, trainer_state: dict, hf
     dist.barrier()
     if rank == 0:
         state = {**trainer_state, "iteration": iteration, "scheduler": actor.scheduler.state_dict(),
-                 "world_size": dist.get_world_size()}
+                 "world_size": dist.get_world_size(), "precision": actor.precision}
         (tmp / layout.TRAINER_STATE).write_text(json.dumps(state, indent=1, default=float))
         if hf_config_dir is not None and not (root / layout.HF_CONFIG_DIR).exists():
             _copy_hf_config(hf_config_dir, root / layout.HF_CONFIG_DIR)
@@ -189,8 +199,12 @@ def load_checkpoint(path, actor, manifest: Optional[dict] = None) -> dict:
     state = {}
     if manifest["kind"] == layout.KIND_TRAIN:
         state = json.loads((path / layout.TRAINER_STATE).read_text())
-        optim_sd = actor.optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True)
+        _check_precision(path, state.get("precision"), actor.precision)
+        _init_distributed_optimizer_state(actor.optimizer)
+        optim_sd = actor.optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True,
+                                                      metadata=OPTIM_METADATA)
         actor.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / layout.OPTIM_DIR)))
+        _restore_distributed_optimizer_steps(actor.optimizer)
         actor.scheduler.load_state_dict(state["scheduler"])
         rng_file = path / layout.RNG_DIR / f"rank{dist.get_rank()}.pt"
         if state.get("world_size") == dist.get_world_size() and rng_file.is_file():
@@ -198,6 +212,48 @@ def load_checkpoint(path, actor, manifest: Optional[dict] = None) -> dict:
         elif dist.get_rank() == 0:
             print(f"note: {path.name} was saved by {state.get('world_size')} ranks, this run has "
                   f"{dist.get_world_size()}: RNG streams restart from trainer.seed", flush=True)
-    if hasattr(actor.optimizer, "reload_model_params"):
-        actor.optimizer.reload_model_params()  # bf16 params from the fp32 main copy (no-op for fp32)
+    elif hasattr(actor.optimizer, "reload_model_params"):
+        # A model-only checkpoint: the fp32 main weights (bf16 runs) start from the loaded model. Never after an
+        # optimizer load: this copies model -> main and would round the loaded fp32 main weights to bf16.
+        actor.optimizer.reload_model_params()
     return state
+
+
+def _check_precision(path: Path, saved: Optional[dict], mine: dict) -> None:
+    """The optimizer state's layout follows actor.bf16 (fp32 main weights or none) and actor.use_distributed_optimizer
+    (per-DP-rank shards or whole tensors): a resume must use the values it was saved with (not recorded before)."""
+    diff = [k for k in sorted(mine) if saved is not None and bool(saved.get(k)) != bool(mine[k])]
+    if diff:
+        keys = ", ".join(f"actor.{k}={str(bool(saved.get(k))).lower()}" for k in diff)
+        raise CheckpointError(f"{path} was saved with {keys}: set the same to resume it (its optimizer state's "
+                              "layout depends on it)")
+
+
+def _torch_adams_of_distributed_optimizers(optimizer):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and isinstance(getattr(opt, "optimizer", None), torch.optim.Adam):
+            yield opt.optimizer
+
+
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """Adam state (zero moments) in a distributed optimizer that has not stepped yet, for the load to fill. Without
+    Transformer Engine or Apex (CPU), megatron-core 0.16 / 0.19's DistributedOptimizer.state_dict() needs a step in
+    every state and its init_state_fn adds none; the load then writes back this placeholder step, not the saved one
+    (which it keeps in param_groups): _restore_distributed_optimizer_steps puts the saved one in place."""
+    for inner in _torch_adams_of_distributed_optimizers(optimizer):
+        if inner.state:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_distributed_optimizer_steps(optimizer) -> None:
+    for inner in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in inner.param_groups:
+            if "step" in group:
+                for p in group["params"]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
