@@ -72,7 +72,7 @@ def test_normal_runs_print_no_library_notices(runs, name):
 def test_refused_conversion_is_exactly_one_line(runs):
     rc, _, err = runs["refused"]
     assert rc == 2, err[-4000:]
-    assert err.startswith("error: ") and err.count("\n") == 1, err[-4000:]
+    assert err.startswith("dapo-megatron convert: checkpoint error: ") and err.count("\n") == 1, err[-4000:]
     assert "'output_layer.weight' is missing" in err
 
 
