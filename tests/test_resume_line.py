@@ -1,5 +1,5 @@
 """A resume says what it resumed from: one line with the folder, its step, its kind and why it was chosen."""
-from dapo_megatron.train import ckpt_layout as layout
+from dapo_megatron.models import ckpt_layout as layout
 from dapo_megatron.train.checkpoint import resume_line
 
 
