@@ -277,7 +277,7 @@ class SGLangBackend(RolloutBackend):
 
     @contextlib.contextmanager
     def memory_released(self):
-        if self.cfg.colocate:
+        if self.cfg.colocate and self.servers.enable_memory_saver:  # CPU servers (tests) release nothing
             with self.servers.memory_released():
                 yield
         else:
