@@ -203,7 +203,8 @@ def _check_remote_sync(plan: Plan) -> Plan:
 def _sync_mode(r) -> str:
     if r.weight_sync != "auto":
         return r.weight_sync
-    return "tensor" if r.backend == "embedded" else "disk"
+    one_colocated_tp1 = r.backend == "sglang" and r.colocate and r.sglang_num_servers == 1 and r.sglang_tp_size == 1
+    return "tensor" if r.backend == "embedded" or one_colocated_tp1 else "disk"  # sglang tensor: CUDA IPC
 
 
 def node_engine_hosts(plan: Plan) -> dict:

@@ -58,3 +58,21 @@ def test_refused_in_one_line(overrides, words):
     with pytest.raises(ConfigError) as e:
         rollout(*overrides)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, planned", [
+    ([], "tensor"),  # one colocated TP-1 server: CUDA IPC on GPU
+    (["rollout.sglang_num_servers=2"], "disk"),
+    (["rollout.sglang_tp_size=2"], "disk"),
+    (["rollout.colocate=false", "rollout.rollout_nodes=1"], "disk"),
+])
+def test_auto_weight_sync_of_sglang(overrides, planned):
+    from dapo_megatron.placement import make_plan
+    from dapo_megatron.rollout.backends import SGLangBackend
+
+    cfg = build_config(TOY, ["rollout.backend=sglang", *overrides])
+    nodes = 2 if cfg.rollout.rollout_nodes else 1
+    assert make_plan(cfg, nodes=nodes, gpus_per_node=2).sync_mode == planned
+    backend = object.__new__(SGLangBackend)  # the mode is decided before any server starts
+    backend.cfg = cfg.rollout
+    assert backend.weight_sync_mode() == "disk"  # this machine has no CUDA: no IPC handle to give (disk, as run)

@@ -249,6 +249,16 @@ class SGLangBackend(RolloutBackend):
     handles to the colocated server (weight_sync.CudaIpcWeightSync)."""
     weight_sync_classes = {"tensor": "cuda_ipc"}
 
+    def weight_sync_mode(self) -> str:
+        """auto: CUDA IPC to one colocated TP-1 server (placement._sync_mode plans the same); disk otherwise, and on
+        a machine without CUDA (CPU test servers), where there is no IPC handle to give."""
+        import torch
+
+        r = self.cfg
+        if r.weight_sync == "auto" and r.colocate and r.sglang_num_servers == 1 and r.sglang_tp_size == 1:
+            return "tensor" if torch.cuda.is_available() else "disk"
+        return super().weight_sync_mode()
+
     def _start(self):
         from .sglang_launcher import servers_for
 
