@@ -199,6 +199,36 @@ def test_disk_weight_sync_serves_the_trainers_weights_and_version(servers, model
     assert max(abs(a - b) for a, b in zip(before, samples[0].rollout_logprobs)) > 1e-2  # the check can fail
 
 
+def test_distributed_weight_sync_over_gloo(servers, model_dir):
+    """/init_weights_update_group + /update_weights_from_distributed (inside /begin_weight_update ... /end) with a
+    gloo group: sglang 0.5.23 accepts it on CPU; the served log-probs are then the trainer's."""
+    import socket
+
+    from dapo_megatron.rollout.weight_sync import make_weight_sync
+
+    model = hf_model(model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = client_of(servers)
+    sync = make_weight_sync("distributed", client, master_address="127.0.0.1", master_port=port, backend="gloo",
+                            device="cpu", weight_version=200)
+    try:
+        assert sync.sync(model.state_dict().items()) == 201
+        samples = [Sample(prompt_ids=PROMPT, index=i) for i in range(2)]
+        run_sync(client.generate_group(samples, {"max_new_tokens": 6, "temperature": 1.0}))
+    finally:
+        sync.close()  # /destroy_weights_update_group
+    for s in samples:
+        assert s.weight_version == 201
+        ref = trainer_logprobs(model, s.prompt_ids, s.response_ids)
+        assert max(abs(a - b) for a, b in zip(ref, s.rollout_logprobs)) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------------- pause
 @pytest.mark.parametrize("mode", ["retract", "abort"])
 def test_pause_update_continue_with_requests_in_flight(servers, model_dir, tmp_path, mode):
