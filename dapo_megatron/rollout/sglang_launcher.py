@@ -176,6 +176,7 @@ class SGLangServers:
         self._wait("router", self.router_url)
 
     def _spawn(self, name: str, cmd: list):
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "w") as log_file:
             # Own process group: SGLang forks scheduler/detokenizer processes that must stop with it.
