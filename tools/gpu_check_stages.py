@@ -318,7 +318,8 @@ def stage4_mfu(out: Path) -> dict:
     numbers = {"tokens_per_s": tps, "step_s": step_s, "mfu": mfu(QWEN25_05B, s, tps, peak),
                "train_flops_per_token": train_flops_per_token(QWEN25_05B, s), "peak_flops": peak}
     return {"ok": numbers["mfu"] > 0.05, "numbers": numbers,
-            "detail": f"fwd+bwd+AdamW of the TE-spec bf16 GPTModel, batch {b} x {s}; formula in tools/gpu_check_plan.py"}
+            "detail": f"fwd+bwd+AdamW of the TE-spec bf16 GPTModel, batch {b} x {s}; formula in "
+                      f"tools/gpu_check_plan.py"}
 
 
 def stage5_sync_gbps(out: Path) -> dict:

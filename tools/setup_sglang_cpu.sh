@@ -21,7 +21,8 @@ TORCHVISION_VERSION=0.28.0     # the release paired with the project's torch 2.1
 PY=${1:-.venv/bin/python}
 VENV=tools/.venv-sglang
 STAMP="$VENV/.ready-sglang-$SGLANG_VERSION-router-$SGLANG_ROUTER_VERSION-server"
-[ -f "$STAMP" ] && { echo "$VENV ready (sglang $SGLANG_VERSION server on CPU, sglang-router $SGLANG_ROUTER_VERSION)"; exit 0; }
+READY="$VENV ready (sglang $SGLANG_VERSION server on CPU, sglang-router $SGLANG_ROUTER_VERSION)"
+[ -f "$STAMP" ] && { echo "$READY"; exit 0; }
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"   # kept between runs: pip skips what is already there
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -34,7 +35,8 @@ echo "# neutralised by tools/setup_sglang_cpu.sh: this CUDA build's ops do not l
   > "$SITE/torchvision/_meta_registrations.py"
 # GPU-only (CUDA kernels, NVIDIA libraries, CUDA memory hooks) and what a text model on CPU never imports
 # (py-spy: profiler binary; torchcodec/timm/torchaudio: audio/video/vision models; deepseek-recipe, tml-renderers:
-# model-specific chat renderers; apache-tvm-ffi: flashinfer's FFI, pinned below what xgrammar pulls); torch/torchvision: above.
+# model-specific chat renderers; apache-tvm-ffi: flashinfer's FFI, pinned below what xgrammar pulls);
+# torch/torchvision: above.
 SKIP="cuda-python flash-attn-4 flashinfer-python humming-kernels nvidia-cutlass-dsl nvidia-mathdx nvshmem4py-cu13
 quack-kernels sgl-deep-ep sgl-deep-gemm sgl-flash-mla sglang-kernel tilelang torch-memory-saver torch torchaudio
 torchvision torchcodec timm py-spy deepseek-recipe tml-renderers apache-tvm-ffi"
@@ -56,5 +58,4 @@ $PIP $REQS 2>&1 | grep -v -E "^sglang .* requires|dependency conflicts|dependenc
 SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" -W ignore -c \
   "import sglang.srt.entrypoints.http_server, sglang_router.launch_router, sgl_kernel" >/dev/null
 touch "$STAMP"
-echo "$VENV ready (sglang $SGLANG_VERSION server on CPU, sglang-router $SGLANG_ROUTER_VERSION):" \
-  "$(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
+echo "$READY: $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
