@@ -76,3 +76,17 @@ def test_auto_weight_sync_of_sglang(overrides, planned):
     backend = object.__new__(SGLangBackend)  # the mode is decided before any server starts
     backend.cfg = cfg.rollout
     assert backend.weight_sync_mode() == "disk"  # this machine has no CUDA: no IPC handle to give (disk, as run)
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path):
+    import socket
+
+    from dapo_megatron.rollout.sglang_launcher import SGLangServers
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        s = SGLangServers("m", base_port=held.getsockname()[1], python="/nonexistent", log_dir=tmp_path, device="cpu")
+        with pytest.raises(RuntimeError, match=f"port {held.getsockname()[1]} on 127.0.0.1 is in use"):
+            s.start()
+    assert s.processes == {}

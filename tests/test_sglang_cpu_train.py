@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dapo_megatron.rollout.sglang_launcher import free_port_block
 from tests.helpers.forked import run_cli
 from tests.sglang_real import TOOLS_PY, needs_server_venv
 
@@ -36,7 +37,8 @@ def train(toy, run_dir, *extra):
             "reward.type=python:tests.helpers.toy_reward.even_length", "actor.global_batch_size=8",
             "actor.micro_batch_size=4", "actor.lr=0.01", "actor.recompute_old_logprobs=true",
             "rollout.backend=sglang", f"rollout.sglang_python={TOOLS_PY}", "rollout.sglang_mem_fraction_static=0.1",
-            "rollout.sglang_extra_args=[--max-total-tokens, 4096]", *extra]
+            "rollout.sglang_extra_args=[--max-total-tokens, 4096]", f"rollout.sglang_base_port={free_port_block()}",
+            *extra]
     log = Path(run_dir).parent / f"{Path(run_dir).name}.log"
     rc, text, _ = run_cli(["train", *args], timeout=600, log=log)  # kills the run's process group afterwards
     assert rc == 0, f"train failed (rc={rc}):\n{text[-8000:]}"

@@ -159,6 +159,7 @@ class SGLangServers:
             self._atexit_registered = True
         try:
             for i in range(self.num_servers):  # launch all, then wait: they load weights in parallel
+                _check_port_free(self.host, self.server_port(i))
                 self._spawn(f"sglang-{i}", self.server_command(i))
             for i, url in enumerate(self.local_urls):
                 self._wait(f"sglang-{i}", url)
@@ -172,6 +173,7 @@ class SGLangServers:
     def start_router(self):
         """The router over `worker_urls` (this node's servers and `remote_worker_urls`)."""
         self.router = True
+        _check_port_free(self.host, self.router_port)
         self._spawn("router", self.router_command())
         self._wait("router", self.router_url)
 
@@ -266,6 +268,20 @@ def servers_for(model_path, rollout, **kwargs) -> SGLangServers:
     base_port = kwargs.pop("base_port", rollout.sglang_base_port)
     return SGLangServers(model_path, num_servers, rollout.sglang_tp_size,
                          rollout.sglang_mem_fraction_static, base_port, **kwargs)
+
+
+def _check_port_free(host: str, port: int):
+    """A server on a port someone else holds would fail to bind, and the health wait would meet the other process
+    (a stale server of an earlier run answers /health too): refuse before starting."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise RuntimeError(f"port {port} on {host} is in use (another server?): stop it or set "
+                               f"rollout.sglang_base_port to a free range") from None
 
 
 def _signal_group(proc: subprocess.Popen, sig):
