@@ -36,7 +36,7 @@ TOOLS_PY = Path(__file__).resolve().parent / ".venv-sglang" / "bin" / "python"
 def sglang(model, log_dir) -> SGLangServers:
     return SGLangServers(model, mem_fraction_static=0.1, base_port=free_port_block(), python=str(TOOLS_PY),
                          log_dir=log_dir, startup_timeout_s=600, device="cpu",
-                         extra_args=["--max-total-tokens", "16384"]).start()
+                         extra_args=["--max-total-tokens", "16384"])  # started (and stopped) by `with`
 
 
 def main(argv=None):
