@@ -5,6 +5,7 @@ rollout.buffer.DynamicSamplingConfig, ...), so a key means the same thing everyw
 before any process group starts, with messages naming the key and the fix.
 """
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -80,6 +81,12 @@ class RolloutConfig:
     sglang_mem_fraction_static: float = 0.7
     sglang_base_port: int = 30000  # server i: + 10 i; the embedded engine of an engine-only node listens here
     sglang_router: bool = False
+    # backend=sglang: the interpreter that runs `-m sglang.launch_server` (and the router); default the trainer's.
+    # For sglang in an environment of its own (e.g. tools/.venv-sglang/bin/python, the CPU test venv).
+    sglang_python: Optional[str] = None
+    # backend=sglang: more SGLang server flags, passed through as given (e.g. [--max-total-tokens, "4096"]); the
+    # flags the launcher sets from other keys are refused here (rollout/sglang_launcher.py OWNED_FLAGS).
+    sglang_extra_args: list = field(default_factory=list)
     colocate: bool = True  # engines share the trainer's GPUs and release memory while it trains (GPU)
     rollout_nodes: int = 0  # colocate=false: the last N nodes run the engines (`dapo-megatron plan` shows where)
     # Address the engines this launch starts bind to. Unset: 127.0.0.1 on one node; on several, each node's own
@@ -112,6 +119,7 @@ class RolloutConfig:
             BACKENDS[self.backend].check_config(self)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self._check_sglang_process()
         if self.rollout_nodes < 0:
             raise ConfigError(f"rollout.rollout_nodes={self.rollout_nodes}; use 0 or more nodes")
         if self.weight_sync_dir and BACKENDS[self.backend].weight_sync_mode_of(self) != "disk":
@@ -122,6 +130,27 @@ class RolloutConfig:
             raise ConfigError(f"rollout.engine_wait_s={self.engine_wait_s}; use a number of seconds > 0")
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
+
+    def _check_sglang_process(self):
+        from .rollout.sglang_launcher import OWNED_FLAGS
+
+        for key in ("sglang_python", "sglang_extra_args"):
+            if getattr(self, key) and self.backend != "sglang":
+                raise ConfigError(f"rollout.{key} sets how this launch starts SGLang, and rollout.backend="
+                                  f"{self.backend} starts none: unset it or use rollout.backend=sglang")
+        py = self.sglang_python
+        if py and not (os.path.isfile(py) and os.access(py, os.X_OK)):
+            raise ConfigError(f"rollout.sglang_python={py} is not an executable file; name the python of an "
+                              f"environment that has sglang (e.g. tools/.venv-sglang/bin/python)")
+        if not isinstance(self.sglang_extra_args, (list, tuple)) or not all(
+                isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in self.sglang_extra_args):
+            raise ConfigError(f"rollout.sglang_extra_args={self.sglang_extra_args!r}; use a list of flags and values, "
+                              f"e.g. [--max-total-tokens, 4096]")
+        self.sglang_extra_args = [str(a) for a in self.sglang_extra_args]
+        owned = [a for a in self.sglang_extra_args if a.split("=", 1)[0] in OWNED_FLAGS]
+        if owned:
+            raise ConfigError(f"rollout.sglang_extra_args sets {owned[0]}, which the launcher sets from the rollout "
+                              f"config (rollout/sglang_launcher.py OWNED_FLAGS): use the rollout key instead")
 
 
 @dataclass
@@ -395,7 +424,10 @@ def _check_async(cfg: Config) -> None:
     if cfg.sampling().keep_partial:
         raise ConfigError("dynamic_sampling.keep_partial carries surplus groups one more weight version behind; with "
                           "rollout.async_steps=1 they would be two behind: set keep_partial=false")
-    if r.colocate and BACKENDS[r.backend].releases_memory_when_colocated:
+    import torch
+
+    # on CPU nothing is released (no memory saver): a colocated server keeps generating while the actor trains
+    if r.colocate and BACKENDS[r.backend].releases_memory_when_colocated and torch.cuda.is_available():
         raise ConfigError("rollout.async_steps=1 generates while the actor trains, but colocated engines release their "
                           "GPUs then: set rollout.colocate=false (engines on GPUs of their own) or async_steps=0")
     if cfg.trainer.save_interval == 1:

@@ -137,7 +137,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int) -> Plan:
     if trainer_gpus % (tp * pp):
         raise PlacementError(f"the trainer's {trainer_gpus} GPUs are not a multiple of TP {tp} x PP {pp}")
     plan = Plan(kind, nodes, gpus_per_node, tp, pp, trainer_gpus // (tp * pp), trainer_nodes,
-                sync_mode=backend.weight_sync_mode_of(r), bucket_mb=r.weight_sync_bucket_mb, backend=r.backend,
+                sync_mode=backend.planned_weight_sync_mode(r), bucket_mb=r.weight_sync_bucket_mb, backend=r.backend,
                 engine_tp=r.sglang_tp_size)
     if kind == "external":
         plan.urls = list(r.urls)

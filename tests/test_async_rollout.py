@@ -2,6 +2,7 @@
 import threading
 
 import pytest
+import torch
 
 from dapo_megatron.config import ConfigError, load_config, validate
 from dapo_megatron.train.rollout_ahead import RolloutAhead, check_staleness
@@ -81,13 +82,22 @@ def test_synchronous_mode_never_starts_a_thread():
     ("rollout.async_steps=2", "rollout.async_steps=2"),
     ("dynamic_sampling.keep_partial=true", "keep_partial"),
     ("trainer.save_interval=1", "trainer.save_interval=1"),
-    ("rollout.backend=sglang", "rollout.colocate=false"),
+    pytest.param("rollout.backend=sglang", "rollout.colocate=false", marks=pytest.mark.gpu),  # released GPUs
 ])
 def test_refused_in_one_line(toy, tmp_path, override, key):  # noqa: F811
     args = _args(toy, tmp_path / "run", 2, extra=["rollout.async_steps=1", override])
     with pytest.raises(ConfigError) as e:
         validate(load_config(None, args), world_size=1)
     assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_colocated_sglang_on_cpu_may_generate_while_training(toy, tmp_path):  # noqa: F811
+    """Colocated CPU servers release nothing while the actor trains (no memory saver), so async_steps=1 is allowed
+    there (tests/test_sglang_cpu_train.py runs it); on GPU it is refused (above)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU only")
+    args = _args(toy, tmp_path / "run", 2, extra=["rollout.async_steps=1", "rollout.backend=sglang"])
+    validate(load_config(None, args), world_size=1)
 
 
 @pytest.mark.dist

@@ -45,7 +45,9 @@ def all_commands(tmp_path) -> list:
     out = []
     for path in RECIPES:
         for kwargs in ({}, {"dtype": "bfloat16", "router": True}, {"enable_memory_saver": False},
-                       {"enable_return_routed_experts": True}):  # actor.routing_replay=r3
+                       {"enable_return_routed_experts": True},  # actor.routing_replay=r3
+                       {"device": "cpu"}):  # a machine without CUDA (the real server on CPU: test_sglang_cpu_server)
+            kwargs = {"device": "cuda", **kwargs}  # the recipes' GPU command lines, whatever this machine has
             s = recipe_servers(path, tmp_path, **kwargs)
             out += [(path.parent.name, s, s.server_command(i)) for i in range(s.num_servers)]
             if s.router:
@@ -83,7 +85,9 @@ def test_every_recipe_command_parses_to_what_the_launcher_meant(parsed):
             assert args["nccl_port"] == s.server_port(i) + 1 and args["random_seed"] == s.seed + i, name
             assert args["enable_memory_saver"] is s.enable_memory_saver, name
             assert args["enable_return_routed_experts"] is s.enable_return_routed_experts, name
-            assert args["dtype"] == (s.dtype or "auto") and args["trust_remote_code"] is True, name
+            cpu_dtype = "float32" if s.device == "cpu" else "auto"
+            assert args["dtype"] == (s.dtype or cpu_dtype) and args["trust_remote_code"] is True, name
+            assert (args["device"] == "cpu") is (s.device == "cpu"), name
             servers += 1
         else:
             assert args["worker_urls"] == s.worker_urls and args["port"] == s.router_port, name

@@ -79,13 +79,13 @@ def test_shared_types_import_nothing_of_the_package():
 # engine start-up, the step's stages and loop) sit above it, and the command line on top. A module's layer is that of
 # its longest listed prefix.
 LAYERS = [
-    ("types", "errors"),
+    ("types", "errors", "quiet"),
     ("algo", "data", "reward", "parallel"),
     ("models",),
     ("rollout",),
     ("train",),
     ("config",),
-    ("placement", "memory", "preflight", "rollout.node_engines", "rollout.engine_health", "train.stages", "train.loop"),
+    ("placement", "memory", "report", "preflight", "rollout.node_engines", "rollout.engine_health", "train.stages", "train.loop"),
     ("cli",),
 ]
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-from gpu_check import QWEN25_05B, mfu, peak_flops_for, train_flops_per_token  # noqa: E402
+from gpu_check_plan import PLAN, QWEN25_05B, mfu, peak_flops_for, train_flops_per_token  # noqa: E402
 
 SMALL = {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 4, "num_key_value_heads": 2,
          "vocab_size": 1024}  # FP8 GEMMs need dims divisible by 16
@@ -163,7 +163,6 @@ def stage3_plan_check(out: Path) -> dict:
     from dapo_megatron.config import build_config, validate
     from dapo_megatron.placement import make_plan
     from dapo_megatron.rollout.sglang_launcher import SGLangServers
-    from gpu_check import PLAN
 
     model, data = out / "plan_model", out / "plan_data.jsonl"  # config.json only: the checks read no weights
     Qwen2Config(architectures=["Qwen2ForCausalLM"], **QWEN_HF).save_pretrained(model)
@@ -266,7 +265,6 @@ def _dapo_run(run: SyncRun, out: Path, timeout_s: float) -> tuple[dict, str]:
 def stage3_dapo(out: Path) -> dict:
     import torch
 
-    from gpu_check import PLAN
 
     deadline = time.monotonic() + next(s.budget_s for s in PLAN if s.name == "stage3_dapo") - 5
     path = _model(out, "qwen2.5-0.5b-shape", **QWEN_HF)
@@ -320,7 +318,8 @@ def stage4_mfu(out: Path) -> dict:
     numbers = {"tokens_per_s": tps, "step_s": step_s, "mfu": mfu(QWEN25_05B, s, tps, peak),
                "train_flops_per_token": train_flops_per_token(QWEN25_05B, s), "peak_flops": peak}
     return {"ok": numbers["mfu"] > 0.05, "numbers": numbers,
-            "detail": f"fwd+bwd+AdamW of the TE-spec bf16 GPTModel, batch {b} x {s}; formula in tools/gpu_check.py"}
+            "detail": f"fwd+bwd+AdamW of the TE-spec bf16 GPTModel, batch {b} x {s}; formula in "
+                      f"tools/gpu_check_plan.py"}
 
 
 def stage5_sync_gbps(out: Path) -> dict:

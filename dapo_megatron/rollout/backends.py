@@ -124,6 +124,11 @@ class RolloutBackend:
         return cls.default_weight_sync if r.weight_sync == "auto" else r.weight_sync
 
     @classmethod
+    def planned_weight_sync_mode(cls, r) -> str:
+        """The mode `dapo-megatron plan` shows for the cluster (a backend may pick by the cluster's devices)."""
+        return cls.weight_sync_mode_of(r)
+
+    @classmethod
     def weight_sync_class_of(cls, r):
         """The registered WeightSync (rollout/weight_sync.py) of rollout.weight_sync for this backend."""
         from .weight_sync import WEIGHT_SYNC_MODES
@@ -306,6 +311,24 @@ class SGLangBackend(RolloutBackend):
         return [f"engines: {len(plan.engines)} x SGLang TP {len(plan.engines[0].gpus)}"] + [
             f"  engine {e.index}: node {e.node} GPUs {e.gpus[0]}-{e.gpus[-1]} port {e.port}" for e in plan.engines]
 
+    @classmethod
+    def planned_weight_sync_mode(cls, r) -> str:
+        """auto on the cluster a plan is for (GPUs): CUDA IPC to one colocated TP-1 server; disk otherwise."""
+        if r.weight_sync == "auto" and r.colocate and r.sglang_num_servers == 1 and r.sglang_tp_size == 1:
+            return "tensor"
+        return super().weight_sync_mode_of(r)
+
+    @classmethod
+    def weight_sync_mode_of(cls, r) -> str:
+        """What this machine runs: the planned mode, but disk instead of CUDA IPC on a machine without CUDA (CPU test
+        servers), where there is no IPC handle to give."""
+        import torch
+
+        mode = cls.planned_weight_sync_mode(r)
+        if r.weight_sync == "auto" and mode == "tensor" and not torch.cuda.is_available():
+            return "disk"
+        return mode
+
     def _start(self):
         from .sglang_launcher import servers_for
 
@@ -334,7 +357,7 @@ class SGLangBackend(RolloutBackend):
 
     @contextlib.contextmanager
     def memory_released(self):
-        if self.cfg.colocate:
+        if self.cfg.colocate and self.servers.enable_memory_saver:  # CPU servers (tests) release nothing
             with self.servers.memory_released():
                 yield
         else:

@@ -1,4 +1,4 @@
-"""Start real SGLang servers (GPU) and optionally sglang-router in front of them.
+"""Start real SGLang servers (GPU, or CPU for tests) and optionally sglang-router in front of them.
 
     with SGLangServers(model_dir, num_servers=2, tp_size=4, mem_fraction_static=0.7, base_port=30000,
                        enable_memory_saver=True, router=True) as servers:
@@ -12,6 +12,13 @@ Server i runs `python -m sglang.launch_server` on port `base_port + 10 * i` and 
 listens on `router_port` (default `base_port - 1`). Each process logs to `log_dir/<name>.log`; a server that exits or
 stays unhealthy past `startup_timeout_s` raises with the tail of its log. Processes are stopped on `shutdown()`, on
 leaving the `with` block, and at interpreter exit.
+
+On a machine without CUDA (`device="cpu"`, the default there) the servers run SGLang's CPU engine: env
+SGLANG_USE_CPU_ENGINE=1 (without it sglang takes a GPU path and fails importing vllm), `--device cpu
+--attention-backend torch_native --disable-overlap-schedule`, `--dtype float32` (what the CPU trainer computes in)
+unless dtype or sglang_extra_args name one, and the KV pool capped at CPU_MAX_TOTAL_TOKENS (SGLang
+sizes it from host memory otherwise: ~2.2 GB at --mem-fraction-static 0.1). PyPI has no CPU build of sgl_kernel: the
+tools venv of tools/setup_sglang_cpu.sh has a test stand-in; a real one comes from building sglang's sgl-kernel.
 """
 import atexit
 import contextlib
@@ -28,6 +35,19 @@ from typing import Optional
 from .server import log_tail, wait_for_health
 
 PORT_STRIDE = 10  # ports per server: the HTTP port, its NCCL port (port + 1), spare room
+CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule")
+CPU_MAX_TOTAL_TOKENS = 16384  # KV slots per CPU server unless sglang_extra_args names --max-total-tokens
+# Flags the launcher sets from config: a second copy in rollout.sglang_extra_args would silently win (argparse keeps
+# the last), so validation refuses them there.
+OWNED_FLAGS = ("--model-path", "--host", "--port", "--nccl-port", "--tp-size", "--tp", "--base-gpu-id",
+               "--mem-fraction-static", "--random-seed", "--api-key", "--ep-size", "--ep", "--device",
+               "--enable-memory-saver", "--enable-return-routed-experts")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 
@@ -50,13 +70,18 @@ class SGLangServers:
                  base_gpu_id: int = 0, dtype: Optional[str] = None, seed: int = 0, extra_args=(),
                  log_dir=None, startup_timeout_s: float = 900.0, python: str = sys.executable,
                  api_key: Optional[str] = None, ep_size: int = 1, url_host: Optional[str] = None,
-                 enable_return_routed_experts: bool = False):
+                 enable_return_routed_experts: bool = False, device: Optional[str] = None):
         if num_servers < 0 or tp_size < 1:  # 0 servers: only a router, over `remote_worker_urls`
             raise ValueError(f"num_servers must be >= 0 and tp_size >= 1, got {num_servers} and {tp_size}")
         if not 0 < mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static}")
         if ep_size < 1 or tp_size % ep_size:
             raise ValueError(f"ep_size={ep_size} must divide tp_size={tp_size} (SGLang's --ep-size)")
+        self.device = device or default_device()
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
+        if self.device == "cpu" and enable_memory_saver:
+            raise ValueError("enable_memory_saver releases GPU memory (torch_memory_saver); not on device=cpu")
         self.ep_size = ep_size  # MoE expert parallelism inside each server
         self.enable_return_routed_experts = enable_return_routed_experts  # R3: meta_info.routed_experts
         self.model_path, self.num_servers, self.tp_size = str(model_path), num_servers, tp_size
@@ -104,13 +129,23 @@ class SGLangServers:
             cmd += ["--ep-size", str(self.ep_size)]
         if self.enable_return_routed_experts:
             cmd.append("--enable-return-routed-experts")
-        if self.dtype:
-            cmd += ["--dtype", self.dtype]
+        dtype = self.dtype
+        if dtype is None and self.device == "cpu" and "--dtype" not in self.extra_args:
+            dtype = "float32"  # the CPU trainer's; sglang's "auto" serves a float32 checkpoint in float16
+        if dtype:
+            cmd += ["--dtype", dtype]
         if self.enable_memory_saver:
             cmd.append("--enable-memory-saver")
         if self.api_key:
             cmd += ["--api-key", self.api_key]
+        if self.device == "cpu":
+            cmd += CPU_FLAGS
+            if "--max-total-tokens" not in self.extra_args:
+                cmd += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
         return cmd + [str(a) for a in self.extra_args]
+
+    def server_env(self) -> dict:
+        return {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"} if self.device == "cpu" else {**os.environ}
 
     def router_command(self) -> list:
         return [self.python, "-m", "sglang_router.launch_router", "--worker-urls", *self.worker_urls,
@@ -124,6 +159,7 @@ class SGLangServers:
             self._atexit_registered = True
         try:
             for i in range(self.num_servers):  # launch all, then wait: they load weights in parallel
+                _check_port_free(self.host, self.server_port(i))
                 self._spawn(f"sglang-{i}", self.server_command(i))
             for i, url in enumerate(self.local_urls):
                 self._wait(f"sglang-{i}", url)
@@ -137,15 +173,17 @@ class SGLangServers:
     def start_router(self):
         """The router over `worker_urls` (this node's servers and `remote_worker_urls`)."""
         self.router = True
+        _check_port_free(self.host, self.router_port)
         self._spawn("router", self.router_command())
         self._wait("router", self.router_url)
 
     def _spawn(self, name: str, cmd: list):
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "w") as log_file:
             # Own process group: SGLang forks scheduler/detokenizer processes that must stop with it.
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ})
+                                    env=self.server_env())
         self.processes[name] = (proc, log_path)
 
     def _wait(self, name: str, url: str):
@@ -220,13 +258,30 @@ class SGLangServers:
 def servers_for(model_path, rollout, **kwargs) -> SGLangServers:
     """The (not yet started) servers a `rollout` config section asks for; `server_command(i)` / `router_command()`
     give their command lines without starting anything."""
-    kwargs = {"enable_memory_saver": rollout.colocate, "router": rollout.sglang_router,
+    device = kwargs.pop("device", None) or default_device()
+    kwargs = {"enable_memory_saver": rollout.colocate and device == "cuda", "router": rollout.sglang_router,
+              "device": device, "python": rollout.sglang_python or sys.executable,
+              "extra_args": list(rollout.sglang_extra_args),
               "ep_size": rollout.sglang_ep_size,
               "enable_return_routed_experts": getattr(rollout, "return_routed_experts", False), **kwargs}
     num_servers = kwargs.pop("num_servers", rollout.sglang_num_servers)  # per node: the plan's share of this node
     base_port = kwargs.pop("base_port", rollout.sglang_base_port)
     return SGLangServers(model_path, num_servers, rollout.sglang_tp_size,
                          rollout.sglang_mem_fraction_static, base_port, **kwargs)
+
+
+def _check_port_free(host: str, port: int):
+    """A server on a port someone else holds would fail to bind, and the health wait would meet the other process
+    (a stale server of an earlier run answers /health too): refuse before starting."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise RuntimeError(f"port {port} on {host} is in use (another server?): stop it or set "
+                               f"rollout.sglang_base_port to a free range") from None
 
 
 def _signal_group(proc: subprocess.Popen, sig):

@@ -1,0 +1,61 @@
+"""Shared by the tests that run the real PyPI sglang server on CPU (tests/test_sglang_cpu_*.py): where the tools venv
+is, the skip when it is missing, and one started server per test module."""
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / "tools" / ".venv-sglang"
+TOOLS_PY = VENV / "bin" / "python"
+# written last by tools/setup_sglang_cpu.sh once the server imports (the parser-only venv of before wrote another)
+SERVER_READY = any(VENV.glob(".ready-sglang-*-server"))
+needs_server_venv = pytest.mark.skipif(not SERVER_READY, reason="needs the sglang server venv: bash "
+                                       "tools/setup_sglang_cpu.sh")
+START_TIMEOUT_S = 300.0  # healthy after ~30-45 s on 2 idle cores; the CI machine is shared
+API_KEY = "sglang-cpu-test-key"
+
+
+def start_servers(model_dir, log_dir, num_servers: int = 1, **kwargs):
+    from dapo_megatron.rollout.sglang_launcher import SGLangServers, free_port_block
+
+    servers = SGLangServers(model_dir, num_servers=num_servers, mem_fraction_static=0.1,
+                            base_port=free_port_block(), python=str(TOOLS_PY), log_dir=log_dir,
+                            startup_timeout_s=START_TIMEOUT_S, api_key=API_KEY, device="cpu",
+                            extra_args=["--max-total-tokens", "4096"], **kwargs)
+    return servers.start()
+
+
+def process_tree_alive(pids) -> list:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) is not alive
+            if f.read().split(") ", 1)[1].startswith("Z"):
+                continue
+        alive.append(pid)
+    return alive
+
+
+def group_pids(pgid: int) -> list:
+    """Every live process of one process group (the server and the scheduler/detokenizer it forked)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    out.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return out
+
+
+def kill_group(pgid: int):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
