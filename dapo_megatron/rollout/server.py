@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from ..train.faults import engine_fault
 from .engine import PAUSE_MODES, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ async def dispatch(engine: Engine, path: str, payload) -> tuple:
         return _error(404, f"unknown endpoint {path}; see dapo_megatron.rollout.server for the supported ones")
     if payload is not None and not isinstance(payload, dict):
         return _error(400, f"{path}: the request body must be a JSON object")
+    await engine_fault(path, payload, engine.weight_version)  # DAPO_FAULT engine points (tests, drills); else no-op
     try:
         return await route(engine, payload or {})
     except ValueError as e:  # includes ApiError and engine validation errors

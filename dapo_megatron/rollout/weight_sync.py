@@ -37,6 +37,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
+from ..train.faults import corrupt_buckets, hang_update
 from ..types import WeightVersion
 from .client import RolloutError, update_session
 
@@ -109,7 +110,7 @@ class WeightSync:
     def sync_buckets(self, buckets: Iterable[list], version: Optional[int] = None) -> int:
         started = time.perf_counter()
         version = self.version.value + 1 if version is None else int(version)
-        nbytes = self._push(buckets, version)
+        nbytes = self._push(corrupt_buckets(buckets, version), version)  # DAPO_FAULT=corrupt_bucket@N, else as is
         self.version.set(version)
         self.last_sync = {"seconds": time.perf_counter() - started, "bytes": nbytes, "weight_version": version}
         log.info("weight sync (%s) v%d: %.2f GB in %.2f s", self.mode, version, nbytes / 1e9,
@@ -206,6 +207,7 @@ class TensorWeightSync(WeightSync):
                 nbytes[0] += sum(t.numel() * t.element_size() for _, t in bucket)
                 yield bucket
 
+        hang_update(version)  # DAPO_FAULT=engine_hang_update@N: the in-process update call does not go via dispatch
         # The engine holds generation for the whole stream: a partial update never serves requests.
         self.engine.update_weights_from_buckets(counted(), weight_version=version)
         return nbytes[0]

@@ -1,0 +1,70 @@
+"""The one fault-injection mechanism (DAPO_FAULT, train/faults.py): its engine points act where they say."""
+import asyncio
+
+import pytest
+import torch
+
+from dapo_megatron.models.tiny import make_tiny_hf_model
+from dapo_megatron.rollout.client import RolloutClient, RolloutServerError, RolloutTimeoutError
+from dapo_megatron.rollout.engine import Engine
+from dapo_megatron.rollout.sample import Sample
+from dapo_megatron.rollout.server import launch_embedded_server
+from dapo_megatron.train import faults
+
+PARAMS = {"max_new_tokens": 4, "temperature": 1.0}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp("faults_model") / "m", family="qwen2.5")
+
+
+def group(g=2):
+    return [Sample(prompt_ids=[5, 6, 7], group_id=0, index=i) for i in range(g)]
+
+
+def test_no_second_fault_variable():
+    """DAPO_FAULT is the only switch: the old DAPO_FAULT_AT_STEP is read nowhere."""
+    from pathlib import Path
+
+    pkg = Path(faults.__file__).parents[1]
+    assert not [p for p in pkg.rglob("*.py") if "DAPO_FAULT_AT_STEP" in p.read_text()]
+
+
+def test_corrupt_bucket_changes_one_tensor_of_that_sync_only(monkeypatch):
+    a, b = torch.zeros(3), torch.ones(2)
+    buckets = [[("a", a), ("b", b)], [("c", b)]]
+    monkeypatch.setenv(faults.ENV, "corrupt_bucket@2")
+    assert list(faults.corrupt_buckets(iter(buckets), 1)) == buckets  # another version: untouched
+    out = list(faults.corrupt_buckets(iter(buckets), 2))
+    assert [n for bk in out for n, _ in bk] == ["a", "b", "c"]
+    assert torch.equal(out[0][0][1], a + 1) and out[0][1][1] is b and out[1] == buckets[1]
+    assert torch.equal(a, torch.zeros(3))  # the trainer's own tensor is untouched
+
+
+def test_hang_generate_in_process_is_cut_by_the_request_timeout(model_path, monkeypatch):
+    """engine_hang_generate@1: step 1's rollout (the engine holds version 0) never answers; the client's
+    request_timeout_s turns it into a RolloutTimeoutError instead of a hang."""
+    engine = Engine(model_path, max_batch_size=4)
+    try:
+        client = RolloutClient(engine=engine, request_timeout_s=1.0)
+        monkeypatch.setenv(faults.ENV, "engine_hang_generate@2")
+        assert len(asyncio.run(client.generate_group(group(), PARAMS))) == 2  # version 0 is step 1: no fault
+        monkeypatch.setenv(faults.ENV, "engine_hang_generate@1")
+        with pytest.raises(RolloutTimeoutError, match="request_timeout_s=1.0"):
+            asyncio.run(client.generate_group(group(), PARAMS))
+    finally:
+        engine.shutdown()
+
+
+def test_engine_kill_mid_generate_kills_the_engine_process(model_path, monkeypatch):
+    """engine_kill@1 in a server process of its own: SIGKILL at the generate, the client says the server died."""
+    monkeypatch.setenv(faults.ENV, "engine_kill@1")
+    srv = launch_embedded_server(model_path, 0, mode="subprocess", max_batch_size=4)
+    try:
+        client = RolloutClient([srv.url], request_timeout_s=60, max_retries=1, backoff_s=0.05)
+        with pytest.raises(RolloutServerError, match="failed after 2 attempts"):
+            asyncio.run(client.generate_group(group(), PARAMS))
+        assert srv.process.wait(timeout=30) == -9
+    finally:
+        srv.shutdown()
