@@ -68,6 +68,12 @@ class RolloutConfig:
     # filesystem shared with the engines) | distributed (NCCL; engines on GPUs of their own)
     weight_sync: str = "auto"
     weight_sync_bucket_mb: float = 512  # each pipeline stage sends its weights in buckets of this size
+    # Deadline of each step of a weight sync (a bucket, an engine's update call, a broadcast): past it, one line
+    # naming the engine and the stage, exit 2, instead of a hang (docs/fault_tolerance.md)
+    weight_sync_timeout_s: float = 600.0
+    # Every N-th weight sync, compare each engine's weights with the trainer's, tensor by tensor (0: off); a
+    # difference stops the run in one line naming the first differing tensor, before any step trains on it
+    check_weight_sync: int = 0
     # disk sync: the folder rank 0 writes and the engines read (only under it); default <run_dir>/weight_sync. Name a
     # shared folder when engines run on nodes of their own (`dapo-megatron engines`) with run folders of their own.
     weight_sync_dir: Optional[str] = None
@@ -117,6 +123,13 @@ class RolloutConfig:
                               f"rollout.weight_sync=disk")
         if not self.engine_wait_s > 0:
             raise ConfigError(f"rollout.engine_wait_s={self.engine_wait_s}; use a number of seconds > 0")
+        if not self.weight_sync_timeout_s > 0:
+            raise ConfigError(f"rollout.weight_sync_timeout_s={self.weight_sync_timeout_s}; use seconds > 0")
+        if self.check_weight_sync < 0:
+            raise ConfigError(f"rollout.check_weight_sync={self.check_weight_sync}; use 0 (off) or every N syncs")
+        if self.check_weight_sync and not BACKENDS[self.backend].serves_weights_digest:
+            raise ConfigError(f"rollout.check_weight_sync compares the engines' weights digest, which rollout.backend="
+                              f"{self.backend} engines do not serve; use rollout.backend=embedded or set it to 0")
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
 

@@ -68,3 +68,72 @@ def test_engine_kill_mid_generate_kills_the_engine_process(model_path, monkeypat
         assert srv.process.wait(timeout=30) == -9
     finally:
         srv.shutdown()
+
+
+# --------------------------------------------------------------------------- bounded weight sync
+def _hf_weights(engine):
+    from dapo_megatron.rollout.engine import _hf_targets
+
+    return [(n, p.detach().clone()) for n, p in _hf_targets(engine.model).items()]
+
+
+def test_hung_disk_update_fails_in_one_line_naming_engine_and_stage(model_path, tmp_path, monkeypatch):
+    """engine_hang_update@1: the engine's /update_weights_from_disk to version 1 never answers; the sync fails after
+    rollout.weight_sync_timeout_s with WeightSyncTimeout (a user error: one line, exit 2), not a hang."""
+    from types import SimpleNamespace
+
+    from dapo_megatron.rollout.weight_sync import DiskWeightSync, WeightSyncTimeout
+
+    engine = Engine(model_path, max_batch_size=4)
+    try:
+        client = RolloutClient(engine=engine)
+        sync = DiskWeightSync(client, model_path, tmp_path / "sync").bounded_by(SimpleNamespace(
+            weight_sync_timeout_s=1.0))
+        monkeypatch.setenv(faults.ENV, "engine_hang_update@1")
+        with pytest.raises(WeightSyncTimeout) as e:
+            sync.sync(_hf_weights(engine))
+        line = str(e.value)
+        assert "\n" not in line and "engine 0 (inprocess://engine): /update_weights_from_disk" in line
+        assert "update_weights_from_disk to version 1" in line and "rollout.weight_sync_timeout_s=1 s" in line
+        assert sync.weight_version == 0  # a failed sync leaves the version
+        monkeypatch.setenv(faults.ENV, "engine_hang_update@5")
+        assert sync.sync(_hf_weights(engine)) == 1 and engine.weight_version == 1  # no fault: it goes through
+    finally:
+        engine.shutdown()
+
+
+def test_hung_in_process_tensor_update_exits_2_with_one_line(model_path):
+    """tensor sync copies in-process (no timeout argument reaches it): a watchdog prints the one line and exits 2."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from types import SimpleNamespace\n"
+            "from dapo_megatron.rollout.engine import Engine, _hf_targets\n"
+            "from dapo_megatron.rollout.weight_sync import TensorWeightSync\n"
+            f"e = Engine({str(model_path)!r}, max_batch_size=4)\n"
+            "s = TensorWeightSync(e).bounded_by(SimpleNamespace(weight_sync_timeout_s=1.0))\n"
+            "s.sync([(n, p.detach().clone()) for n, p in _hf_targets(e.model).items()])\n"
+            "print('SYNCED', flush=True)\n")
+    env = {**os.environ, faults.ENV: "engine_hang_update@1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "SYNCED" not in proc.stdout, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if "weight_sync_timeout_s" in x]
+    assert lines == ["dapo-megatron: weight sync: the in-process engine's update to version 1, bucket 0 gave no "
+                     "answer within rollout.weight_sync_timeout_s=1 s; the engine is hung (see its log), or raise "
+                     "rollout.weight_sync_timeout_s if the sync is only slow"], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    (["rollout.weight_sync_timeout_s=0"], "rollout.weight_sync_timeout_s=0.0; use seconds > 0"),
+    (["rollout.check_weight_sync=-1"], "rollout.check_weight_sync=-1; use 0 (off) or every N syncs"),
+    (["rollout.backend=http", "rollout.urls=[http://x:1]", "rollout.check_weight_sync=1"],
+     "rollout.check_weight_sync compares the engines' weights digest, which rollout.backend=http engines do not "
+     "serve; use rollout.backend=embedded or set it to 0"),
+])
+def test_fault_tolerance_keys_are_refused_in_one_line(overrides, refusal):
+    from dapo_megatron.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as e:
+        build_config(None, overrides)
+    assert str(e.value) == refusal

@@ -100,6 +100,7 @@ class RolloutBackend:
     external = False  # engines someone else runs (rollout.urls): nothing is placed or started
     in_process_on_one_node = False  # one node: the engine lives in rank 0's process (built by the backend)
     releases_memory_when_colocated = False  # colocated engines free their GPU memory while the actor trains
+    serves_weights_digest = False  # its engines answer /debug/weights_digest: rollout.check_weight_sync works
 
     @classmethod
     def check_config(cls, r) -> None:
@@ -188,6 +189,7 @@ class EmbeddedBackend(RolloutBackend):
     default_weight_sync = "tensor"
     weight_sync_modes = ("tensor", "disk")
     in_process_on_one_node = True
+    serves_weights_digest = True
 
     @classmethod
     def plan_engines(cls, r, kind, engine_nodes, gpus_per_node):

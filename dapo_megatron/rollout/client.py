@@ -277,6 +277,10 @@ class RolloutClient:
         results = await asyncio.gather(*[self._call(u, path, p, method=method, timeout_s=timeout_s or
                                                     self.request_timeout_s) for u, p in zip(urls, payloads)],
                                        return_exceptions=True)
+        hung = [i for i, r in enumerate(results) if isinstance(r, asyncio.TimeoutError)]
+        if hung and strict:  # a deadline missed names the engine (weight sync: rollout.weight_sync_timeout_s)
+            raise RolloutTimeoutError(f"engine {hung[0]} ({urls[hung[0]]}): {path} gave no answer within "
+                                      f"{timeout_s or self.request_timeout_s:g} s")
         errors = [f"{u}: {r!r}" if isinstance(r, BaseException) else f"{u}: HTTP {r[0]}: {_error_message(r[1])}"
                   for u, r in zip(urls, results) if isinstance(r, BaseException) or r[0] != 200]
         if errors and strict:
@@ -308,11 +312,11 @@ class RolloutClient:
         return await self._fan_out("/get_model_info", method="GET")
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version=None,
-                                       abort_all_requests: bool = False) -> list:
+                                       abort_all_requests: bool = False, timeout_s: Optional[float] = None) -> list:
         payload = {"model_path": str(model_path), "abort_all_requests": abort_all_requests}
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
-        return await self._fan_out("/update_weights_from_disk", payload)
+        return await self._fan_out("/update_weights_from_disk", payload, timeout_s=timeout_s)
 
     async def flush_cache(self) -> list:
         return await self._fan_out("/flush_cache")
@@ -342,11 +346,11 @@ class RolloutClient:
     async def resume_memory_occupation(self, tags: Optional[list] = None) -> list:
         return await self._fan_out("/resume_memory_occupation", {"tags": tags})
 
-    async def init_weights_update_group(self, payloads: list) -> list:
-        return await self._fan_out("/init_weights_update_group", payloads)
+    async def init_weights_update_group(self, payloads: list, timeout_s: Optional[float] = None) -> list:
+        return await self._fan_out("/init_weights_update_group", payloads, timeout_s=timeout_s)
 
-    async def update_weights_from_distributed(self, payload: dict) -> list:
-        return await self._fan_out("/update_weights_from_distributed", payload)
+    async def update_weights_from_distributed(self, payload: dict, timeout_s: Optional[float] = None) -> list:
+        return await self._fan_out("/update_weights_from_distributed", payload, timeout_s=timeout_s)
 
     async def begin_weight_update(self) -> list:
         """SGLang's weight-update session: tensor / distributed loads are refused outside begin ... end."""
@@ -355,9 +359,9 @@ class RolloutClient:
     async def end_weight_update(self) -> list:
         return await self._fan_out("/end_weight_update", {})
 
-    async def update_weights_from_tensor(self, payload: dict) -> list:
+    async def update_weights_from_tensor(self, payload: dict, timeout_s: Optional[float] = None) -> list:
         """One bucket of CUDA IPC handles (weight_sync.tensor_update_request) to every worker."""
-        return await self._fan_out("/update_weights_from_tensor", payload)
+        return await self._fan_out("/update_weights_from_tensor", payload, timeout_s=timeout_s)
 
     async def destroy_weights_update_group(self, group_name: str) -> list:
         return await self._fan_out("/destroy_weights_update_group", {"group_name": group_name}, strict=False)

@@ -207,13 +207,14 @@ for _path in ("/init_weights_update_group", "/update_weights_from_distributed", 
     _ROUTES[_path] = _unsupported(f"{_path} (NCCL weight sync) needs a real SGLang server; the embedded engine "
                                   "supports weight sync modes 'disk' and 'tensor'")
 
-if os.environ.get("DAPO_CHECK_SYNC", "") not in ("", "0"):  # test hook (train/sync_check.py): remote engines' weights
-    async def _weights_digest(engine: Engine, payload: dict):
-        from .weights_digest import weights_digest
 
-        return 200, await asyncio.to_thread(weights_digest, engine.model)
-    _ROUTES["/debug/weights_digest"] = _weights_digest
+async def _weights_digest(engine: Engine, payload: dict):  # the sync's equality check (train/sync_check.py)
+    from .weights_digest import weights_digest
 
+    return 200, await asyncio.to_thread(weights_digest, engine.model)
+
+
+_ROUTES["/debug/weights_digest"] = _weights_digest
 
 
 # --------------------------------------------------------------------------- aiohttp app

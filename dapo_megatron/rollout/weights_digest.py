@@ -27,11 +27,18 @@ def weights_digest(model) -> dict:
 
 def compare_digests(sent: dict, served: dict) -> int:
     """Mismatches between the trainer's {name: digest} and one engine's `weights_digest`."""
-    tensors, covered, bad = served["tensors"], set(), 0
+    return len(differing(sent, served))
+
+
+def differing(sent: dict, served: dict) -> list:
+    """The names that differ between the trainer's {name: digest} and one engine's `weights_digest`, in the order
+    sent; an engine parameter that no sent tensor covers is named by its storage id."""
+    tensors, covered, bad = served["tensors"], set(), []
     for name, digest in sent.items():
         got = tensors.get(name)
         if got is None or got[0] != digest:
-            bad += 1
+            bad.append(name)
         else:
             covered.add(got[1])
-    return bad + sum(p not in covered for p in served["parameters"])
+    return bad + [f"<an engine parameter no sent tensor covers (storage {p})>" for p in served["parameters"]
+                  if p not in covered]

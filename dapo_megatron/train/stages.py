@@ -154,6 +154,7 @@ class WeightSyncer:
         sync_class = BACKENDS[cfg.rollout.backend].weight_sync_class_of(cfg.rollout)
         self.mode, self.from_stage_sources = sync_class.mode, sync_class.from_stage_sources
         self.bucket_mb = cfg.rollout.weight_sync_bucket_mb
+        self.syncs = 0
         # per-node engines: every engine host receives the stream and feeds its own engine
         self.dsts, self.sink = [0], stage.weight_sync if stage is not None else None
         if sync_class.to_engine_hosts and engines is not None and engines.host_ranks:
@@ -176,13 +177,23 @@ class WeightSyncer:
         if self.from_stage_sources:
             return self._sync_distributed(stream, version)
         with sync_check.probe() as rss:  # DAPO_CHECK_SYNC=1 (tests): peak RSS during the sync
-            stream.run(lambda buckets: self.sink.sync_buckets(buckets, version) if self.sink is not None else None)
-        checked = sync_check.check(actor, self.dsts, self.sink, self.bucket_mb, rss)  # {} unless DAPO_CHECK_SYNC=1
+            stream.run(lambda buckets: self.sink.sync_buckets(self._bounded(buckets), version)
+                       if self.sink is not None else None)
+        self.syncs += 1  # rollout.check_weight_sync=N: every N-th sync's engines equal the trainer's, else it stops
+        checked = sync_check.check(actor, self.dsts, self.sink, self.bucket_mb, rss,
+                                   every=self.cfg.rollout.check_weight_sync, syncs=self.syncs, version=version)
         if self.stage is None:
             return {}
         info = self.stage.weight_sync.last_sync
         return {"time/engine_weight_update_s": info.get("seconds", 0.0), "sync/gb": info.get("bytes", 0) / 1e9,
                 **checked}
+
+    def _bounded(self, buckets):
+        """rollout.weight_sync_timeout_s on each bucket this rank receives from the stream and hands to its sink."""
+        from ..rollout.weight_sync import SyncDeadline
+
+        return SyncDeadline(self.cfg.rollout.weight_sync_timeout_s).each(
+            buckets, f"the trainer's bucket stream to global rank {dist.get_rank()}")
 
     def _sync_distributed(self, stream, version: int) -> dict:
         # rank 0 holds the engines' update session (pause ... resume) around every stage's broadcast
