@@ -17,7 +17,8 @@ from ..config import Config
 from ..data.dataset import PromptDataset
 from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
-from ..rollout.backends import BACKENDS, make_backend, run_api_key
+from ..rollout.backends import BACKENDS, make_backend
+from ..rollout.node_engines import start_node_engines
 from ..rollout.protocol import GenerationParams, RolloutFleet
 from ..types import Sample
 from .progress import RolloutProgress
@@ -31,8 +32,10 @@ class RolloutStage:
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         r = cfg.rollout
-        self.api_key = engines.api_key if engines is not None else run_api_key(cfg)  # no engines: `eval` alone
-        # engines: rollout/node_engines.py start_node_engines (every node's engines, started by its local rank 0)
+        # engines: rollout/node_engines.py start_node_engines (every node's engines, started by its local rank 0;
+        # `eval` alone: called here), which also produces the run's API key, in that one place
+        engines = engines if engines is not None else start_node_engines(cfg)
+        self.api_key = engines.api_key
         self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
                                     api_key=self.api_key, engines=engines)
         self.client: RolloutFleet = self.backend.client
