@@ -137,3 +137,79 @@ def test_fault_tolerance_keys_are_refused_in_one_line(overrides, refusal):
     with pytest.raises(ConfigError) as e:
         build_config(None, overrides)
     assert str(e.value) == refusal
+
+
+# --------------------------------------------------------------------------- engine supervision
+def _supervised(model_path, root, count, **kw):
+    from dapo_megatron.rollout.engine_health import EngineSupervisor
+    from dapo_megatron.rollout.server import free_port
+
+    ports, last = [free_port() for _ in range(count)], {}
+
+    def launch(i, env):  # the same arguments every time: same port, same weights root; a fault in engine 0 only
+        import os
+
+        env = env if env is not None else dict(os.environ) if i == 0 else faults.without_fault(dict(os.environ))
+        return launch_embedded_server(model_path, ports[i], mode="subprocess", max_batch_size=4, weights_root=root,
+                                      env=env)
+
+    def catch_up(url):  # disk sync: the restarted engine loads the last synced folder, at its version
+        if last:
+            asyncio.run(RolloutClient([url]).update_weights_from_disk(last["path"], weight_version=last["v"]))
+
+    return EngineSupervisor(launch, count, catch_up=catch_up, health_interval_s=0.5, **kw), last
+
+
+def _sync_to_v1(client, model_path, root, last):
+    from safetensors.torch import load_file
+
+    from dapo_megatron.rollout.weight_sync import DiskWeightSync
+
+    sync = DiskWeightSync(client, model_path, root, weight_version=client.version)
+    weights = {n: t + 0.01 for n, t in load_file(str(model_path / "model.safetensors")).items()}
+    assert sync.sync(weights.items()) == 1
+    last.update(path=str(root / "weights_v000001"), v=1)
+
+
+@pytest.mark.parametrize("fault, count", [("engine_kill", 1), pytest.param("engine_kill", 2, marks=pytest.mark.slow),
+                                          ("engine_hang_generate", 1)])
+def test_a_dead_or_hung_engine_is_restarted_and_the_group_completes(model_path, tmp_path, monkeypatch, fault, count):
+    """engine_kill@2: the engine serving step 2's rollout (version 1) is SIGKILLed mid-generate (the supervisor sees
+    the process gone); engine_hang_generate@2: its generate hangs (the client reports it past request_timeout_s).
+    The engine is killed by PID, started again on the same port, loads the last synced folder (version 1) and is
+    put back; the lost request is generated again (on the other engine when there are two); every sample is of
+    version 1."""
+    monkeypatch.setenv(faults.ENV, f"{fault}@2")  # engine 0's process reads it; a restarted one has none
+    sup, last = _supervised(model_path, tmp_path / "sync", count, max_restarts=2)
+    try:  # request_timeout_s: a 4-token generate of the toy model takes milliseconds; 15 s is the hang's bound
+        client = RolloutClient(sup.urls, request_timeout_s=15, max_retries=3, backoff_s=0.05)
+        client.supervisor = sup
+        _sync_to_v1(client, model_path, tmp_path / "sync", last)
+        pids = [s.process.pid for s in sup.servers]
+        client._rr = iter(range(0, 10**6, count))  # the first pick among equals is engine 0, which has the fault
+        out = asyncio.run(client.generate_group(group(4), PARAMS))
+        assert all(s.weight_version == 1 and s.response_ids and s.finish_reason != "abort" for s in out)
+        wait = asyncio.run(sup.wait_up(sup.urls[0], 120))
+        assert wait is None and sup.restarts == 1 and sum(a != s.process.pid for a, s in zip(pids, sup.servers)) == 1
+    finally:
+        sup.close()
+
+
+def test_restarts_past_the_bound_fail_in_one_line_naming_the_engine_and_its_log(model_path, tmp_path, monkeypatch):
+    """max_restarts=0: the first death is past the bound; the waiting request raises EngineRestartsExhausted (a user
+    error: one line, exit 2) naming the engine, why, its last log lines and the fix."""
+    from dapo_megatron.rollout.engine_health import EngineRestartsExhausted
+
+    monkeypatch.setenv(faults.ENV, "engine_kill@1")
+    sup, _ = _supervised(model_path, tmp_path / "sync", 1, max_restarts=0)
+    try:
+        client = RolloutClient(sup.urls, request_timeout_s=120, max_retries=2, backoff_s=0.05)
+        client.supervisor = sup
+        with pytest.raises(EngineRestartsExhausted) as e:
+            asyncio.run(client.generate_group(group(2), PARAMS))
+        line = str(e.value)
+        assert "\n" not in line and line.startswith(f"engine 0 at {sup.urls[0]} exited with code -9, past 0 restart(s)")
+        assert "DAPO_FAULT=engine_kill@1: SIGKILL of engine pid" in line and "resume from the last checkpoint" in line
+        assert sup.restarts == 0
+    finally:
+        sup.close()

@@ -38,7 +38,7 @@ def _rows(run_dir):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.mark.parametrize("weight_sync", ["tensor", "disk"])
+@pytest.mark.parametrize("weight_sync", ["tensor", pytest.param("disk", marks=pytest.mark.slow)])
 def test_corrupt_bucket_is_caught_and_nothing_trains_on_it(toy, tmp_path, weight_sync):
     """corrupt_bucket@2: the sync after step 1 is checked and equal; the one after step 2 carries one tensor off by
     one, the check names it, exit 2, and step 3 (the first to train on those weights' rollout) never runs."""

@@ -137,6 +137,10 @@ class RolloutClient:
         # R3 routing replay: ask for SGLang's meta_info.routed_experts and keep it on the Sample
         self.return_routed_experts = return_routed_experts
         self._rr = itertools.count()
+        # Engines this launch started, watched and restarted (rollout/engine_health.py: EngineSupervisor): a request
+        # lost to a dead or hung engine waits for it (bounded) and is generated again; only answers of the current
+        # weight version are taken.
+        self.supervisor = None
         self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
 
     # ------------------------------------------------------------------ transport
@@ -197,6 +201,9 @@ class RolloutClient:
                 return _aborted(n, payload["rid"], len(payload["input_ids"]), self.weight_version)
             server = self._pick(tried)
             tried.add(server.url)
+            if self.supervisor is not None and server.down_until > time.monotonic():  # every engine down
+                await self.supervisor.wait_up(server.url, self.request_timeout_s)
+                server.down_until = 0.0
             server.in_flight += 1
             try:
                 status, body = await self._call(server.url, "/generate", payload, timeout_s=self.request_timeout_s)
@@ -208,6 +215,11 @@ class RolloutClient:
                 continue
             except asyncio.TimeoutError:
                 await self._abort_quietly(server.url, payload["rid"])
+                if self.supervisor is not None:  # a hung engine: restarted, the request generated again
+                    server.down_until = time.monotonic() + _DOWN_FOR_S
+                    errors.append(f"{server.url}: no answer within request_timeout_s={self.request_timeout_s}s")
+                    await asyncio.to_thread(self.supervisor.report_hung, server.url)
+                    continue
                 raise RolloutTimeoutError(f"{server.url}/generate (rid {payload['rid']}) gave no answer within "
                                           f"request_timeout_s={self.request_timeout_s}s; the request was aborted")
             finally:
@@ -216,6 +228,11 @@ class RolloutClient:
                 outs = body if isinstance(body, list) else [body]
                 if len(outs) != n:
                     raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
+                stale = self.supervisor is not None and any(
+                    _version(o.get("meta_info", {}).get("weight_version"), -1) != self.weight_version for o in outs)
+                if stale:  # a restarted engine not yet caught up: never trained on
+                    errors.append(f"{server.url}: answered with weights other than version {self.weight_version}")
+                    continue
                 return outs
             if status >= 500 or status == 429:
                 errors.append(f"{server.url}: HTTP {status}: {_error_message(body)}")

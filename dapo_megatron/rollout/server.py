@@ -351,7 +351,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def launch_embedded_server(model_path, port: int = 0, *, host: str = "127.0.0.1", mode: str = "thread",
                            engine: Optional[Engine] = None, startup_timeout_s: float = 120.0,
-                           api_key: Optional[str] = None, weights_root=None, **engine_kwargs) -> EmbeddedServer:
+                           api_key: Optional[str] = None, weights_root=None, env: Optional[dict] = None,
+                           **engine_kwargs) -> EmbeddedServer:
     """Serve `model_path` on http://host:port (port 0: a free one). mode "thread": in this process, the engine is
     `handle.engine`; mode "subprocess": `python -m dapo_megatron.rollout.server`, killable like a real server."""
     if mode == "thread":  # max_n / max_body_bytes are the app's caps; in subprocess mode they become --max-n ...
@@ -360,7 +361,7 @@ def launch_embedded_server(model_path, port: int = 0, *, host: str = "127.0.0.1"
                               api_key=api_key, weights_root=weights_root)
     if mode == "subprocess":
         return _launch_subprocess(model_path, host, port or free_port(host), startup_timeout_s, engine_kwargs,
-                                  api_key=api_key, weights_root=weights_root)
+                                  api_key=api_key, weights_root=weights_root, env=env)
     raise ValueError(f"mode must be 'thread' or 'subprocess', got {mode!r}")
 
 
@@ -402,7 +403,7 @@ def _launch_thread(engine: Engine, host: str, port: int, timeout_s: float, limit
 
 
 def _launch_subprocess(model_path, host: str, port: int, timeout_s: float, engine_kwargs: dict, api_key=None,
-                       weights_root=None) -> EmbeddedServer:
+                       weights_root=None, env=None) -> EmbeddedServer:
     cmd = [sys.executable, "-m", "dapo_megatron.rollout.server", "--model-path", str(model_path), "--host", host,
            "--port", str(port)]
     if weights_root is not None:
@@ -410,7 +411,8 @@ def _launch_subprocess(model_path, host: str, port: int, timeout_s: float, engin
     for key, value in engine_kwargs.items():
         cmd += [f"--{key.replace('_', '-')}", str(value).replace("torch.", "")]
     repo_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
+    base = os.environ if env is None else env  # env: a restarted engine's (engine_health.py), else this process's
+    env = {**base, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, base.get("PYTHONPATH")]))}
     if api_key:
         env[API_KEY_ENV] = api_key  # the environment, not argv: `ps` shows argv to every user
     log_path = Path(tempfile.mkstemp(prefix=f"rollout-server-{port}-", suffix=".log")[1])
