@@ -130,6 +130,12 @@ def test_hung_in_process_tensor_update_exits_2_with_one_line(model_path):
     (["rollout.backend=http", "rollout.urls=[http://x:1]", "rollout.check_weight_sync=1"],
      "rollout.check_weight_sync compares the engines' weights digest, which rollout.backend=http engines do not "
      "serve; use rollout.backend=embedded or set it to 0"),
+    (["rollout.max_engine_restarts=5"], "rollout.max_engine_restarts bounds the restarts of engines this launch "
+     "supervises, and rollout.backend=embedded restarts none; unset it or use rollout.backend=embedded_http"),
+    (["rollout.backend=embedded_http", "rollout.deterministic=true"], "rollout.deterministic=true needs the "
+     "in-process engine; with rollout.backend=embedded_http unset it, or use rollout.backend=embedded"),
+    (["rollout.backend=embedded_http", "rollout.health_interval_s=0"], "rollout.health_interval_s and "
+     "rollout.restart_window_s must be > 0 s and rollout.max_engine_restarts >= 0"),
 ])
 def test_fault_tolerance_keys_are_refused_in_one_line(overrides, refusal):
     from dapo_megatron.config import ConfigError, build_config
@@ -141,7 +147,7 @@ def test_fault_tolerance_keys_are_refused_in_one_line(overrides, refusal):
 
 # --------------------------------------------------------------------------- engine supervision
 def _supervised(model_path, root, count, **kw):
-    from dapo_megatron.rollout.engine_health import EngineSupervisor
+    from dapo_megatron.rollout.supervisor import EngineSupervisor
     from dapo_megatron.rollout.server import free_port
 
     ports, last = [free_port() for _ in range(count)], {}
@@ -192,13 +198,13 @@ def test_a_dead_or_hung_engine_is_restarted_and_the_group_completes(model_path, 
         wait = asyncio.run(sup.wait_up(sup.urls[0], 120))
         assert wait is None and sup.restarts == 1 and sum(a != s.process.pid for a, s in zip(pids, sup.servers)) == 1
     finally:
-        sup.close()
+        sup.shutdown()
 
 
 def test_restarts_past_the_bound_fail_in_one_line_naming_the_engine_and_its_log(model_path, tmp_path, monkeypatch):
     """max_restarts=0: the first death is past the bound; the waiting request raises EngineRestartsExhausted (a user
     error: one line, exit 2) naming the engine, why, its last log lines and the fix."""
-    from dapo_megatron.rollout.engine_health import EngineRestartsExhausted
+    from dapo_megatron.rollout.supervisor import EngineRestartsExhausted
 
     monkeypatch.setenv(faults.ENV, "engine_kill@1")
     sup, _ = _supervised(model_path, tmp_path / "sync", 1, max_restarts=0)
@@ -212,4 +218,4 @@ def test_restarts_past_the_bound_fail_in_one_line_naming_the_engine_and_its_log(
         assert "DAPO_FAULT=engine_kill@1: SIGKILL of engine pid" in line and "resume from the last checkpoint" in line
         assert sup.restarts == 0
     finally:
-        sup.close()
+        sup.shutdown()

@@ -64,3 +64,18 @@ def test_hung_weight_update_fails_in_one_line(toy, tmp_path):
     assert len(lines) == 1 and "Traceback" not in text, text[-4000:]
     assert "update_weights_from_disk to version 1: engine 0 (inprocess://engine): /update_weights_from_disk" in \
         lines[0], lines[0]
+
+
+def test_sigkill_of_the_only_engine_mid_rollout_is_restarted_and_the_run_completes(toy, tmp_path):
+    """engine_kill@2 with rollout.backend=embedded_http: the only engine dies in step 2's rollout; it is restarted,
+    caught up to version 1 from the last synced folder, the lost groups are generated again, and the run trains all
+    3 steps with rollout/engine_restarts = 1 from step 2 on and the trainer-engine log-prob gap as small as before."""
+    run = tmp_path / "killed"
+    rc, text = _train(toy, run, 3, ["rollout.backend=embedded_http", "rollout.health_interval_s=0.5"],
+                      env={"DAPO_FAULT": "engine_kill@2"})
+    assert rc == 0, text[-4000:]
+    assert "DAPO_FAULT=engine_kill@2: SIGKILL of engine pid" in text or "restarting it" in text, text[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1]
+    assert all(r["rollout/train_infer_logprob_diff_max"] < 1e-3 for r in rows), rows

@@ -101,6 +101,7 @@ class RolloutBackend:
     in_process_on_one_node = False  # one node: the engine lives in rank 0's process (built by the backend)
     releases_memory_when_colocated = False  # colocated engines free their GPU memory while the actor trains
     serves_weights_digest = False  # its engines answer /debug/weights_digest: rollout.check_weight_sync works
+    supervises_engines = False  # restarts its dead or hung engines (rollout.health_interval_s, max_engine_restarts)
 
     @classmethod
     def check_config(cls, r) -> None:
@@ -178,6 +179,10 @@ class RolloutBackend:
     @contextlib.contextmanager
     def memory_released(self):
         yield
+
+    def engine_restarts(self):
+        """Engines restarted so far (the `rollout/engine_restarts` metric); None: this backend restarts none."""
+        return None
 
     def shutdown(self):
         pass

@@ -137,7 +137,7 @@ class RolloutClient:
         # R3 routing replay: ask for SGLang's meta_info.routed_experts and keep it on the Sample
         self.return_routed_experts = return_routed_experts
         self._rr = itertools.count()
-        # Engines this launch started, watched and restarted (rollout/engine_health.py: EngineSupervisor): a request
+        # Engines this launch started, watched and restarted (rollout/supervisor.py: EngineSupervisor): a request
         # lost to a dead or hung engine waits for it (bounded) and is generated again; only answers of the current
         # weight version are taken.
         self.supervisor = None

@@ -411,7 +411,7 @@ def _launch_subprocess(model_path, host: str, port: int, timeout_s: float, engin
     for key, value in engine_kwargs.items():
         cmd += [f"--{key.replace('_', '-')}", str(value).replace("torch.", "")]
     repo_root = str(Path(__file__).resolve().parents[2])
-    base = os.environ if env is None else env  # env: a restarted engine's (engine_health.py), else this process's
+    base = os.environ if env is None else env  # env: a restarted engine's (supervisor.py), else this process's
     env = {**base, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, base.get("PYTHONPATH")]))}
     if api_key:
         env[API_KEY_ENV] = api_key  # the environment, not argv: `ps` shows argv to every user

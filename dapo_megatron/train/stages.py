@@ -80,6 +80,9 @@ class RolloutStage:
             progress.close()
         self.step += 1
         self.generated_tokens += metrics["rollout/generated_tokens"]
+        restarts = self.backend.engine_restarts()  # engines restarted so far (supervised backends only)
+        if restarts is not None:
+            metrics["rollout/engine_restarts"] = restarts
         return groups, {**metrics, "rollout/generated_tokens_total": self.generated_tokens}
 
     def evaluate(self, tokenizer) -> dict:
