@@ -79,3 +79,16 @@ def test_sigkill_of_the_only_engine_mid_rollout_is_restarted_and_the_run_complet
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1]
     assert all(r["rollout/train_infer_logprob_diff_max"] < 1e-3 for r in rows), rows
+
+
+def test_hung_weight_update_of_a_supervised_engine_is_restarted_and_synced_again(toy, tmp_path):
+    """engine_hang_update@1 with rollout.backend=embedded_http: the update to version 1 misses
+    rollout.weight_sync_timeout_s; the engine is restarted (caught up to version 0) and the update sent again; the
+    run trains both steps on version-exact samples."""
+    run = tmp_path / "resync"
+    rc, text = _train(toy, run, 2, ["rollout.backend=embedded_http", "rollout.weight_sync_timeout_s=10"],
+                      env={"DAPO_FAULT": "engine_hang_update@1"})
+    assert rc == 0, text[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2] and [r["rollout/engine_restarts"] for r in rows] == [0, 1]
+    assert rows[1]["rollout/train_infer_logprob_diff_max"] < 1e-3

@@ -209,6 +209,8 @@ class RolloutClient:
                 status, body = await self._call(server.url, "/generate", payload, timeout_s=self.request_timeout_s)
             except _connection_errors() as e:  # server down or died mid-request: retry elsewhere
                 server.down_until = time.monotonic() + _DOWN_FOR_S
+                if self.supervisor is not None:  # supervised: restarted if its process died; retried once back
+                    self.supervisor.suspect(server.url)
                 errors.append(f"{server.url}: {e!r}")
                 log.warning("generate on %s failed (%r); attempt %d/%d", server.url, e, attempt + 1,
                             self.max_retries + 1)
@@ -296,8 +298,10 @@ class RolloutClient:
                                        return_exceptions=True)
         hung = [i for i, r in enumerate(results) if isinstance(r, asyncio.TimeoutError)]
         if hung and strict:  # a deadline missed names the engine (weight sync: rollout.weight_sync_timeout_s)
-            raise RolloutTimeoutError(f"engine {hung[0]} ({urls[hung[0]]}): {path} gave no answer within "
+            err = RolloutTimeoutError(f"engine {hung[0]} ({urls[hung[0]]}): {path} gave no answer within "
                                       f"{timeout_s or self.request_timeout_s:g} s")
+            err.url = urls[hung[0]]
+            raise err
         errors = [f"{u}: {r!r}" if isinstance(r, BaseException) else f"{u}: HTTP {r[0]}: {_error_message(r[1])}"
                   for u, r in zip(urls, results) if isinstance(r, BaseException) or r[0] != 200]
         if errors and strict:

@@ -61,11 +61,37 @@ class EngineSupervisor:
                     misses[i] = 0
                     self._restart(i, server, f"did not answer /health {HEALTH_MISSES} times in a row")
 
-    def report_hung(self, url: str) -> None:
-        """The client's word that a generate on `url` ran past the request timeout: restart that engine."""
+    def suspect(self, url: str) -> None:
+        """The client could not reach `url`: its requests wait (`wait_up`) until its process is found dead and
+        started again, or alive after HEALTH_TIMEOUT_S (a dropped connection; /health is the watch thread's)."""
+        import threading
+
+        if url not in self.urls:
+            return
+        i = self.urls.index(url)
+        server = self.servers[i]
+        self._up[i].clear()
+        threading.Thread(target=self._settle, args=(i, server), daemon=True).start()
+
+    def _settle(self, i: int, server) -> None:
+        import subprocess
+
+        try:
+            server.process.wait(timeout=HEALTH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            if self.servers[i] is server:
+                self._up[i].set()
+            return
+        self._restart(i, server, f"exited with code {server.process.returncode}")  # no-op if restarted meanwhile
+
+    def report_hung(self, url: str, why: str = "hung in a generate past rollout.request_timeout_s") -> None:
+        """The client's word that `url` ran past a deadline (a generate, a weight update): restart that engine; on
+        return it is back, caught up (or `failure` says why not)."""
         if url in self.urls:
             i = self.urls.index(url)
-            self._restart(i, self.servers[i], "hung in a generate past rollout.request_timeout_s")
+            self._restart(i, self.servers[i], why)
+        if self.failure:
+            raise EngineRestartsExhausted(self.failure)
 
     def _restart(self, i: int, seen, why: str) -> None:
         """Restart engine i if it is still the process `seen` misbehaving (not one already started again)."""

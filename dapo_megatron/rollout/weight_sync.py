@@ -121,7 +121,9 @@ def bounded(call, what: str, timeout_s: float):
     try:
         return run_sync(call)
     except RolloutTimeoutError as e:
-        raise WeightSyncTimeout(_timeout_line(f"{what}: {str(e).split(' gave no answer')[0]}", timeout_s)) from None
+        err = WeightSyncTimeout(_timeout_line(f"{what}: {str(e).split(' gave no answer')[0]}", timeout_s))
+        err.url = getattr(e, "url", None)  # the hung engine, for a supervisor to restart
+        raise err from None
 
 
 # --------------------------------------------------------------------------- sync modes
@@ -231,8 +233,19 @@ class DiskWeightSync(WeightSync):
         path = write_hf_checkpoint(_count(buckets, nbytes), self.out_dir / f"weights_v{version:06d}",
                                    hf_config_dir=self.base_model_path, max_shard_bytes=self.max_shard_bytes,
                                    overwrite=True)
-        bounded(self.client.update_weights_from_disk(str(path), weight_version=version, timeout_s=self.timeout_s),
-                f"update_weights_from_disk to version {version}", self.timeout_s)
+        def update():
+            bounded(self.client.update_weights_from_disk(str(path), weight_version=version, timeout_s=self.timeout_s),
+                    f"update_weights_from_disk to version {version}", self.timeout_s)
+
+        try:
+            update()
+        except WeightSyncTimeout as e:  # supervised engines (rollout/supervisor.py): restart the hung one, sync again
+            supervisor = getattr(self.client, "supervisor", None)
+            if supervisor is None or getattr(e, "url", None) is None:
+                raise
+            log.warning("%s: restarting that engine and syncing again", e)
+            supervisor.report_hung(e.url, "hung in a weight update past rollout.weight_sync_timeout_s")
+            update()
         for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return nbytes[0]
