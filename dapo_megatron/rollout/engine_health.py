@@ -34,4 +34,3 @@ def wait_for_engines(engines_urls: list, api_key, timeout_s: float) -> None:
         if _get(url, "/get_model_info", api_key, timeout_s=30.0) in (401, 403):  # /health asks for no key
             raise ConfigError(f"engine {engine.index} at {url} refuses this run's API key: set the same "
                               f"$DAPO_ROLLOUT_API_KEY (or rollout.api_key) for the trainer and `dapo-megatron engines`")
-

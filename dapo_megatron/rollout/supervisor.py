@@ -1,7 +1,18 @@
 """Supervision of the engines this launch starts in processes of their own (docs/fault_tolerance.md)."""
+import collections
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
 import urllib.request
 
+from ..train.faults import without_fault
 from .client import RolloutError
+from .server import log_tail
+
+log = logging.getLogger(__name__)
 
 
 HEALTH_TIMEOUT_S, HEALTH_MISSES = 5.0, 3
@@ -29,12 +40,10 @@ class EngineSupervisor:
     `failure` holds the one line (engine, last log lines, fix) and every waiter wakes up to raise it."""
 
     def __init__(self, launch, count: int, *, catch_up=None, health_interval_s: float = 5.0,
-                 max_restarts: int = 3, window_s: float = 3600.0, startup_timeout_s: float = 120.0):
-        import collections
-        import threading
+                 max_restarts: int = 3, window_s: float = 3600.0):
 
         self.launch, self.catch_up, self.interval_s = launch, catch_up, health_interval_s
-        self.max_restarts, self.window_s, self.startup_timeout_s = max_restarts, window_s, startup_timeout_s
+        self.max_restarts, self.window_s = max_restarts, window_s
         self.servers = [launch(i, None) for i in range(count)]
         self.urls = [s.url for s in self.servers]
         self.restarts, self.failure = 0, None
@@ -64,8 +73,6 @@ class EngineSupervisor:
     def suspect(self, url: str) -> None:
         """The client could not reach `url`: its requests wait (`wait_up`) until its process is found dead and
         started again, or alive after HEALTH_TIMEOUT_S (a dropped connection; /health is the watch thread's)."""
-        import threading
-
         if url not in self.urls:
             return
         i = self.urls.index(url)
@@ -74,8 +81,6 @@ class EngineSupervisor:
         threading.Thread(target=self._settle, args=(i, server), daemon=True).start()
 
     def _settle(self, i: int, server) -> None:
-        import subprocess
-
         try:
             server.process.wait(timeout=HEALTH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -95,13 +100,7 @@ class EngineSupervisor:
 
     def _restart(self, i: int, seen, why: str) -> None:
         """Restart engine i if it is still the process `seen` misbehaving (not one already started again)."""
-        import logging
-        import os
-        import signal
-        import time
 
-        from ..train.faults import without_fault
-        from .server import log_tail
 
         with self._lock:
             if self.failure or self._stop.is_set() or self.servers[i] is not seen:
@@ -120,7 +119,7 @@ class EngineSupervisor:
                     e.set()  # waiters wake up and raise
                 return
             self._recent.append(now)
-            logging.getLogger(__name__).warning("engine %d at %s %s: restarting it", i, old.url, why)
+            log.warning("engine %d at %s %s: restarting it", i, old.url, why)
             if old.process.poll() is None:
                 os.kill(old.process.pid, signal.SIGKILL)  # by its PID: a hung engine does not answer SIGTERM
             old.process.wait()
