@@ -358,7 +358,7 @@ class RolloutClient:
         return update_session(self)
 
     async def weights_digest(self) -> list:
-        """Each worker's /debug/weights_digest (served by the embedded server with DAPO_CHECK_SYNC=1)."""
+        """Each worker's /debug/weights_digest (served by the embedded server: rollout.check_weight_sync)."""
         return await self._fan_out("/debug/weights_digest", {}, timeout_s=120)
 
     async def release_memory_occupation(self, tags: Optional[list] = None) -> list:

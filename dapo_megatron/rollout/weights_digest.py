@@ -1,5 +1,6 @@
-"""Bit-for-bit weight checks over HTTP (test hook, DAPO_CHECK_SYNC=1): the trainer's tensors against what an engine
-serves at /debug/weights_digest (rollout/server.py). Imports nothing of the package at module level."""
+"""Bit-for-bit weight checks over HTTP (rollout.check_weight_sync, and the DAPO_CHECK_SYNC=1 test hook): the
+trainer's tensors against what an engine serves at /debug/weights_digest (rollout/server.py). Imports nothing of the
+package at module level."""
 
 
 def tensor_digest(t) -> str:
@@ -15,7 +16,7 @@ def tensor_digest(t) -> str:
 
 def weights_digest(model) -> dict:
     """Every HF-named tensor of an engine's model -> [digest, storage id], and the storage ids of its parameters
-    (an engine parameter no sent tensor covers is a mismatch). Served as /debug/weights_digest with the check on."""
+    (an engine parameter no sent tensor covers is a mismatch). Served as /debug/weights_digest."""
     from .engine import _hf_targets
 
     def key(t):
