@@ -1,4 +1,5 @@
 """Supervision of the engines this launch starts in processes of their own (docs/fault_tolerance.md)."""
+import atexit
 import collections
 import logging
 import os
@@ -54,6 +55,7 @@ class EngineSupervisor:
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._watch, name="engine-supervisor", daemon=True)
         self._thread.start()
+        atexit.register(self.shutdown)  # a run that ends in an error leaves no engine process behind
 
     def _watch(self):
         misses = [0] * len(self.servers)
@@ -147,6 +149,7 @@ class EngineSupervisor:
             raise EngineRestartsExhausted(self.failure)
 
     def shutdown(self):
+        atexit.unregister(self.shutdown)
         self._stop.set()
         self._thread.join(timeout=30)
         for server in self.servers:
