@@ -71,6 +71,17 @@ class RolloutConfig:
     # filesystem shared with the engines) | distributed (NCCL; engines on GPUs of their own)
     weight_sync: str = "auto"
     weight_sync_bucket_mb: float = 512  # each pipeline stage sends its weights in buckets of this size
+    # Deadline of each step of a weight sync (a bucket, an engine's update call, a broadcast): past it, one line
+    # naming the engine and the stage, exit 2, instead of a hang (docs/fault_tolerance.md)
+    weight_sync_timeout_s: float = 600.0
+    # Every N-th weight sync, compare each engine's weights with the trainer's, tensor by tensor (0: off); a
+    # difference stops the run in one line naming the first differing tensor, before any step trains on it
+    check_weight_sync: int = 0
+    # Engines this launch starts in processes of their own (rollout.backend=embedded_http): process and /health
+    # watched this often; a dead or hung one restarted, at most max_engine_restarts times within restart_window_s
+    health_interval_s: float = 5.0
+    max_engine_restarts: int = 3
+    restart_window_s: float = 3600.0
     # disk sync: the folder rank 0 writes and the engines read (only under it); default <run_dir>/weight_sync. Name a
     # shared folder when engines run on nodes of their own (`dapo-megatron engines`) with run folders of their own.
     weight_sync_dir: Optional[str] = None
@@ -128,6 +139,22 @@ class RolloutConfig:
                               f"rollout.weight_sync=disk")
         if not self.engine_wait_s > 0:
             raise ConfigError(f"rollout.engine_wait_s={self.engine_wait_s}; use a number of seconds > 0")
+        if not self.weight_sync_timeout_s > 0:
+            raise ConfigError(f"rollout.weight_sync_timeout_s={self.weight_sync_timeout_s}; use seconds > 0")
+        if self.check_weight_sync < 0:
+            raise ConfigError(f"rollout.check_weight_sync={self.check_weight_sync}; use 0 (off) or every N syncs")
+        if self.check_weight_sync and not BACKENDS[self.backend].serves_weights_digest:
+            raise ConfigError(f"rollout.check_weight_sync compares the engines' weights digest, which rollout.backend="
+                              f"{self.backend} engines do not serve; use rollout.backend=embedded or set it to 0")
+        supervision = {"health_interval_s": 5.0, "max_engine_restarts": 3, "restart_window_s": 3600.0}
+        changed = [k for k, v in supervision.items() if getattr(self, k) != v]
+        if changed and not BACKENDS[self.backend].supervises_engines:
+            raise ConfigError(f"rollout.{changed[0]} bounds the restarts of engines this launch supervises, and "
+                              f"rollout.backend={self.backend} restarts none; unset it or use "
+                              f"rollout.backend=embedded_http")
+        if not (self.health_interval_s > 0 and self.restart_window_s > 0 and self.max_engine_restarts >= 0):
+            raise ConfigError("rollout.health_interval_s and rollout.restart_window_s must be > 0 s and "
+                              "rollout.max_engine_restarts >= 0")
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
 

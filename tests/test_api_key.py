@@ -4,6 +4,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.rollout.client import RolloutClient, RolloutRequestError
 from dapo_megatron.rollout.server import launch_embedded_server
 from dapo_megatron.rollout.sglang_launcher import SGLangServers
-from dapo_megatron.train.stages import run_api_key
+from dapo_megatron.rollout.backends import run_api_key
 from dapo_megatron.types import Sample
 
 KEY = "s3cret-key"
@@ -82,6 +83,16 @@ def test_key_never_in_config_json_and_fresh_per_run(monkeypatch):
     assert a != b and len(a) >= 32  # generated per run when unset
     monkeypatch.setenv("DAPO_ROLLOUT_API_KEY", "from-env")
     assert run_api_key(plain) == "from-env"
+
+
+def test_the_key_is_produced_in_one_place():
+    """start_node_engines produces the run's key on rank 0 (RolloutStage and `eval` take it from there): no other
+    module calls run_api_key."""
+    pkg = Path(run_api_key.__code__.co_filename).parents[1]
+    calls = sorted(f"{p.relative_to(pkg)}:{i}" for p in pkg.rglob("*.py")
+                   for i, line in enumerate(p.read_text().splitlines(), 1)
+                   if "run_api_key(" in line and "def run_api_key(" not in line and "import" not in line)
+    assert len(calls) == 1 and calls[0].startswith("rollout/node_engines.py:"), calls
 
 
 def test_sglang_servers_and_router_get_the_key():

@@ -53,7 +53,7 @@ class FakeFleet:
     def weight_update_session(self):
         return contextlib.nullcontext()
 
-    async def update_weights_from_disk(self, model_path: str, *, weight_version=None) -> list:
+    async def update_weights_from_disk(self, model_path: str, *, weight_version=None, timeout_s=None) -> list:
         assert (Path(model_path) / "config.json").is_file() and list(Path(model_path).glob("*.safetensors"))
         self.seen["loaded"].append(int(weight_version))
         return [{"success": True}]

@@ -79,7 +79,7 @@ def test_shared_types_import_nothing_of_the_package():
 # engine start-up, the step's stages and loop) sit above it, and the command line on top. A module's layer is that of
 # its longest listed prefix.
 LAYERS = [
-    ("types", "errors", "quiet"),
+    ("types", "errors", "quiet", "train.faults"),  # faults: standard library only, read by the engines and the trainer
     ("algo", "data", "reward", "parallel"),
     ("models",),
     ("rollout",),

@@ -100,7 +100,7 @@ def test_resume_after_sigkill_is_exact(toy, tmp_path, torchrun):
     # loads this TP=1 checkpoint (a checkpoint loads at the TP sizes with its padded vocabulary, as in Megatron-LM)
     pad = ["model.make_vocab_size_divisible_by=64"]
     _train(_args(toy, straight, steps=4, extra=pad))
-    rc = _train(_args(toy, crashed, steps=4, extra=pad), env={"DAPO_FAULT_AT_STEP": "3"}, check=False)
+    rc = _train(_args(toy, crashed, steps=4, extra=pad), env={"DAPO_FAULT": "train@3"}, check=False)
     assert rc != 0  # killed in the middle of step 3, after checkpoint iter_0000002
     assert (crashed / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     _train(_args(toy, crashed, steps=4, extra=[*pad, f"trainer.load={crashed / 'checkpoints'}"]))

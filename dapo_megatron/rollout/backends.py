@@ -100,6 +100,8 @@ class RolloutBackend:
     external = False  # engines someone else runs (rollout.urls): nothing is placed or started
     in_process_on_one_node = False  # one node: the engine lives in rank 0's process (built by the backend)
     releases_memory_when_colocated = False  # colocated engines free their GPU memory while the actor trains
+    serves_weights_digest = False  # its engines answer /debug/weights_digest: rollout.check_weight_sync works
+    supervises_engines = False  # restarts its dead or hung engines (rollout.health_interval_s, max_engine_restarts)
 
     @classmethod
     def check_config(cls, r) -> None:
@@ -183,6 +185,10 @@ class RolloutBackend:
     def memory_released(self):
         yield
 
+    def engine_restarts(self):
+        """Engines restarted so far (the `rollout/engine_restarts` metric); None: this backend restarts none."""
+        return None
+
     def shutdown(self):
         pass
 
@@ -193,6 +199,7 @@ class EmbeddedBackend(RolloutBackend):
     default_weight_sync = "tensor"
     weight_sync_modes = ("tensor", "disk")
     in_process_on_one_node = True
+    serves_weights_digest = True
 
     @classmethod
     def plan_engines(cls, r, kind, engine_nodes, gpus_per_node):

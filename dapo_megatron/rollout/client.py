@@ -139,6 +139,10 @@ class RolloutClient:
         # R3 routing replay: ask for SGLang's meta_info.routed_experts and keep it on the Sample
         self.return_routed_experts = return_routed_experts
         self._rr = itertools.count()
+        # Engines this launch started, watched and restarted (rollout/supervisor.py: EngineSupervisor): a request
+        # lost to a dead or hung engine waits for it (bounded) and is generated again; only answers of the current
+        # weight version are taken.
+        self.supervisor = None
         self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
 
     # ------------------------------------------------------------------ transport
@@ -199,17 +203,27 @@ class RolloutClient:
                 return _aborted(n, payload["rid"], len(payload["input_ids"]), self.weight_version)
             server = self._pick(tried)
             tried.add(server.url)
+            if self.supervisor is not None and server.down_until > time.monotonic():  # every engine down
+                await self.supervisor.wait_up(server.url, self.request_timeout_s)
+                server.down_until = 0.0
             server.in_flight += 1
             try:
                 status, body = await self._call(server.url, "/generate", payload, timeout_s=self.request_timeout_s)
             except _connection_errors() as e:  # server down or died mid-request: retry elsewhere
                 server.down_until = time.monotonic() + _DOWN_FOR_S
+                if self.supervisor is not None:  # supervised: restarted if its process died; retried once back
+                    self.supervisor.suspect(server.url)
                 errors.append(f"{server.url}: {e!r}")
                 log.warning("generate on %s failed (%r); attempt %d/%d", server.url, e, attempt + 1,
                             self.max_retries + 1)
                 continue
             except asyncio.TimeoutError:
                 await self._abort_quietly(server.url, payload["rid"])
+                if self.supervisor is not None:  # a hung engine: restarted, the request generated again
+                    server.down_until = time.monotonic() + _DOWN_FOR_S
+                    errors.append(f"{server.url}: no answer within request_timeout_s={self.request_timeout_s}s")
+                    await asyncio.to_thread(self.supervisor.report_hung, server.url)
+                    continue
                 raise RolloutTimeoutError(f"{server.url}/generate (rid {payload['rid']}) gave no answer within "
                                           f"request_timeout_s={self.request_timeout_s}s; the request was aborted")
             finally:
@@ -218,6 +232,11 @@ class RolloutClient:
                 outs = body if isinstance(body, list) else [body]
                 if len(outs) != n:
                     raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
+                stale = self.supervisor is not None and any(
+                    _version(o.get("meta_info", {}).get("weight_version"), -1) != self.weight_version for o in outs)
+                if stale:  # a restarted engine not yet caught up: never trained on
+                    errors.append(f"{server.url}: answered with weights other than version {self.weight_version}")
+                    continue
                 return outs
             if status >= 500 or status == 429:
                 errors.append(f"{server.url}: HTTP {status}: {_error_message(body)}")
@@ -279,6 +298,12 @@ class RolloutClient:
         results = await asyncio.gather(*[self._call(u, path, p, method=method, timeout_s=timeout_s or
                                                     self.request_timeout_s) for u, p in zip(urls, payloads)],
                                        return_exceptions=True)
+        hung = [i for i, r in enumerate(results) if isinstance(r, asyncio.TimeoutError)]
+        if hung and strict:  # a deadline missed names the engine (weight sync: rollout.weight_sync_timeout_s)
+            err = RolloutTimeoutError(f"engine {hung[0]} ({urls[hung[0]]}): {path} gave no answer within "
+                                      f"{timeout_s or self.request_timeout_s:g} s")
+            err.url = urls[hung[0]]
+            raise err
         errors = [f"{u}: {r!r}" if isinstance(r, BaseException) else f"{u}: HTTP {r[0]}: {_error_message(r[1])}"
                   for u, r in zip(urls, results) if isinstance(r, BaseException) or r[0] != 200]
         if errors and strict:
@@ -310,11 +335,11 @@ class RolloutClient:
         return await self._fan_out("/get_model_info", method="GET")
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version=None,
-                                       abort_all_requests: bool = False) -> list:
+                                       abort_all_requests: bool = False, timeout_s: Optional[float] = None) -> list:
         payload = {"model_path": str(model_path), "abort_all_requests": abort_all_requests}
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
-        return await self._fan_out("/update_weights_from_disk", payload)
+        return await self._fan_out("/update_weights_from_disk", payload, timeout_s=timeout_s)
 
     async def flush_cache(self) -> list:
         return await self._fan_out("/flush_cache")
@@ -335,7 +360,7 @@ class RolloutClient:
         return update_session(self)
 
     async def weights_digest(self) -> list:
-        """Each worker's /debug/weights_digest (served by the embedded server with DAPO_CHECK_SYNC=1)."""
+        """Each worker's /debug/weights_digest (served by the embedded server: rollout.check_weight_sync)."""
         return await self._fan_out("/debug/weights_digest", {}, timeout_s=120)
 
     async def release_memory_occupation(self, tags: Optional[list] = None) -> list:
@@ -344,11 +369,11 @@ class RolloutClient:
     async def resume_memory_occupation(self, tags: Optional[list] = None) -> list:
         return await self._fan_out("/resume_memory_occupation", {"tags": tags})
 
-    async def init_weights_update_group(self, payloads: list) -> list:
-        return await self._fan_out("/init_weights_update_group", payloads)
+    async def init_weights_update_group(self, payloads: list, timeout_s: Optional[float] = None) -> list:
+        return await self._fan_out("/init_weights_update_group", payloads, timeout_s=timeout_s)
 
-    async def update_weights_from_distributed(self, payload: dict) -> list:
-        return await self._fan_out("/update_weights_from_distributed", payload)
+    async def update_weights_from_distributed(self, payload: dict, timeout_s: Optional[float] = None) -> list:
+        return await self._fan_out("/update_weights_from_distributed", payload, timeout_s=timeout_s)
 
     async def begin_weight_update(self) -> list:
         """SGLang's weight-update session: tensor / distributed loads are refused outside begin ... end."""
@@ -357,9 +382,9 @@ class RolloutClient:
     async def end_weight_update(self) -> list:
         return await self._fan_out("/end_weight_update", {})
 
-    async def update_weights_from_tensor(self, payload: dict) -> list:
+    async def update_weights_from_tensor(self, payload: dict, timeout_s: Optional[float] = None) -> list:
         """One bucket of CUDA IPC handles (weight_sync.tensor_update_request) to every worker."""
-        return await self._fan_out("/update_weights_from_tensor", payload)
+        return await self._fan_out("/update_weights_from_tensor", payload, timeout_s=timeout_s)
 
     async def destroy_weights_update_group(self, group_name: str) -> list:
         return await self._fan_out("/destroy_weights_update_group", {"group_name": group_name}, strict=False)

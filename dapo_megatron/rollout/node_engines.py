@@ -67,10 +67,10 @@ def start_node_engines(cfg) -> "NodeEngines":
     """Collective, once at start-up: each trainer node's local rank 0 starts the engines the plan puts on its node,
     bound to its address (placement.engine_bind_host); engines on nodes with no trainer rank (`dapo-megatron
     engines` runs them) are found from the node host list (placement.node_hosts) and waited for. Every rank gets
-    every URL in engine order. The run's API key is resolved here, once, on global rank 0 (`run_api_key`) and
-    shared with the other nodes' engines; engine-only nodes need it configured, the same on both sides. One node
-    with the embedded engine: nothing is started here (the backend builds its in-process engine); external engines:
-    rollout.urls."""
+    every URL in engine order. The run's API key is produced here and nowhere else, once, on global rank 0
+    (`run_api_key`), and shared with the other nodes' engines; engine-only nodes need it configured, the same on both
+    sides. One node with the embedded engine: nothing is started here (the backend builds its in-process engine);
+    external engines: rollout.urls. Without a process group (`dapo-megatron eval`, one process) only those two."""
     import torch.distributed as dist
 
     from ..config import ConfigError
@@ -78,11 +78,13 @@ def start_node_engines(cfg) -> "NodeEngines":
         node_hosts, ordered_urls, remote_engine_urls
     from .backends import BACKENDS, NodeEngines, configured_api_key, run_api_key
 
-    r, world, rank = cfg.rollout, dist.get_world_size(), dist.get_rank()
+    r, grouped = cfg.rollout, dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if grouped else (1, 0)
+    key = run_api_key(cfg) if rank == 0 else None
     backend = BACKENDS[r.backend]
     local = local_world_size(world)
     if backend.external:
-        return NodeEngines(urls=r.urls, api_key=run_api_key(cfg) if rank == 0 else None)
+        return NodeEngines(urls=r.urls, api_key=key)
     try:  # the same on every rank: all raise, none waits
         plan = launch_plan(cfg, world, local)
     except PlacementError as e:
@@ -93,8 +95,11 @@ def start_node_engines(cfg) -> "NodeEngines":
             raise ConfigError(f"rollout.host={r.host}: the embedded engine of a one-node run lives in rank 0's "
                               f"process and binds nothing; unset rollout.host (it applies to SGLang servers and "
                               f"multi-node engines)")
-        return NodeEngines(api_key=run_api_key(cfg) if rank == 0 else None)
-    box = [(configured_api_key(cfg), run_api_key(cfg)) if rank == 0 else None]
+        return NodeEngines(api_key=key)
+    if not grouped:
+        raise ConfigError(f"rollout.backend={r.backend} engines start with the trainer (`dapo-megatron train`); to "
+                          f"evaluate alone, run them and use rollout.backend=http with rollout.urls")
+    box = [(configured_api_key(cfg), key) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     configured, key = box[0]
     if remote_nodes and not configured:

@@ -53,16 +53,18 @@ class RolloutFleet(Protocol):
         on leaving closes it (also after a failure), drops cached prefixes of the old weights after a complete update,
         and resumes."""
 
-    async def update_weights_from_disk(self, model_path: str, *, weight_version=None) -> list:
-        """Every engine loads the Hugging Face checkpoint folder `model_path` and reports `weight_version`."""
+    async def update_weights_from_disk(self, model_path: str, *, weight_version=None, timeout_s=None) -> list:
+        """Every engine loads the Hugging Face checkpoint folder `model_path` and reports `weight_version`.
+        `timeout_s` (each update call below takes it: rollout.weight_sync_timeout_s): an engine that does not answer
+        in time raises RolloutTimeoutError naming it."""
 
-    async def update_weights_from_tensor(self, payload: dict) -> list:
+    async def update_weights_from_tensor(self, payload: dict, timeout_s=None) -> list:
         """One bucket of tensors (in the backend's own tensor-update request) to every engine."""
 
-    async def init_weights_update_group(self, payloads: list) -> list:
+    async def init_weights_update_group(self, payloads: list, timeout_s=None) -> list:
         """Distributed update: every engine joins the sender's process group (one payload per engine worker)."""
 
-    async def update_weights_from_distributed(self, payload: dict) -> list:
+    async def update_weights_from_distributed(self, payload: dict, timeout_s=None) -> list:
         """Distributed update: every engine receives one broadcast bucket (names, dtypes, shapes, version)."""
 
     async def destroy_weights_update_group(self, group_name: str) -> list:
@@ -72,7 +74,8 @@ class RolloutFleet(Protocol):
         """Wait until every engine answers; raises if one does not within `timeout_s`."""
 
     async def weights_digest(self) -> list:
-        """Test hook (train/sync_check.py): each engine's {HF name: digest} of its weights."""
+        """The sync's equality check (train/sync_check.py, rollout.check_weight_sync): each engine's {HF name:
+        digest} of its weights; only backends that declare `serves_weights_digest`."""
 
     async def close(self) -> None:
         """Release what the client holds."""

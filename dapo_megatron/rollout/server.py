@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from ..train.faults import engine_fault
 from .engine import PAUSE_MODES, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ async def dispatch(engine: Engine, path: str, payload) -> tuple:
         return _error(404, f"unknown endpoint {path}; see dapo_megatron.rollout.server for the supported ones")
     if payload is not None and not isinstance(payload, dict):
         return _error(400, f"{path}: the request body must be a JSON object")
+    await engine_fault(path, payload, engine.weight_version)  # DAPO_FAULT engine points (tests, drills); else no-op
     try:
         return await route(engine, payload or {})
     except ValueError as e:  # includes ApiError and engine validation errors
@@ -205,13 +207,14 @@ for _path in ("/init_weights_update_group", "/update_weights_from_distributed", 
     _ROUTES[_path] = _unsupported(f"{_path} (NCCL weight sync) needs a real SGLang server; the embedded engine "
                                   "supports weight sync modes 'disk' and 'tensor'")
 
-if os.environ.get("DAPO_CHECK_SYNC", "") not in ("", "0"):  # test hook (train/sync_check.py): remote engines' weights
-    async def _weights_digest(engine: Engine, payload: dict):
-        from .weights_digest import weights_digest
 
-        return 200, await asyncio.to_thread(weights_digest, engine.model)
-    _ROUTES["/debug/weights_digest"] = _weights_digest
+async def _weights_digest(engine: Engine, payload: dict):  # the sync's equality check (train/sync_check.py)
+    from .weights_digest import weights_digest
 
+    return 200, await asyncio.to_thread(weights_digest, engine.model)
+
+
+_ROUTES["/debug/weights_digest"] = _weights_digest
 
 
 # --------------------------------------------------------------------------- aiohttp app
@@ -348,7 +351,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def launch_embedded_server(model_path, port: int = 0, *, host: str = "127.0.0.1", mode: str = "thread",
                            engine: Optional[Engine] = None, startup_timeout_s: float = 120.0,
-                           api_key: Optional[str] = None, weights_root=None, **engine_kwargs) -> EmbeddedServer:
+                           api_key: Optional[str] = None, weights_root=None, env: Optional[dict] = None,
+                           **engine_kwargs) -> EmbeddedServer:
     """Serve `model_path` on http://host:port (port 0: a free one). mode "thread": in this process, the engine is
     `handle.engine`; mode "subprocess": `python -m dapo_megatron.rollout.server`, killable like a real server."""
     if mode == "thread":  # max_n / max_body_bytes are the app's caps; in subprocess mode they become --max-n ...
@@ -357,7 +361,7 @@ def launch_embedded_server(model_path, port: int = 0, *, host: str = "127.0.0.1"
                               api_key=api_key, weights_root=weights_root)
     if mode == "subprocess":
         return _launch_subprocess(model_path, host, port or free_port(host), startup_timeout_s, engine_kwargs,
-                                  api_key=api_key, weights_root=weights_root)
+                                  api_key=api_key, weights_root=weights_root, env=env)
     raise ValueError(f"mode must be 'thread' or 'subprocess', got {mode!r}")
 
 
@@ -399,7 +403,7 @@ def _launch_thread(engine: Engine, host: str, port: int, timeout_s: float, limit
 
 
 def _launch_subprocess(model_path, host: str, port: int, timeout_s: float, engine_kwargs: dict, api_key=None,
-                       weights_root=None) -> EmbeddedServer:
+                       weights_root=None, env=None) -> EmbeddedServer:
     cmd = [sys.executable, "-m", "dapo_megatron.rollout.server", "--model-path", str(model_path), "--host", host,
            "--port", str(port)]
     if weights_root is not None:
@@ -407,7 +411,8 @@ def _launch_subprocess(model_path, host: str, port: int, timeout_s: float, engin
     for key, value in engine_kwargs.items():
         cmd += [f"--{key.replace('_', '-')}", str(value).replace("torch.", "")]
     repo_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
+    base = os.environ if env is None else env  # env: a restarted engine's (supervisor.py), else this process's
+    env = {**base, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, base.get("PYTHONPATH")]))}
     if api_key:
         env[API_KEY_ENV] = api_key  # the environment, not argv: `ps` shows argv to every user
     log_path = Path(tempfile.mkstemp(prefix=f"rollout-server-{port}-", suffix=".log")[1])

@@ -26,9 +26,13 @@ The receiving side of the embedded engine (name/shape checks, in-place copy) is 
 """
 import base64
 import concurrent.futures
+import contextlib
 import io
 import logging
+import os
 import shutil
+import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +41,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
+from ..train.faults import corrupt_buckets, hang_update
 from ..types import WeightVersion
 from .client import RolloutError, update_session
 
@@ -59,6 +64,66 @@ def iter_buckets(named_tensors: Iterable, bucket_bytes: int):
 
 class WeightSyncRefused(RolloutError):
     """A weight-sync mode that cannot work with this placement; one line naming the key and the fix."""
+
+
+class WeightSyncTimeout(RolloutError):
+    """A step of a weight sync missed rollout.weight_sync_timeout_s; one line naming the engine and the stage."""
+
+
+DEFAULT_TIMEOUT_S = 600.0  # rollout.weight_sync_timeout_s's default
+
+
+def _timeout_line(what: str, timeout_s: float) -> str:
+    return (f"weight sync: {what} gave no answer within rollout.weight_sync_timeout_s={timeout_s:g} s; the engine "
+            f"is hung (see its log), or raise rollout.weight_sync_timeout_s if the sync is only slow")
+
+
+class SyncDeadline:
+    """rollout.weight_sync_timeout_s on a blocking step that no timeout argument reaches (an in-process copy, a
+    collective broadcast): past it, the step's one line on stderr and exit 2, since this thread is stuck in that call
+    and nothing else can end it (the launcher takes the other ranks down)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+
+    def _expire(self, what: str):
+        sys.stdout.flush()
+        print(f"dapo-megatron: {_timeout_line(what, self.timeout_s)}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    @contextlib.contextmanager
+    def step(self, what: str):
+        timer = threading.Timer(self.timeout_s, self._expire, args=(what,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def each(self, buckets, what: str):
+        """`buckets`, each one's production and use under its own deadline."""
+        it, i = iter(buckets), 0
+        while True:
+            with self.step(f"{what}, bucket {i}"):
+                try:
+                    bucket = next(it)
+                except StopIteration:
+                    return
+                yield bucket
+            i += 1
+
+
+def bounded(call, what: str, timeout_s: float):
+    """An engine call (a coroutine with the timeout already in it): a missed deadline as WeightSyncTimeout."""
+    from .client import RolloutTimeoutError, run_sync
+
+    try:
+        return run_sync(call)
+    except RolloutTimeoutError as e:
+        err = WeightSyncTimeout(_timeout_line(f"{what}: {str(e).split(' gave no answer')[0]}", timeout_s))
+        err.url = getattr(e, "url", None)  # the hung engine, for a supervisor to restart
+        raise err from None
 
 
 # --------------------------------------------------------------------------- sync modes
@@ -98,6 +163,11 @@ class WeightSync:
         self.version = weight_version if isinstance(weight_version, WeightVersion) else WeightVersion(weight_version or 0)
         self.bucket_bytes = int(bucket_size_mb * 2 ** 20)
         self.last_sync: dict = {}
+        self.timeout_s = DEFAULT_TIMEOUT_S  # each step's deadline (rollout.weight_sync_timeout_s: `bounded_by`)
+
+    def bounded_by(self, r) -> "WeightSync":
+        self.timeout_s = r.weight_sync_timeout_s
+        return self
 
     @property
     def weight_version(self) -> int:
@@ -109,7 +179,7 @@ class WeightSync:
     def sync_buckets(self, buckets: Iterable[list], version: Optional[int] = None) -> int:
         started = time.perf_counter()
         version = self.version.value + 1 if version is None else int(version)
-        nbytes = self._push(buckets, version)
+        nbytes = self._push(corrupt_buckets(buckets, version), version)  # DAPO_FAULT=corrupt_bucket@N, else as is
         self.version.set(version)
         self.last_sync = {"seconds": time.perf_counter() - started, "bytes": nbytes, "weight_version": version}
         log.info("weight sync (%s) v%d: %.2f GB in %.2f s", self.mode, version, nbytes / 1e9,
@@ -129,7 +199,8 @@ class WeightSync:
     @classmethod
     def for_backend(cls, backend) -> "WeightSync | None":
         """The sync a rollout backend (rollout/backends.py) uses on global rank 0."""
-        return cls(backend.client, weight_version=backend.version, bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
+        return cls(backend.client, weight_version=backend.version,
+                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb).bounded_by(backend.cfg)
 
 
 def _count(buckets, counter: list):
@@ -155,16 +226,26 @@ class DiskWeightSync(WeightSync):
     @classmethod
     def for_backend(cls, backend):
         return cls(backend.client, backend.model_path, backend.sync_dir, weight_version=backend.version,
-                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
+                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb).bounded_by(backend.cfg)
 
     def _push(self, buckets, version: int) -> int:
-        from .client import run_sync
-
         nbytes = [0]
         path = write_hf_checkpoint(_count(buckets, nbytes), self.out_dir / f"weights_v{version:06d}",
                                    hf_config_dir=self.base_model_path, max_shard_bytes=self.max_shard_bytes,
                                    overwrite=True)
-        run_sync(self.client.update_weights_from_disk(str(path), weight_version=version))
+        def update():
+            bounded(self.client.update_weights_from_disk(str(path), weight_version=version, timeout_s=self.timeout_s),
+                    f"update_weights_from_disk to version {version}", self.timeout_s)
+
+        try:
+            update()
+        except WeightSyncTimeout as e:  # supervised engines (rollout/supervisor.py): restart the hung one, sync again
+            supervisor = getattr(self.client, "supervisor", None)
+            if supervisor is None or getattr(e, "url", None) is None:
+                raise
+            log.warning("%s: restarting that engine and syncing again", e)
+            supervisor.report_hung(e.url, "hung in a weight update past rollout.weight_sync_timeout_s")
+            update()
         for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return nbytes[0]
@@ -196,18 +277,22 @@ class TensorWeightSync(WeightSync):
     def for_backend(cls, backend):
         # rank 0's own engine; with one engine per node, the other hosts' share lands in their own (NodeEngines)
         return cls(getattr(backend, "engine", None) or backend.client, weight_version=backend.version,
-                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
+                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb).bounded_by(backend.cfg)
 
     def _push(self, buckets, version: int) -> int:
         nbytes = [0]
 
         def counted():
+            hang_update(version)  # DAPO_FAULT=engine_hang_update@N: the in-process update does not go via dispatch
             for bucket in buckets:
                 nbytes[0] += sum(t.numel() * t.element_size() for _, t in bucket)
                 yield bucket
 
-        # The engine holds generation for the whole stream: a partial update never serves requests.
-        self.engine.update_weights_from_buckets(counted(), weight_version=version)
+        # The engine holds generation for the whole stream: a partial update never serves requests. An in-process
+        # copy takes no timeout: each bucket runs under a watchdog.
+        self.engine.update_weights_from_buckets(
+            SyncDeadline(self.timeout_s).each(counted(), f"the in-process engine's update to version {version}"),
+            weight_version=version)
         return nbytes[0]
 
 
@@ -263,7 +348,8 @@ class DistributedWeightSync(WeightSync):
         here = os.environ.get("DAPO_WEIGHT_SYNC_ADDR") or socket.gethostbyname(socket.gethostname())
         return cls(client, master_address=here, master_port=int(os.environ.get("DAPO_WEIGHT_SYNC_PORT", "29600")) +
                    pp_rank, engine_ranks=r.sglang_tp_size, group_name=f"dapo_weight_sync_pp{pp_rank}",
-                   bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version, manage_generation=False)
+                   bucket_size_mb=r.weight_sync_bucket_mb, weight_version=version,
+                   manage_generation=False).bounded_by(r)
 
     def __init__(self, client, *, master_address: str, master_port: int, engine_ranks=1,
                  bucket_size_mb: float = 512, group_name: str = "dapo_weight_sync", backend: str = "nccl",
@@ -280,17 +366,17 @@ class DistributedWeightSync(WeightSync):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-http")
 
     def init_group(self):
-        from .client import run_sync
-
         world_size = 1 + sum(self.engine_ranks)
         offsets = [1 + sum(self.engine_ranks[:i]) for i in range(len(self.engine_ranks))]
         payloads = [{"master_address": self.master_address, "master_port": self.master_port, "rank_offset": off,
                      "world_size": world_size, "group_name": self.group_name, "backend": self.backend}
                     for off in offsets]
         # The workers block in the rendezvous until this process joins it: call them from a thread.
-        pending = self._pool.submit(run_sync, self.client.init_weights_update_group(payloads))
+        pending = self._pool.submit(bounded, self.client.init_weights_update_group(payloads, self.timeout_s),
+                                    "init_weights_update_group", self.timeout_s)
+        # the group's own timeout bounds its rendezvous and (gloo) collectives; a watchdog, the NCCL broadcasts
         self.group = init_weight_update_group(self.master_address, self.master_port, 0, world_size,
-                                              self.group_name, self.backend)
+                                              self.group_name, self.backend, timeout_s=self.timeout_s)
         pending.result()
 
     def _push(self, buckets, version: int) -> int:
@@ -302,16 +388,17 @@ class DistributedWeightSync(WeightSync):
             return sum(self._send_bucket(bucket, version) for bucket in buckets)
 
     def _send_bucket(self, bucket: list, version: int) -> int:
-        from .client import run_sync
-
         tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
         meta = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for t in tensors],
                 "shapes": [list(t.shape) for t in tensors], "group_name": self.group_name, "flush_cache": False,
                 "weight_version": str(version)}
-        pending = self._pool.submit(run_sync, self.client.update_weights_from_distributed(meta))
-        handles = [torch.distributed.broadcast(t, src=0, group=self.group, async_op=True) for t in tensors]
-        for h in handles:
-            h.wait()
+        pending = self._pool.submit(bounded, self.client.update_weights_from_distributed(meta, self.timeout_s),
+                                    f"update_weights_from_distributed to version {version}", self.timeout_s)
+        with SyncDeadline(self.timeout_s).step(f"the broadcast of {len(tensors)} tensors to version {version} over "
+                                               f"{self.group_name}"):
+            handles = [torch.distributed.broadcast(t, src=0, group=self.group, async_op=True) for t in tensors]
+            for h in handles:
+                h.wait()
         pending.result()
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -404,16 +491,15 @@ class CudaIpcWeightSync(WeightSync):
     def for_backend(cls, backend):
         check_ipc_sender(engine_gpu=backend.servers.base_gpu_id)
         return cls(backend.client, device=f"cuda:{backend.servers.base_gpu_id}", weight_version=backend.version,
-                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb)
+                   bucket_size_mb=backend.cfg.weight_sync_bucket_mb).bounded_by(backend.cfg)
 
     def _push(self, buckets, version: int) -> int:
-        from .client import run_sync
-
         nbytes = 0
         with update_session(self.client):
             for bucket in buckets:
                 named, size = pack_bucket(bucket, self.device)
-                run_sync(self.client.update_weights_from_tensor(tensor_update_request(named, version)))
+                bounded(self.client.update_weights_from_tensor(tensor_update_request(named, version), self.timeout_s),
+                        f"update_weights_from_tensor to version {version}", self.timeout_s)
                 nbytes += size
                 del named  # this side's reference; torch's IPC limbo holds the block until the engine drops its own
         if self.device.type == "cuda":

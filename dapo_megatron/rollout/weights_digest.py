@@ -1,5 +1,6 @@
-"""Bit-for-bit weight checks over HTTP (test hook, DAPO_CHECK_SYNC=1): the trainer's tensors against what an engine
-serves at /debug/weights_digest (rollout/server.py). Imports nothing of the package at module level."""
+"""Bit-for-bit weight checks over HTTP (rollout.check_weight_sync, and the DAPO_CHECK_SYNC=1 test hook): the
+trainer's tensors against what an engine serves at /debug/weights_digest (rollout/server.py). Imports nothing of the
+package at module level."""
 
 
 def tensor_digest(t) -> str:
@@ -15,7 +16,7 @@ def tensor_digest(t) -> str:
 
 def weights_digest(model) -> dict:
     """Every HF-named tensor of an engine's model -> [digest, storage id], and the storage ids of its parameters
-    (an engine parameter no sent tensor covers is a mismatch). Served as /debug/weights_digest with the check on."""
+    (an engine parameter no sent tensor covers is a mismatch). Served as /debug/weights_digest."""
     from .engine import _hf_targets
 
     def key(t):
@@ -27,11 +28,18 @@ def weights_digest(model) -> dict:
 
 def compare_digests(sent: dict, served: dict) -> int:
     """Mismatches between the trainer's {name: digest} and one engine's `weights_digest`."""
-    tensors, covered, bad = served["tensors"], set(), 0
+    return len(differing(sent, served))
+
+
+def differing(sent: dict, served: dict) -> list:
+    """The names that differ between the trainer's {name: digest} and one engine's `weights_digest`, in the order
+    sent; an engine parameter that no sent tensor covers is named by its storage id."""
+    tensors, covered, bad = served["tensors"], set(), []
     for name, digest in sent.items():
         got = tensors.get(name)
         if got is None or got[0] != digest:
-            bad += 1
+            bad.append(name)
         else:
             covered.add(got[1])
-    return bad + sum(p not in covered for p in served["parameters"])
+    return bad + [f"<an engine parameter no sent tensor covers (storage {p})>" for p in served["parameters"]
+                  if p not in covered]

@@ -1,25 +1,42 @@
-"""Fault injection for the crash tests, off unless DAPO_FAULT is set.
+"""Fault injection for the crash and engine-fault tests (and tools/ drills), off unless DAPO_FAULT is set.
 
-DAPO_FAULT=<point>@<step> SIGKILLs this process when it reaches <point> at that step; DAPO_FAULT=enospc:<point>@<step>
-raises "No space left on device" there instead. Points: `train` (mid step), `save_model` (model written, optimizer
-not), `save_manifest` (everything but the manifest), `save_latest` (folder renamed, `latest` not yet), `log` (half a
-metrics line written).
+The one mechanism: `DAPO_FAULT=<point>@<N>`. It is read by the trainer and by the engines alike (a leaf module:
+standard library only, so the rollout server imports it too).
 
-DAPO_FAULT=hold_for_signal@<step> (preemption tests) holds the trainer after that step's metrics until it gets
-SIGTERM or SIGUSR1 (at most `HOLD_TIMEOUT_S`), so the signal lands mid-run however fast the steps are.
+Trainer points (N = the step): `train` SIGKILLs mid step, `save_model` (model written, optimizer not),
+`save_manifest` (everything but the manifest), `save_latest` (folder renamed, `latest` not yet), `log` (half a metrics
+line written); `enospc:<point>@N` raises "No space left on device" there instead. `hold_for_signal@N` (preemption
+tests) holds the trainer after that step's metrics until SIGTERM or SIGUSR1 (at most `HOLD_TIMEOUT_S`).
+
+Engine points, acted on by the engine that serves the call (rollout/server.py `dispatch`, in-process or over HTTP):
+- `engine_kill@N`: SIGKILL of the engine's process at a generate of step N's rollout (the engine holds version N-1);
+  only for engines in processes of their own (an in-process engine would take the trainer with it);
+- `engine_hang_generate@N`: that generate never answers (until the caller gives up on it);
+- `engine_hang_update@N`: the weight update to version N never answers.
+And one on the trainer's side of the sync: `corrupt_bucket@N`: the first tensor of the first bucket of the sync to
+version N arrives off by one (the trainer's own weights are untouched), for the equality check to catch.
+
+An engine restarted by the supervisor gets no DAPO_FAULT (`without_fault`): a fault fires in the first incarnation.
 """
+import asyncio
 import errno
 import os
 import signal
 import sys
 import time
 
+ENV = "DAPO_FAULT"
 HOLD_TIMEOUT_S = 600.0
+ENGINE_POINTS = ("engine_kill", "engine_hang_generate", "engine_hang_update")
+
+
+def _spec():
+    return os.environ.get(ENV) or None
 
 
 def fault(point: str, step: int) -> bool:
-    """Act on a matching DAPO_FAULT; returns True (without acting) for `log`, whose tear the caller makes."""
-    spec = os.environ.get("DAPO_FAULT")
+    """Act on a matching trainer point; returns True (without acting) for `log`, whose tear the caller makes."""
+    spec = _spec()
     if not spec:
         return False
     if spec == f"enospc:{point}@{step}":
@@ -38,7 +55,7 @@ def kill() -> None:
 
 def hold_for_signal(step: int, signalled) -> None:
     """With DAPO_FAULT=hold_for_signal@<step>: wait until `signalled()` (this process got SIGTERM / SIGUSR1)."""
-    if os.environ.get("DAPO_FAULT") != f"hold_for_signal@{step}":
+    if _spec() != f"hold_for_signal@{step}":
         return
     print(f"DAPO_FAULT: holding after step {step} until SIGTERM or SIGUSR1", file=sys.stderr, flush=True)
     deadline = time.monotonic() + HOLD_TIMEOUT_S
@@ -47,3 +64,50 @@ def hold_for_signal(step: int, signalled) -> None:
             raise RuntimeError(f"DAPO_FAULT=hold_for_signal@{step}: no SIGTERM or SIGUSR1 within "
                                f"{HOLD_TIMEOUT_S:.0f} s")
         time.sleep(0.05)
+
+
+def _engine_point(point: str, version) -> bool:
+    try:
+        return _spec() == f"{point}@{int(version)}"
+    except (TypeError, ValueError):
+        return False
+
+
+async def engine_fault(path: str, payload, weight_version: int) -> None:
+    """The engine's side (rollout/server.py dispatch): act on a matching engine point before serving `path`."""
+    if not _spec():
+        return
+    if path == "/generate" and _engine_point("engine_kill", weight_version + 1):
+        print(f"DAPO_FAULT=engine_kill@{weight_version + 1}: SIGKILL of engine pid {os.getpid()}", flush=True)
+        kill()
+    hang = ((path == "/generate" and _engine_point("engine_hang_generate", weight_version + 1)) or
+            (path.startswith("/update_weights") and isinstance(payload, dict) and
+             _engine_point("engine_hang_update", payload.get("weight_version"))))
+    if hang:
+        print(f"DAPO_FAULT={_spec()}: {path} hangs", flush=True)
+        await asyncio.sleep(HOLD_TIMEOUT_S)  # cancelled when the caller gives up (timeout, abort)
+
+
+def hang_update(version: int) -> None:
+    """Engine point `engine_hang_update` for an update that does not go through dispatch (in-process tensor sync)."""
+    if _engine_point("engine_hang_update", version):
+        print(f"DAPO_FAULT={_spec()}: the tensor weight update hangs", flush=True)
+        time.sleep(HOLD_TIMEOUT_S)
+
+
+def corrupt_buckets(buckets, version: int):
+    """Trainer point `corrupt_bucket@N`: the first tensor of the sync to version N, off by one, in a copy."""
+    if _spec() != f"corrupt_bucket@{version}":
+        yield from buckets
+        return
+    for i, bucket in enumerate(buckets):
+        if i == 0 and bucket:
+            name, t = bucket[0]
+            print(f"DAPO_FAULT=corrupt_bucket@{version}: {name} sent off by one", flush=True)
+            bucket = [(name, t + 1), *bucket[1:]]
+        yield bucket
+
+
+def without_fault(env: dict) -> dict:
+    """The environment of a restarted engine: the fault fired in its first incarnation."""
+    return {k: v for k, v in env.items() if k != ENV}

@@ -2,7 +2,6 @@
 import itertools
 import json
 import os
-import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -164,10 +163,7 @@ def _logprob_gap(batch) -> float:
 
 
 def _inject_fault(step: int) -> None:
-    # Fault injection for the resume tests: DAPO_FAULT_AT_STEP=N kills this process with SIGKILL mid-step N.
-    if os.environ.get("DAPO_FAULT_AT_STEP") == str(step + 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-    fault("train", step + 1)  # DAPO_FAULT=train@N (see faults.py)
+    fault("train", step + 1)  # DAPO_FAULT=train@N SIGKILLs mid-step N (the one fault mechanism: faults.py)
 
 
 def _trainer_state(iteration: int, ahead) -> dict:

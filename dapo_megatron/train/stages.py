@@ -18,8 +18,9 @@ from ..config import Config
 from ..data.dataset import PromptDataset
 from ..reward.scorer import RewardScorer
 from ..rollout.buffer import DynamicSamplingBuffer
-from ..rollout.backends import BACKENDS, make_backend, run_api_key
+from ..rollout.backends import BACKENDS, make_backend
 from ..rollout.multi_turn import MultiTurnRunner, multi_turn_metrics
+from ..rollout.node_engines import start_node_engines
 from ..rollout.protocol import GenerationParams, RolloutFleet
 from ..types import Sample
 from .progress import RolloutProgress
@@ -33,8 +34,10 @@ class RolloutStage:
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         r = cfg.rollout
-        self.api_key = engines.api_key if engines is not None else run_api_key(cfg)  # no engines: `eval` alone
-        # engines: rollout/node_engines.py start_node_engines (every node's engines, started by its local rank 0)
+        # engines: rollout/node_engines.py start_node_engines (every node's engines, started by its local rank 0;
+        # `eval` alone: called here), which also produces the run's API key, in that one place
+        engines = engines if engines is not None else start_node_engines(cfg)
+        self.api_key = engines.api_key
         self.backend = make_backend(r, model_path=cfg.model.path, seed=cfg.trainer.seed, run_dir=cfg.trainer.run_dir,
                                     api_key=self.api_key, engines=engines)
         self.client: RolloutFleet = self.backend.client
@@ -103,6 +106,9 @@ class RolloutStage:
         if self.multi_turn is not None:
             metrics.update(multi_turn_metrics(self._tool_samples))
             self._tool_samples = []
+        restarts = self.backend.engine_restarts()  # engines restarted so far (supervised backends only)
+        if restarts is not None:
+            metrics["rollout/engine_restarts"] = restarts
         return groups, {**metrics, "rollout/generated_tokens_total": self.generated_tokens}
 
     def evaluate(self, tokenizer) -> dict:
@@ -187,6 +193,7 @@ class WeightSyncer:
         sync_class = BACKENDS[cfg.rollout.backend].weight_sync_class_of(cfg.rollout)
         self.mode, self.from_stage_sources = sync_class.mode, sync_class.from_stage_sources
         self.bucket_mb = cfg.rollout.weight_sync_bucket_mb
+        self.syncs = 0
         # per-node engines: every engine host receives the stream and feeds its own engine
         self.dsts, self.sink = [0], stage.weight_sync if stage is not None else None
         if sync_class.to_engine_hosts and engines is not None and engines.host_ranks:
@@ -209,13 +216,23 @@ class WeightSyncer:
         if self.from_stage_sources:
             return self._sync_distributed(stream, version)
         with sync_check.probe() as rss:  # DAPO_CHECK_SYNC=1 (tests): peak RSS during the sync
-            stream.run(lambda buckets: self.sink.sync_buckets(buckets, version) if self.sink is not None else None)
-        checked = sync_check.check(actor, self.dsts, self.sink, self.bucket_mb, rss)  # {} unless DAPO_CHECK_SYNC=1
+            stream.run(lambda buckets: self.sink.sync_buckets(self._bounded(buckets), version)
+                       if self.sink is not None else None)
+        self.syncs += 1  # rollout.check_weight_sync=N: every N-th sync's engines equal the trainer's, else it stops
+        checked = sync_check.check(actor, self.dsts, self.sink, self.bucket_mb, rss,
+                                   every=self.cfg.rollout.check_weight_sync, syncs=self.syncs, version=version)
         if self.stage is None:
             return {}
         info = self.stage.weight_sync.last_sync
         return {"time/engine_weight_update_s": info.get("seconds", 0.0), "sync/gb": info.get("bytes", 0) / 1e9,
                 **checked}
+
+    def _bounded(self, buckets):
+        """rollout.weight_sync_timeout_s on each bucket this rank receives from the stream and hands to its sink."""
+        from ..rollout.weight_sync import SyncDeadline
+
+        return SyncDeadline(self.cfg.rollout.weight_sync_timeout_s).each(
+            buckets, f"the trainer's bucket stream to global rank {dist.get_rank()}")
 
     def _sync_distributed(self, stream, version: int) -> dict:
         # rank 0 holds the engines' update session (pause ... resume) around every stage's broadcast

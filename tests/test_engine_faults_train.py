@@ -1,0 +1,94 @@
+"""Engine faults in a whole `dapo-megatron train` (embedded engine, toy model): the rows of docs/fault_tolerance.md."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dapo_megatron.models.tiny import make_tiny_hf_model
+from tests.helpers.forked import run_cli
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_faults")
+    hf = make_tiny_hf_model(root / "hf", "qwen2.5", seed=1)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(5) for b in range(5)))
+    return hf, data
+
+
+def _train(toy, run_dir, steps, extra=(), env=None):
+    hf, data = toy
+    args = [f"model.path={hf}", f"data.path={data}", "data.template={question}", "data.apply_chat_template=false",
+            f"trainer.run_dir={run_dir}", f"trainer.num_steps={steps}", "trainer.tensorboard=false",
+            "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=2", "rollout.max_response_length=4",
+            "dynamic_sampling.enable=false", "reward.num_workers=1",
+            "reward.type=python:tests.helpers.toy_reward.even_length",
+            "actor.global_batch_size=4", "actor.micro_batch_size=4", *extra]
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"dapo_faults_{os.getpid()}_{Path(run_dir).name}.log"
+    rc, text, _ = run_cli(["train", *args], env=env, timeout=300, log=log)
+    log.unlink(missing_ok=True)
+    return rc, text
+
+
+def _rows(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.parametrize("weight_sync", ["tensor", pytest.param("disk", marks=pytest.mark.slow)])
+def test_corrupt_bucket_is_caught_and_nothing_trains_on_it(toy, tmp_path, weight_sync):
+    """corrupt_bucket@2: the sync after step 1 is checked and equal; the one after step 2 carries one tensor off by
+    one, the check names it, exit 2, and step 3 (the first to train on those weights' rollout) never runs."""
+    run = tmp_path / weight_sync
+    rc, text = _train(toy, run, 3, [f"rollout.weight_sync={weight_sync}", "rollout.check_weight_sync=1"],
+                      env={"DAPO_FAULT": "corrupt_bucket@2"})
+    assert rc == 2, text[-4000:]
+    lines = [x for x in text.splitlines() if "differs from the trainer's" in x]
+    assert len(lines) == 1 and "Traceback" not in text, text[-4000:]
+    assert "weight sync to version 2: the engine's model.embed_tokens.weight" in lines[0], lines[0]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1]  # step 2 stopped at its sync; no step 3
+    assert rows[0]["debug/sync_mismatches"] == 0 and rows[0]["debug/sync_tensors_checked"] > 0
+
+
+def test_hung_weight_update_fails_in_one_line(toy, tmp_path):
+    """engine_hang_update@1 with disk sync: the engine's update never answers; one line after
+    rollout.weight_sync_timeout_s naming the engine and the stage, exit 2, instead of a hang."""
+    rc, text = _train(toy, tmp_path / "hang", 2, ["rollout.weight_sync=disk", "rollout.weight_sync_timeout_s=2"],
+                      env={"DAPO_FAULT": "engine_hang_update@1"})
+    assert rc == 2, text[-4000:]
+    lines = [x for x in text.splitlines() if "weight_sync_timeout_s=2 s" in x]
+    assert len(lines) == 1 and "Traceback" not in text, text[-4000:]
+    assert "update_weights_from_disk to version 1: engine 0 (inprocess://engine): /update_weights_from_disk" in \
+        lines[0], lines[0]
+
+
+def test_sigkill_of_the_only_engine_mid_rollout_is_restarted_and_the_run_completes(toy, tmp_path):
+    """engine_kill@2 with rollout.backend=embedded_http: the only engine dies in step 2's rollout; it is restarted,
+    caught up to version 1 from the last synced folder, the lost groups are generated again, and the run trains all
+    3 steps with rollout/engine_restarts = 1 from step 2 on and the trainer-engine log-prob gap as small as before."""
+    run = tmp_path / "killed"
+    rc, text = _train(toy, run, 3, ["rollout.backend=embedded_http", "rollout.health_interval_s=0.5"],
+                      env={"DAPO_FAULT": "engine_kill@2"})
+    assert rc == 0, text[-4000:]
+    assert "DAPO_FAULT=engine_kill@2: SIGKILL of engine pid" in text or "restarting it" in text, text[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1]
+    assert all(r["rollout/train_infer_logprob_diff_max"] < 1e-3 for r in rows), rows
+
+
+def test_hung_weight_update_of_a_supervised_engine_is_restarted_and_synced_again(toy, tmp_path):
+    """engine_hang_update@1 with rollout.backend=embedded_http: the update to version 1 misses
+    rollout.weight_sync_timeout_s; the engine is restarted (caught up to version 0) and the update sent again; the
+    run trains both steps on version-exact samples."""
+    run = tmp_path / "resync"
+    rc, text = _train(toy, run, 2, ["rollout.backend=embedded_http", "rollout.weight_sync_timeout_s=10"],
+                      env={"DAPO_FAULT": "engine_hang_update@1"})
+    assert rc == 0, text[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2] and [r["rollout/engine_restarts"] for r in rows] == [0, 1]
+    assert rows[1]["rollout/train_infer_logprob_diff_max"] < 1e-3
