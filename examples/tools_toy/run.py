@@ -52,7 +52,7 @@ def wrong_call(a: int, b: int, rng: random.Random) -> tuple[int, int]:
             return a2, b2
 
 
-def warm_start(model_dir: Path, rows: list[dict], steps: int = 300, seed: int = 0, batch: int = 32) -> None:
+def warm_start(model_dir: Path, rows: list[dict], steps: int = 400, seed: int = 0, batch: int = 32) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dapo_megatron.models.tiny import make_tiny_hf_model, toy_tokenizer
@@ -99,7 +99,7 @@ def warm_start(model_dir: Path, rows: list[dict], steps: int = 300, seed: int = 
 
 def main(argv):
     t0 = time.time()
-    warm_steps = 300
+    warm_steps = 400
     if "--warm-steps" in argv:
         i = argv.index("--warm-steps")
         warm_steps, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
