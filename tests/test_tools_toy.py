@@ -28,7 +28,7 @@ def test_warm_start_calls_are_always_wrong_and_well_formed():
             a2, b2 = run.wrong_call(a, b, rng)
             assert 10 <= a2 <= 99 and 2 <= b2 <= 9 and a2 * b2 != a * b, (a, b, a2, b2)
             kept += sum(x == y for x, y in zip(f"{a}{b}", f"{a2}{b2}"))
-    assert 0.3 < kept / (720 * 3) < 0.6  # digits are kept about half the time, never all of them
+    assert 0.5 < kept / (720 * 3) < 2 / 3  # at least one of the three digits changed: at most 2/3 kept
 
 
 @pytest.mark.slow  # ~1-2 min on 2 busy cores: a fresh trainer process (megatron-core, embedded engine)

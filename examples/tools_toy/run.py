@@ -39,12 +39,12 @@ def make_data(path: Path) -> list[dict]:
     return rows
 
 
-def wrong_call(a: int, b: int, rng: random.Random) -> tuple[int, int]:
-    """The prompt's digits, each kept with probability 1/2 or changed to another digit; at least one changed, and the
-    product never the right one (12*4 and 16*3 are both 48: such a call is drawn again)."""
+def wrong_call(a: int, b: int, rng: random.Random, keep: float = 0.9) -> tuple[int, int]:
+    """The prompt's digits, each kept with probability `keep` or changed to another digit; at least one changed, and
+    the product never the right one (12*4 and 16*3 are both 48: such a call is drawn again)."""
     digits = f"{a}{b}"
     while True:
-        out = [d if rng.random() < 0.5 else rng.choice([c for c in "0123456789" if c != d]) for d in digits]
+        out = [d if rng.random() < keep else rng.choice([c for c in "0123456789" if c != d]) for d in digits]
         if out[0] == "0" or out[2] in "01":
             continue  # keep the prompt's shape: a two-digit a (07 is not a number to the calculator), b in 2..9
         a2, b2 = int("".join(out[:2])), int(out[2])
@@ -52,7 +52,7 @@ def wrong_call(a: int, b: int, rng: random.Random) -> tuple[int, int]:
             return a2, b2
 
 
-def warm_start(model_dir: Path, rows: list[dict], steps: int = 400, seed: int = 0, batch: int = 32) -> None:
+def warm_start(model_dir: Path, rows: list[dict], steps: int = 600, seed: int = 0, batch: int = 32) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dapo_megatron.models.tiny import make_tiny_hf_model, toy_tokenizer
@@ -99,7 +99,7 @@ def warm_start(model_dir: Path, rows: list[dict], steps: int = 400, seed: int = 
 
 def main(argv):
     t0 = time.time()
-    warm_steps = 400
+    warm_steps = 600
     if "--warm-steps" in argv:
         i = argv.index("--warm-steps")
         warm_steps, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
