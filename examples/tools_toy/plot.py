@@ -28,7 +28,7 @@ def main(argv):
     ax.set_ylabel("accuracy (all sampled responses)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("a*b= (a: 2 digits, b: 1 digit), tiny model on CPU")
-    ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.93), fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
