@@ -217,6 +217,8 @@ STYLE_CASES = [
      r"usage error: the following arguments are required: --nodes"),
     ("engines", ["--config", "nope.yaml", "--nodes", "2", "--gpus-per-node", "8", "--node-rank", "1"],
      r"config error: config file nope\.yaml not found"),
+    ("report", [], r"usage error: the following arguments are required: run_dir"),
+    ("report", ["/nonexistent/run", "--steps", "x"], r"usage error: --steps 'x': give step numbers"),
 ]
 
 
