@@ -88,6 +88,12 @@ def test_response_is_sampled_ids_plus_tool_ids_token_for_token_not_retokenized(t
         assert "Answer: 5535" in s.response_text and "```output\n5535" in s.response_text
     # The second turn continued from the prompt + everything so far, as ids.
     assert fleet.calls[1][0] == prompt + turn1 + tool_ids
+    # The turns, as spans of the response (rollout dumps carry them): model, tool, model.
+    a, b = len(turn1), len(turn1) + len(tool_ids)
+    assert group[0].metadata["turns"] == [
+        {"source": "model", "start": 0, "end": a, "weight_version": 0},
+        {"source": "tool", "start": a, "end": b, "tool": "calculator", "status": "ok"},
+        {"source": "model", "start": b, "end": b + len(turn2), "weight_version": 0}]
     assert fleet.calls[0][1].stop == ("\n```\n",) and fleet.calls[1][1].stop == ("\n```\n",)
 
 

@@ -25,6 +25,8 @@ def test_records_mark_kept_and_dropped_groups_and_round_trip(tmp_path):
     dropped = [_sample(1, 0, True), _sample(1, 1, True)]
     aborted = [_sample(2, 0, None), _sample(2, 1, None)]
     aborted[1].finish_reason = "abort"
+    kept[1].metadata["turns"] = [{"source": "model", "start": 0, "end": 2, "weight_version": 4},
+                                 {"source": "tool", "start": 2, "end": 3, "tool": "calculator", "status": "ok"}]
     records = step_records(3, kept, [kept, dropped, aborted], "accuracy")
     assert [(r["group_id"], r["kept"], r["drop_reason"]) for r in records] == [
         (0, True, None), (0, True, None), (1, False, "all_correct"), (1, False, "all_correct"),
@@ -34,6 +36,7 @@ def test_records_mark_kept_and_dropped_groups_and_round_trip(tmp_path):
     dumper.close()
     back = [to_sample(r) for r in read_dump(tmp_path / ROLLOUTS_DIR / dump_name(3))]
     assert back[0] == Sample(**{**kept[0].__dict__, "loss_mask": [1, 1, 1], "metadata": kept[0].metadata})
+    assert back[1].metadata["turns"] == kept[1].metadata["turns"] and records[0]["turns"] is None
     assert not list((tmp_path / ROLLOUTS_DIR).glob("*.tmp"))
 
 

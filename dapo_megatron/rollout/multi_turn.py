@@ -131,6 +131,9 @@ class MultiTurnRunner:
         last_turn, version = list(s.response_ids), s.weight_version
         stats = dict.fromkeys(STATS, 0)
         stats["turns"] = 1
+        # the response's turns as spans of response_ids: who wrote them (model | tool) and, for the model, with
+        # which weight version; rollout dumps carry them (train/rollout_dump.py)
+        turns = [{"source": "model", "start": 0, "end": len(ids), "weight_version": s.weight_version}]
         while s.finish_reason == "stop" and stats["turns"] < self.cfg.max_turns:
             call = self.format.parse(self.tokenizer.decode(last_turn), self.tool_args)
             if call is None:
@@ -147,6 +150,8 @@ class MultiTurnRunner:
             ids += tool_ids
             logprobs += [0.0] * len(tool_ids)
             mask += [0] * len(tool_ids)
+            turns.append({"source": "tool", "start": len(ids) - len(tool_ids), "end": len(ids), "tool": call.name,
+                          "status": outcome.status})
             if s.finish_reason == "length":
                 break
             turn = Sample(prompt_ids=list(s.prompt_ids) + ids, group_id=s.group_id, index=s.index)
@@ -158,12 +163,15 @@ class MultiTurnRunner:
             ids += last_turn
             logprobs += list(turn.rollout_logprobs)
             mask += [1] * len(last_turn)
+            turns.append({"source": "model", "start": len(ids) - len(last_turn), "end": len(ids),
+                          "weight_version": turn.weight_version})
             version = min(version, turn.weight_version)
             s.finish_reason = turn.finish_reason
         s.response_ids, s.rollout_logprobs, s.loss_mask, s.weight_version = ids, logprobs, mask, version
         if stats["turns"] > 1 or stats["tool_calls"]:
             s.response_text = self.tokenizer.decode(ids, skip_special_tokens=True)  # for the verifier only
         s.metadata["multi_turn"] = stats
+        s.metadata["turns"] = turns
 
     async def _run(self, call) -> ToolOutcome:
         if call.error:
