@@ -117,8 +117,9 @@ def test_cli_arguments():
 
 # --------------------------------------------------------------------------- real SGLang launcher (CPU: commands)
 def test_sglang_server_and_router_commands(tmp_path):
+    """The GPU command lines (device=cuda named: on a machine without CUDA the launcher adds the CPU flags)."""
     s = SGLangServers("/models/qwen", num_servers=2, tp_size=4, mem_fraction_static=0.7, base_port=30000,
-                      enable_memory_saver=True, router=True, log_dir=tmp_path, dtype="bfloat16")
+                      enable_memory_saver=True, router=True, log_dir=tmp_path, dtype="bfloat16", device="cuda")
     cmd = s.server_command(1)
     assert cmd[:3] == [sys.executable, "-m", "sglang.launch_server"]
     flags = {a: b for a, b in zip(cmd[3:], cmd[4:] + [""]) if a.startswith("--") and not b.startswith("--")}
@@ -132,7 +133,7 @@ def test_sglang_server_and_router_commands(tmp_path):
     assert s.generate_urls == ["http://127.0.0.1:29999"]
     client = s.client(max_concurrency=8)
     assert client.urls == ["http://127.0.0.1:29999"] and client.worker_urls == s.worker_urls
-    plain = SGLangServers("/m", enable_memory_saver=False)
+    plain = SGLangServers("/m", enable_memory_saver=False, device="cuda")
     assert "--enable-memory-saver" not in plain.server_command(0) and plain.generate_urls == plain.worker_urls
     with pytest.raises(RuntimeError, match="enable_memory_saver"):
         with plain.memory_released():

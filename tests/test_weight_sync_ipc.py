@@ -39,7 +39,7 @@ class FakeClient:
         self.worker_urls, self.calls, self.bodies, self.fail_on = ["http://127.0.0.1:1"], [], [], fail_on
 
     def __getattr__(self, name):
-        async def call(payload=None):
+        async def call(payload=None, timeout_s=None):
             self.calls.append(name)
             if name == "update_weights_from_tensor":
                 self.bodies.append(payload)
