@@ -52,16 +52,28 @@ def default_device() -> str:
 
 
 def free_port_block(width: int = 40) -> int:
-    """A base port with `width` ports above it below 65000 (servers use base + 10 * i and + 1)."""
+    """A base port whose `width` ports are all free (servers use base + 10 * i and + 1), below the kernel's
+    ephemeral range: a block there could be handed to anyone who binds port 0 (a process group's store, a zmq
+    socket) between this check and the server's start."""
+    import random
     import socket
 
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + width < 65000:
-            return base
+    try:
+        ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    lo, hi = 20000, max(min(32000, ephemeral_low), 20000 + 100 * width)
+    for _ in range(100):
+        base = random.randrange(lo, hi - width)
+        try:
+            for port in range(base, base + width):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
     raise RuntimeError("no free port block")
+
 
 class SGLangServers:
     def __init__(self, model_path, num_servers: int = 1, tp_size: int = 1, mem_fraction_static: float = 0.8,
@@ -159,7 +171,8 @@ class SGLangServers:
             self._atexit_registered = True
         try:
             for i in range(self.num_servers):  # launch all, then wait: they load weights in parallel
-                _check_port_free(self.host, self.server_port(i))
+                for port in (self.server_port(i), self.server_port(i) + 1):  # its HTTP port and its --nccl-port
+                    _check_port_free(self.host, port)
                 self._spawn(f"sglang-{i}", self.server_command(i))
             for i, url in enumerate(self.local_urls):
                 self._wait(f"sglang-{i}", url)
