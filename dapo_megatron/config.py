@@ -5,7 +5,6 @@ rollout.buffer.DynamicSamplingConfig, ...), so a key means the same thing everyw
 before any process group starts, with messages naming the key and the fix.
 """
 import dataclasses
-import os
 import re
 import types
 import typing
@@ -130,7 +129,6 @@ class RolloutConfig:
             BACKENDS[self.backend].check_config(self)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self._check_sglang_process()
         if self.rollout_nodes < 0:
             raise ConfigError(f"rollout.rollout_nodes={self.rollout_nodes}; use 0 or more nodes")
         if self.weight_sync_dir and BACKENDS[self.backend].weight_sync_mode_of(self) != "disk":
@@ -157,27 +155,6 @@ class RolloutConfig:
                               "rollout.max_engine_restarts >= 0")
         if not self.weight_sync_bucket_mb > 0:
             raise ConfigError(f"rollout.weight_sync_bucket_mb={self.weight_sync_bucket_mb}; use a size > 0 (MB)")
-
-    def _check_sglang_process(self):
-        from .rollout.sglang_launcher import OWNED_FLAGS
-
-        for key in ("sglang_python", "sglang_extra_args"):
-            if getattr(self, key) and self.backend != "sglang":
-                raise ConfigError(f"rollout.{key} sets how this launch starts SGLang, and rollout.backend="
-                                  f"{self.backend} starts none: unset it or use rollout.backend=sglang")
-        py = self.sglang_python
-        if py and not (os.path.isfile(py) and os.access(py, os.X_OK)):
-            raise ConfigError(f"rollout.sglang_python={py} is not an executable file; name the python of an "
-                              f"environment that has sglang (e.g. tools/.venv-sglang/bin/python)")
-        if not isinstance(self.sglang_extra_args, (list, tuple)) or not all(
-                isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in self.sglang_extra_args):
-            raise ConfigError(f"rollout.sglang_extra_args={self.sglang_extra_args!r}; use a list of flags and values, "
-                              f"e.g. [--max-total-tokens, 4096]")
-        self.sglang_extra_args = [str(a) for a in self.sglang_extra_args]
-        owned = [a for a in self.sglang_extra_args if a.split("=", 1)[0] in OWNED_FLAGS]
-        if owned:
-            raise ConfigError(f"rollout.sglang_extra_args sets {owned[0]}, which the launcher sets from the rollout "
-                              f"config (rollout/sglang_launcher.py OWNED_FLAGS): use the rollout key instead")
 
 
 @dataclass

@@ -102,6 +102,7 @@ class RolloutBackend:
     releases_memory_when_colocated = False  # colocated engines free their GPU memory while the actor trains
     serves_weights_digest = False  # its engines answer /debug/weights_digest: rollout.check_weight_sync works
     supervises_engines = False  # restarts its dead or hung engines (rollout.health_interval_s, max_engine_restarts)
+    starts_sglang = False  # launches sglang.launch_server: takes rollout.sglang_python / sglang_extra_args
 
     @classmethod
     def check_config(cls, r) -> None:
@@ -109,6 +110,10 @@ class RolloutBackend:
         and the fix."""
         if r.weight_sync != "auto" and r.weight_sync not in cls.weight_sync_modes:
             raise ValueError(refuse_weight_sync(r, [m for m in cls.weight_sync_modes if m != r.weight_sync]))
+        for key in ("sglang_python", "sglang_extra_args"):
+            if getattr(r, key) and not cls.starts_sglang:
+                raise ValueError(f"rollout.{key} sets how this launch starts SGLang, and rollout.backend={cls.name} "
+                                 f"starts none: unset it or use rollout.backend=sglang")
 
     @classmethod
     def plan_engines(cls, r, kind: str, engine_nodes: list, gpus_per_node: int) -> list:
@@ -283,12 +288,33 @@ class SGLangBackend(RolloutBackend):
     weight_sync_modes = ("tensor", "disk", "distributed")
     weight_sync_classes = {"tensor": "cuda_ipc"}
     releases_memory_when_colocated = True
+    starts_sglang = True
 
     @classmethod
     def check_config(cls, r):
         if r.weight_sync == "tensor" and not (r.colocate and r.sglang_num_servers == 1 and r.sglang_tp_size == 1):
             raise ValueError(refuse_weight_sync(r, ["disk", "distributed"]))
         super().check_config(r)
+        cls._check_process(r)
+
+    @staticmethod
+    def _check_process(r) -> None:
+        """rollout.sglang_python / sglang_extra_args: how this launch starts SGLang."""
+        from .sglang_launcher import OWNED_FLAGS
+
+        py = r.sglang_python
+        if py and not (os.path.isfile(py) and os.access(py, os.X_OK)):
+            raise ValueError(f"rollout.sglang_python={py} is not an executable file; name the python of an "
+                             f"environment that has sglang (e.g. tools/.venv-sglang/bin/python)")
+        if not isinstance(r.sglang_extra_args, (list, tuple)) or not all(
+                isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in r.sglang_extra_args):
+            raise ValueError(f"rollout.sglang_extra_args={r.sglang_extra_args!r}; use a list of flags and values, "
+                             f"e.g. [--max-total-tokens, 4096]")
+        r.sglang_extra_args = [str(a) for a in r.sglang_extra_args]
+        owned = [a for a in r.sglang_extra_args if a.split("=", 1)[0] in OWNED_FLAGS]
+        if owned:
+            raise ValueError(f"rollout.sglang_extra_args sets {owned[0]}, which the launcher sets from the rollout "
+                             f"config (rollout/sglang_launcher.py OWNED_FLAGS): use the rollout key instead")
 
     @classmethod
     def plan_engines(cls, r, kind, engine_nodes, gpus_per_node):
