@@ -147,11 +147,16 @@ def main(argv=None):
         res = {"torch_threads": torch.get_num_threads(), **bench_generation(args, Path(tmp))}
         if not args.skip_sync:
             res.update(bench_sync(args, Path(tmp)))
+    print_results(res, args.out)
+    return res
+
+
+def print_results(res: dict, out=None) -> None:
+    """One aligned line per result; the same as JSON in `out` when given."""
     for key, value in res.items():
         print(f"{key:>24}: {value:,.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
-    return res
+    if out:
+        Path(out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

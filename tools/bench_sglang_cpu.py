@@ -11,7 +11,6 @@ OMP_NUM_THREADS=--threads is set for the server too. sglang on CPU here runs its
 forward_native layers (no sgl_kernel CPU build on PyPI: tools/sgl_kernel_standin), not its AMX kernels.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_rollout import best_of, engine_tokens_per_s, make_prompts, model_overrides  # noqa: E402
+from bench_rollout import best_of, engine_tokens_per_s, make_prompts, model_overrides, print_results  # noqa: E402
 
 from dapo_megatron.models.tiny import make_tiny_hf_model  # noqa: E402
 from dapo_megatron.rollout.client import RolloutClient  # noqa: E402
@@ -94,10 +93,7 @@ def main(argv=None):
                 seconds.append(sync.last_sync["seconds"])
         res["sglang_disk_sync_gb_s"] = gb / min(seconds)
     res["load_after"] = os.getloadavg()[0]
-    for key, value in res.items():
-        print(f"{key:>24}: {value:,.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+    print_results(res, args.out)
     return res
 
 
