@@ -135,3 +135,11 @@ def test_client_request_fields_exist_in_sglang_request_dataclasses():
         set(re.findall(r"self\.(\w+) = ", _sglang_source("srt/sampling/sampling_params.py").read_text()))
     assert {"max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids", "ignore_eos",
             "skip_special_tokens", "no_stop_trim", "sampling_seed"} <= sampling
+
+
+def test_an_api_key_that_starts_with_a_dash_reaches_server_and_router(tmp_path):
+    """CI lost a run to a generated key starting with '-': `--api-key -x...` made argparse read the key as a flag."""
+    s = recipe_servers(RECIPES[0], tmp_path, router=True, api_key="-dash-key")
+    proc = parse([s.server_command(0), s.router_command()])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p["args"]["api_key"] for p in json.loads(proc.stdout.splitlines()[-1])["parsed"]] == ["-dash-key"] * 2

@@ -62,7 +62,7 @@ def run_api_key(cfg) -> str:
     """rollout.api_key, else $DAPO_ROLLOUT_API_KEY, else a fresh key for this run (never logged or saved)."""
     import secrets
 
-    return configured_api_key(cfg) or secrets.token_urlsafe(32)
+    return configured_api_key(cfg) or secrets.token_hex(32)  # hex: never starts with '-', which a CLI would read as a flag
 
 
 def configured_api_key(cfg):

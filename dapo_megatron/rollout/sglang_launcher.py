@@ -149,7 +149,7 @@ class SGLangServers:
         if self.enable_memory_saver:
             cmd.append("--enable-memory-saver")
         if self.api_key:
-            cmd += ["--api-key", self.api_key]
+            cmd.append(f"--api-key={self.api_key}")  # one token: argparse takes a key starting with '-' for a flag
         if self.device == "cpu":
             cmd += CPU_FLAGS
             if "--max-total-tokens" not in self.extra_args:
@@ -162,7 +162,7 @@ class SGLangServers:
     def router_command(self) -> list:
         return [self.python, "-m", "sglang_router.launch_router", "--worker-urls", *self.worker_urls,
                 "--host", self.host, "--port", str(self.router_port), "--policy", self.router_policy,
-                *(["--api-key", self.api_key] if self.api_key else [])]
+                *([f"--api-key={self.api_key}"] if self.api_key else [])]
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "SGLangServers":
