@@ -78,7 +78,7 @@ def test_launcher_command_line_env_health_and_log(servers, model_dir):
         str(TOOLS_PY), "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
         "--port", str(port), "--nccl-port", str(port + 1), "--tp-size", "1", "--base-gpu-id", "0",
         "--mem-fraction-static", "0.1", "--random-seed", "0", "--trust-remote-code", "--dtype", "float32",
-        "--api-key", API_KEY,
+        f"--api-key={API_KEY}",
         *CPU_FLAGS, "--max-total-tokens", "4096"]  # extra_args named it: no default cap added
     assert servers.server_env()["SGLANG_USE_CPU_ENGINE"] == "1"
     proc, log_path = servers.processes["sglang-0"]
