@@ -13,8 +13,12 @@ distribution, i.e. before top-p / top-k renormalisation, as SGLang returns it. G
 `text` drops it, and drops a matched stop string, unless `no_stop_trim`.
 
 Weight updates wait for running requests to finish (new requests are held back meanwhile), so every response is
-produced by one weight version, reported as `meta_info.weight_version`. While paused in place (`pause_generation(
-mode="in_place")`) an update applies at once and the frozen requests continue with the new weights.
+produced by one weight version, reported as `meta_info.weight_version`. While paused (`pause_generation(mode=
+"in_place" | "retract")`) an update applies at once and the frozen requests continue with the new weights (partial
+rollouts): each token keeps the version that sampled it and its log-prob under that version, reported as SGLang
+does, `meta_info.weight_versions` = [{"version": "3", "start": 0, "end": 5}, ...] spans of output tokens, and
+`meta_info.weight_version` the newest. Both modes keep the requests' KV cache of the older weights (SGLang's retract
+recomputes it at resume): the next token is sampled by the new weights over a cache computed by the old ones.
 
 `hold(steps)` / `release()` / `wait_held()` let a test keep a request in flight for as long as it needs (the scheduler
 stops after `steps` more steps; aborts are still answered), instead of racing the machine's generation speed.
@@ -55,6 +59,7 @@ class _Seq:
     finish: Optional[dict] = None
     generator: Optional[torch.Generator] = None
     routing: list = field(default_factory=list)  # MoE: [tokens, num_layers, topk] int32 pieces, one per forward
+    versions: list = field(default_factory=list)  # the weight version that sampled each output token
 
     def abort(self):
         if self.finish is None:
@@ -440,6 +445,7 @@ class Engine:
         for s, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
             s.output_ids.append(t)
             s.logprobs.append(lp)
+            s.versions.append(self.weight_version)  # updates apply between steps (_step_lock): these logits' weights
             s.finish = self._stop_reason(s, t)
         return tokens
 
@@ -508,7 +514,8 @@ class Engine:
             text = text[:text.index(matched)]
         meta = {"id": req.rid if p.n == 1 else f"{req.rid}-{s.index}", "prompt_tokens": len(req.prompt_ids),
                 "completion_tokens": len(s.output_ids), "cached_tokens": 0, "finish_reason": s.finish,
-                "weight_version": self.weight_version, "e2e_latency": time.time() - req.created}
+                "weight_version": self.weight_version, "weight_versions": version_spans(s.versions, self.weight_version),
+                "e2e_latency": time.time() - req.created}
         if req.return_logprob:
             texts = ([self.tokenizer.decode([t]) for t in s.output_ids] if req.return_text_in_logprobs
                      else [None] * len(s.output_ids))
@@ -516,6 +523,18 @@ class Engine:
         if req.return_routed_experts:  # one row per token fed: the prompt, then every output token but the last
             meta["routed_experts"] = encode_routed_experts(s.routing, len(req.prompt_ids) + len(s.output_ids) - 1)
         return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
+
+
+def version_spans(versions: list, current: int) -> list:
+    """Per-token versions as SGLang's `meta_info.weight_versions`: runs of one version, [start, end) over the output
+    tokens, versions as strings; no token yet: one empty span of the current version."""
+    spans = []
+    for i, v in enumerate(versions):
+        if spans and spans[-1]["version"] == str(v):
+            spans[-1]["end"] = i + 1
+        else:
+            spans.append({"version": str(v), "start": i, "end": i + 1})
+    return spans or [{"version": str(current), "start": 0, "end": 0}]
 
 
 # --------------------------------------------------------------------------- receiving weight updates
