@@ -53,6 +53,7 @@ def test_sglang_weight_version_spans_to_one_version_per_token():
     assert token_versions(spans, 5) == [3, 3, 4, 4, 4]
     assert token_versions(spans, 0) is None and token_versions(None, 5) is None
     assert token_versions(spans[:1], 5) is None  # not covering every token: not trusted
+    assert token_versions([{"version": "default", "start": 0, "end": 2}] + spans[1:], 5) == [0, 0, 4, 4, 4]
 
 
 def test_staleness_lag_is_per_token():

@@ -407,12 +407,13 @@ class RolloutClient:
 
 def token_versions(spans, num_tokens: int) -> Optional[list]:
     """SGLang's `meta_info.weight_versions` spans ([{"version", "start", "end"}], end exclusive) as one version per
-    output token; None when absent or when they do not cover the tokens (a server that does not track them)."""
+    output token; None when absent or when they do not cover the tokens (a server that does not track them). A
+    server started without a version names its first weights "default": model.path's, our version 0."""
     if not spans or not num_tokens:
         return None
     out = [None] * num_tokens
     for span in spans:
-        v = _version(span.get("version"), None)
+        v = _version(span.get("version"), 0)
         for i in range(max(0, int(span["start"])), min(num_tokens, int(span["end"]))):
             out[i] = v
     return None if any(v is None for v in out) else out
