@@ -203,7 +203,7 @@ def test_producer_runs_at_most_k_batches_ahead_of_the_trainer():
     stage = _Stage()
     producer = RolloutProducer(stage, async_steps=2)
     try:
-        wait_until(lambda: len(producer._ready) == 2, "two batches ahead", WAIT_S)
+        wait_until(lambda: len(producer._ready) >= 2, "two batches ahead", WAIT_S)
         # the snapshot runs on the producer's loop: had the gate let batch 2 start, it would have started already
         assert producer.state_dict()["step"] == 2 and [s[0] for s in stage.started] == [0, 1]
         groups, m = producer.next()  # the trainer takes batch 0 (step 0, version 0): batch 2 may start
@@ -220,6 +220,39 @@ def test_producer_runs_at_most_k_batches_ahead_of_the_trainer():
     finally:
         producer.close()
     assert not producer._thread.is_alive()
+
+
+class _Client:
+    def __init__(self):
+        self.calls, self.sync_pause_mode = [], "abort"
+
+    async def pause_generation(self, mode="abort"):
+        self.calls.append(("pause", mode))
+
+    async def continue_generation(self):
+        self.calls.append(("continue",))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_partial_rollout_pauses_in_retract_mode_around_the_sync_and_counts_responses_that_crossed_it(partial):
+    stage = _Stage()
+    stage.client = _Client()
+    producer = RolloutProducer(stage, async_steps=2, partial_rollout=partial)
+    try:
+        with producer.weight_update():
+            stage.client.calls.append(("sync",))
+        assert stage.client.calls == ([("pause", "retract"), ("sync",), ("continue",)] if partial else [("sync",)])
+        assert stage.client.sync_pause_mode == ("retract" if partial else "abort")  # SGLang's update sessions
+        wait_until(lambda: len(producer._ready) >= 2, "two batches ahead", WAIT_S)
+        groups = producer._ready[0][0]  # the producer is at its gate: the batch is the test's to change
+        groups[0][0].response_ids, groups[0][0].weight_versions = [2, 3], [0, 1]  # one response crossed an update
+        groups[0].append(Sample(prompt_ids=[1], response_ids=[2], weight_version=0))
+        stage.backend.version.set(1)
+        groups, m = producer.next()
+        assert m["rollout/partial_fraction"] == 0.5
+        assert m["rollout/weight_version_lag_max"] == 1 and m["rollout/weight_version_lag_mean"] == (1 + 0 + 1) / 3
+    finally:
+        producer.close()
 
 
 # ----------------------------------------------------------------------------------------------- partial rollouts
