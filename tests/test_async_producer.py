@@ -20,7 +20,7 @@ from dapo_megatron.train.rollout_producer import RolloutProducer
 from dapo_megatron.types import Sample, WeightVersion
 from test_buffer import G, ScriptedEngine, make, rows
 from test_engine import hf_model, teacher_forced_logprobs
-from test_trainer import _args, _metrics, _train, toy  # noqa: F401 (toy is a fixture)
+from test_trainer import _args, _metrics, _train, toy  # noqa: F401, F811 (toy is a fixture)
 from waiting import held, result, wait_until
 
 WAIT_S = 60
@@ -336,3 +336,16 @@ def test_kill_and_resume_generates_every_prompt_exactly_once(toy, tmp_path):  # 
     assert max(r["rollout/weight_version_lag_max"] for r in _metrics(run)) <= 2
     print("the step-2 checkpoint held", len(saved["ready"]), "batches ahead,", len(saved["buffer"]["in_flight"]),
           "groups in flight and", len(saved["buffer"]["pending"]), "kept groups of the batch under way")
+
+
+def test_a_rollout_error_reaches_the_trainer_as_it_was():
+    class Failing(_Stage):
+        async def acollect(self):
+            raise ValueError("the server rejected the request")
+
+    producer = RolloutProducer(Failing(), async_steps=2)
+    try:
+        with pytest.raises(ValueError, match="the server rejected the request"):
+            producer.next()
+    finally:
+        producer.close()

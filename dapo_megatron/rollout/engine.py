@@ -514,8 +514,8 @@ class Engine:
             text = text[:text.index(matched)]
         meta = {"id": req.rid if p.n == 1 else f"{req.rid}-{s.index}", "prompt_tokens": len(req.prompt_ids),
                 "completion_tokens": len(s.output_ids), "cached_tokens": 0, "finish_reason": s.finish,
-                "weight_version": self.weight_version, "weight_versions": version_spans(s.versions, self.weight_version),
-                "e2e_latency": time.time() - req.created}
+                "weight_version": self.weight_version, "e2e_latency": time.time() - req.created,
+                "weight_versions": version_spans(s.versions, self.weight_version)}
         if req.return_logprob:
             texts = ([self.tokenizer.decode([t]) for t in s.output_ids] if req.return_text_in_logprobs
                      else [None] * len(s.output_ids))

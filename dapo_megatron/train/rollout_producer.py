@@ -70,8 +70,10 @@ class RolloutProducer:
         """The oldest finished batch (waits for one), with the staleness and partial-rollout metrics."""
         with self._cv:
             while not self._ready:
-                if self._error is not None or not self._thread.is_alive():
-                    raise RuntimeError(f"the rollout producer stopped: {self._error!r}") from self._error
+                if self._error is not None:
+                    raise self._error  # the rollout's own error (a server error, a bad request), as with k <= 1
+                if not self._thread.is_alive():
+                    raise RuntimeError("the rollout producer thread ended before the run did; this is a bug")
                 self._cv.wait(WAIT_S)
             groups, metrics, seconds = self._ready.popleft()
             self._taken += 1
