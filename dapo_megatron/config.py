@@ -446,6 +446,9 @@ def _check_async(cfg: Config) -> None:
     if r.async_steps == 1 and cfg.sampling().keep_partial:
         raise ConfigError("dynamic_sampling.keep_partial carries surplus groups one more weight version behind; with "
                           "rollout.async_steps=1 they would be two behind: set keep_partial=false")
+    if r.async_steps >= 2 and cfg.sampling().keep_partial:
+        raise ConfigError(f"dynamic_sampling.keep_partial: rollout.async_steps={r.async_steps} always carries surplus "
+                          "groups to the next step, held to the staleness bound: leave keep_partial out")
     import torch
 
     # on CPU nothing is released (no memory saver): a colocated server keeps generating while the actor trains

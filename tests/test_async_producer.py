@@ -32,6 +32,7 @@ WAIT_S = 60
     (["rollout.async_steps=1", "rollout.partial_rollout=true"], "rollout.partial_rollout=true needs"),
     (["rollout.stale_policy=regenerate"], "rollout.stale_policy=regenerate needs"),
     (["rollout.async_steps=2", "dynamic_sampling.on_exhausted=skip"], "dynamic_sampling.on_exhausted=skip"),
+    (["rollout.async_steps=3", "dynamic_sampling.keep_partial=true"], "dynamic_sampling.keep_partial"),
 ])
 def test_refused_in_one_line(toy, tmp_path, override, key):  # noqa: F811
     with pytest.raises(ConfigError) as e:
@@ -39,11 +40,10 @@ def test_refused_in_one_line(toy, tmp_path, override, key):  # noqa: F811
     assert key in str(e.value) and "\n" not in str(e.value)
 
 
-def test_k2_with_save_every_step_and_keep_partial_is_accepted(toy, tmp_path):  # noqa: F811
-    """k >= 2 never drains the producer (a checkpoint saves what is buffered and in flight), and keep_partial's
-    carried groups are held to the per-token bound, so neither is refused as with k = 1."""
-    extra = ["rollout.async_steps=2", "trainer.save_interval=1", "dynamic_sampling.keep_partial=true",
-             "rollout.partial_rollout=true", "rollout.stale_policy=regenerate"]
+def test_k2_with_save_every_step_is_accepted(toy, tmp_path):  # noqa: F811
+    """k >= 2 never drains the producer (a checkpoint saves what is buffered and in flight): not refused as k = 1."""
+    extra = ["rollout.async_steps=2", "trainer.save_interval=1", "rollout.partial_rollout=true",
+             "rollout.stale_policy=regenerate"]
     validate(load_config(None, _args(toy, tmp_path / "run", 2, extra=extra)), world_size=1)
 
 
@@ -139,6 +139,24 @@ def test_groups_in_flight_are_carried_not_aborted_and_judged_at_their_batch():
     assert all(s.weight_version == 1 for g in second for s in g)
 
 
+def test_groups_for_later_batches_fill_the_engines_during_a_batchs_tail():
+    # B = 2 and the producer allows one more batch (2 groups): four in flight from the start, none aborted; rows 0
+    # and 3 fill batch 1 (row 1 is slow: the long tail), rows 1 and 2 go on into batch 2
+    engine = ScriptedEngine(ticks={0: 1, 1: 9, 2: 9, 3: 1})
+    buf, _ = make([2], B=2, engine=engine)
+    _carry(buf).extra_in_flight = lambda: 2
+    loop = asyncio.new_event_loop()
+    try:
+        groups, m = loop.run_until_complete(buf.collect(abort=engine.abort))
+        assert rows(groups) == [0, 3] and engine.submitted == [0, 1, 2, 3] and engine.abort_calls == 0
+        assert m["rollout/groups_in_flight"] == 2 and m["rollout/prompts_consumed"] == 4
+        buf.extra_in_flight = lambda: 0
+        groups, m = loop.run_until_complete(buf.collect(abort=engine.abort))
+        assert rows(groups) == [1, 2] and engine.submitted == [0, 1, 2, 3] and m["rollout/prompts_consumed"] == 0
+    finally:
+        loop.close()
+
+
 def test_snapshot_saves_kept_completed_and_in_flight_and_a_resume_generates_the_in_flight_again():
     engine = ScriptedEngine(ticks={0: 1, 1: 8, 2: 8})
     buf, _ = make([2], B=3, engine=engine)
@@ -174,6 +192,7 @@ def test_snapshot_saves_kept_completed_and_in_flight_and_a_resume_generates_the_
 class _Buffer:
     def __init__(self):
         self.carry, self.min_version, self.stale_policy, self.mins = False, None, "drop", []
+        self.cfg = type("C", (), {"rollout_batch_size": 4})()
 
     def state_dict(self, ref=None):
         return {"min_version": self.min_version}
@@ -220,6 +239,11 @@ def test_producer_runs_at_most_k_batches_ahead_of_the_trainer():
     finally:
         producer.close()
     assert not producer._thread.is_alive()
+    # the gate's room beyond the batch under way, in groups (B = 4): the trainer waits for batch 2 -> one batch more
+    stage.step, producer._taken = 2, 2
+    assert producer._lookahead() == 4
+    stage.step, producer._taken = 2, 1
+    assert producer._lookahead() == 0
 
 
 class _Client:
@@ -299,17 +323,18 @@ def test_partial_rollout_tokens_keep_the_version_and_the_logprobs_that_sampled_t
 
 # ----------------------------------------------------------------------------------------------- kill and resume
 def _completed_rows(run_dir, ckpt):
-    """Dataset rows of every group generated to completion (kept or dropped) once each: the dumps' records, plus
-    the completed groups the final checkpoint holds (not yet dumped); and the rows the checkpoint has in flight."""
-    done = collections.Counter()
+    """Dataset rows of every group generated to completion (kept or dropped), by group id (a group carried to a
+    later step is in two steps' dumps): the dumps' records, plus the completed groups the final checkpoint holds
+    (not yet dumped); and the rows the checkpoint has in flight."""
+    rows = {}
     for path in sorted((run_dir / "rollouts").glob("step_*.jsonl.gz")):
         with gzip.open(path, "rt") as f:
-            records = [json.loads(line) for line in f]
-        groups = {(r["step"], r["group_id"]): r for r in records if r["index"] == 0}
-        done.update(r["prompt_index"] for r in groups.values() if r["drop_reason"] not in ("aborted", "carried"))
+            rows.update((r["group_id"], r["prompt_index"]) for r in map(json.loads, f)
+                        if r["drop_reason"] != "aborted" and r["padded_from_group"] is None)
     state = json.loads((ckpt / "trainer_state.json").read_text())["rollout"]
     table = state["groups"]
-    done.update(table[g][0]["metadata"]["row"] for gen in state["generated"] for g in gen)
+    rows.update((table[g][0]["group_id"], table[g][0]["metadata"]["row"]) for gen in state["generated"] for g in gen)
+    done = collections.Counter(rows.values())
     in_flight = collections.Counter(g[0]["metadata"]["row"] for g in state["buffer"]["in_flight"])
     return done, in_flight, state
 

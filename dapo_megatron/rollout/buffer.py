@@ -7,9 +7,10 @@ Kept groups are returned in submission order (group ids grow with submission), s
 generator gives a deterministic batch whatever the completion order inside a wait.
 
 Carry mode (`carry = True`, rollout.async_steps >= 2, train/rollout_producer.py): groups still in flight when the
-batch is full are not aborted but carried into the next `collect`, and a group whose oldest token is older than
+batch is full are not aborted but carried into the next `collect`, as are surplus completed groups, and a group whose oldest token is older than
 `min_version` (set per batch by the producer) is stale: dropped (`rollout/stale_dropped`) or generated again
-(`stale_policy`). A group aborted under way (a weight update that aborts requests) is generated again. `state_dict(ref)`
+(`stale_policy`). `extra_in_flight()` more groups, for the batches the producer may already start, are kept in flight
+so that the engines' slots fill while a batch's last responses finish (the long tail). A group aborted under way (a weight update that aborts requests) is generated again. `state_dict(ref)`
 then also holds the groups kept so far, the completed and the in-flight ones (to generate again after a resume).
 """
 import asyncio
@@ -78,6 +79,7 @@ class DynamicSamplingBuffer:
         self.pending: list[Group] = []  # kept groups carried over to the next step
         # carry mode (module docstring)
         self.carry, self.min_version, self.stale_policy = False, None, "drop"
+        self.extra_in_flight: Callable[[], int] = lambda: 0  # groups for later batches that may be in flight too
         self._in_flight: dict = {}  # carried across collects: task -> group
         self._kept: list[Group] = []  # the collect under way's kept groups (what a snapshot saves)
         self._scoring: list[Group] = []  # completed, out of the in-flight set, not yet kept or dropped
@@ -181,7 +183,8 @@ class DynamicSamplingBuffer:
         missing = cfg.rollout_batch_size - num_kept
         factor = cfg.over_sampling_factor if cfg.enable else 1.0
         budget = cfg.max_num_gen_batches * cfg.rollout_batch_size if cfg.max_num_gen_batches else math.inf
-        want = min(math.ceil(factor * missing) - len(in_flight), budget - stats["prompts_consumed"])
+        ahead = self.extra_in_flight() if self.carry else 0  # next batches' prompts, to keep the engines busy
+        want = min(math.ceil(factor * missing) + ahead - len(in_flight), budget - stats["prompts_consumed"])
         if want <= 0:
             return
         items = self.prompt_source.next_batch(int(want))
@@ -224,7 +227,7 @@ class DynamicSamplingBuffer:
             kept.append(group)
             return
         stats["groups_surplus"] += 1
-        if self.cfg.keep_partial:
+        if self.cfg.keep_partial or self.carry:  # carry mode: judged by the next batch's bound (_stale)
             self.pending.append(group)
 
     async def _drain(self, in_flight: dict, abort, stats: Counter) -> None:

@@ -4,7 +4,8 @@ versions ahead of the trainer.
 The producer is a thread on rank 0 that runs the rollout stage's event loop for the whole run. It collects batch after
 batch into a queue; it may start the batch for step N + j only while the trainer is at step N and j <= k (`_gate`),
 so the engines hold version >= N when it starts. Groups still generating when a batch is full are not aborted: they
-finish during the next batch (rollout/buffer.py carry mode). The bound is per token: a group with a token sampled by
+finish during the next batch (rollout/buffer.py carry mode); and while a batch's last responses finish, the prompts
+of the next batches the gate allows are already generating (`_lookahead`), so the long tail does not idle the engines. The bound is per token: a group with a token sampled by
 weights older than (its batch's step - k) is stale, and `rollout.stale_policy` drops it (`rollout/stale_dropped`) or
 generates it again; `check_staleness` asserts at every step that no token lags the trainer's version by more than k.
 
@@ -42,6 +43,7 @@ class RolloutProducer:
         self.stage, self.k, self.partial = stage, async_steps, partial_rollout
         buffer = stage.buffer
         buffer.carry, buffer.stale_policy = True, stale_policy
+        buffer.extra_in_flight = self._lookahead
         if partial_rollout:  # SGLang weight-update sessions pause in retract mode, not abort
             stage.client.sync_pause_mode = "retract"
         restored = stage.restored
@@ -144,6 +146,12 @@ class RolloutProducer:
             with self._cv:  # no await since acollect returned: a snapshot sees it in the buffer or here
                 self._ready.append((groups, metrics, time.perf_counter() - t0))
                 self._cv.notify_all()
+
+    def _lookahead(self) -> int:
+        """Groups of the batches after the one under way whose start the gate already allows: in flight meanwhile,
+        they fill the slots its last responses leave (at versions its bound accepts for them)."""
+        batches = self._taken + self.k - 1 - self.stage.step
+        return max(0, batches) * self.stage.buffer.cfg.rollout_batch_size
 
     async def _gate(self) -> None:
         """Wait until the batch for step `stage.step` is at most k steps ahead of the trainer's step."""
