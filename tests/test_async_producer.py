@@ -285,37 +285,51 @@ def tiny(tmp_path_factory):
     return make_tiny_hf_model(tmp_path_factory.mktemp("partial") / "hf", "qwen2.5", seed=0)
 
 
-def test_partial_rollout_tokens_keep_the_version_and_the_logprobs_that_sampled_them(tiny):
-    """A request held across a weight update (paused in place, as at a partial-rollout sync): its first two tokens
-    are version 0 with the old weights' log-probs, the rest version 1 with the new ones'. The update scales the final
-    norm, which changes the logits but not the KV cache, so a teacher-forced forward of each model gives them."""
-    old, new = hf_model(tiny), hf_model(tiny)
-    with torch.no_grad():
-        new.model.norm.weight.mul_(3.0)
-    prompt = [5, 6, 7]
+def _held_across_an_update(tiny, new, mode):
+    """One request: two tokens, then held; paused (`mode`), `new`'s weights pushed as version 1, continued."""
     engine = Engine(tiny, max_batch_size=4, seed=0)
     try:
         engine.hold(steps=1)  # prefill (1 token) and one decode (2 tokens), then held mid-generation
-        fut = engine.submit(prompt, {"max_new_tokens": 6, "ignore_eos": True, "temperature": 1.0,
-                                     "sampling_seed": 3})
+        fut = engine.submit(PROMPT, {"max_new_tokens": 6, "ignore_eos": True, "temperature": 1.0, "sampling_seed": 3})
         held(engine)
-        engine.pause_generation("retract")
-        engine.update_weights_from_tensor([("model.norm.weight", new.model.norm.weight.detach().clone())],
+        engine.pause_generation(mode)
+        engine.update_weights_from_tensor([(n, p.detach().clone()) for n, p in new.named_parameters()],
                                           weight_version=1)  # paused: applies at once, the request stays
         engine.continue_generation()
         engine.release()
-        out = result(fut, "the request held across the update", WAIT_S)[0]
+        return engine, result(fut, "the request held across the update", WAIT_S)[0]
     finally:
         engine.release()
         engine.shutdown()
+
+
+PROMPT = [5, 6, 7]
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_partial_rollout_tokens_keep_the_version_and_the_logprobs_that_sampled_them(tiny, mode):
+    """A request held across a weight update (paused, as at a partial-rollout sync): its first two tokens are version
+    0 with the old weights' log-probs, the rest version 1. retract (SGLang's, what rollout.partial_rollout uses)
+    recomputes the KV cache, so those are the new weights' log-probs over the whole prefix, as a teacher-forced
+    forward of the new model gives them; in_place keeps the old cache, and they are not."""
+    old, new = hf_model(tiny), hf_model(tiny)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine, out = _held_across_an_update(tiny, new, mode)
     meta = out["meta_info"]
     assert meta["weight_versions"] == [{"version": "0", "start": 0, "end": 2}, {"version": "1", "start": 2, "end": 6}]
     assert meta["weight_version"] == 1  # SGLang's: the newest
     response, logprobs = out["output_ids"], torch.tensor([t[0] for t in meta["output_token_logprobs"]])
-    before, after = (teacher_forced_logprobs(m, prompt, response, 1.0) for m in (old, new))
-    assert torch.allclose(logprobs[:2], before[:2], atol=1e-4) and torch.allclose(logprobs[2:], after[2:], atol=1e-4)
+    before, after = (teacher_forced_logprobs(m, PROMPT, response, 1.0) for m in (old, new))
+    assert torch.allclose(logprobs[:2], before[:2], atol=1e-4)
     assert (before - after).abs().min() > 1e-3  # the two versions' log-probs differ: the test can tell them apart
-    sample = Sample(prompt_ids=prompt)
+    if mode == "retract":
+        assert torch.allclose(logprobs[2:], after[2:], atol=1e-4)
+    else:
+        assert (logprobs[2:] - after[2:]).abs().max() > 1e-3
+    sample = Sample(prompt_ids=PROMPT)
     RolloutClient(engine=engine, weight_version=WeightVersion(1))._fill(sample, out)
     assert sample.weight_versions == [0, 0, 1, 1, 1, 1] and sample.weight_version == 0  # the oldest token's
     assert sample.rollout_logprobs == logprobs.tolist() and sample.response_ids == response

@@ -17,8 +17,8 @@ produced by one weight version, reported as `meta_info.weight_version`. While pa
 "in_place" | "retract")`) an update applies at once and the frozen requests continue with the new weights (partial
 rollouts): each token keeps the version that sampled it and its log-prob under that version, reported as SGLang
 does, `meta_info.weight_versions` = [{"version": "3", "start": 0, "end": 5}, ...] spans of output tokens, and
-`meta_info.weight_version` the newest. Both modes keep the requests' KV cache of the older weights (SGLang's retract
-recomputes it at resume): the next token is sampled by the new weights over a cache computed by the old ones.
+`meta_info.weight_version` the newest. "retract", as SGLang's, recomputes the requests' KV cache with the new weights,
+so the tokens after the update are the new policy's over the whole prefix; "in_place" keeps the old weights' cache.
 
 `hold(steps)` / `release()` / `wait_held()` let a test keep a request in flight for as long as it needs (the scheduler
 stops after `steps` more steps; aborts are still answered), instead of racing the machine's generation speed.
@@ -38,7 +38,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _select
+from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _refill, _select
 from .routed_experts import RoutingRecorder
 from .routed_experts import encode as encode_routed_experts
 from .sampling import SamplingParams, _is_int, sample_tokens  # noqa: F401 (re-exported)
@@ -122,6 +122,7 @@ class Engine:
         self._num_active = 0  # admitted, not yet resolved
         self._batch: Optional[_Batch] = None
         self._paused = self._stopped = self._wake = False
+        self._pause_mode, self._refill = None, False  # retract: the running rows' KV is recomputed after an update
         self._updates_pending = 0
         self._step_budget: Optional[int] = None  # scheduler steps left before a hold; None: not held
         self._stepping = False
@@ -213,7 +214,7 @@ class Engine:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
         with self._cv:
-            self._paused = True
+            self._paused, self._pause_mode = True, mode
         if mode == "abort":
             self.abort_request(abort_all=True)
         with self._step_lock:
@@ -306,6 +307,7 @@ class Engine:
             with self._step_lock:
                 apply()
                 self.weight_version = int(weight_version) if weight_version is not None else self.weight_version + 1
+                self._refill = self._refill or (self._paused and self._pause_mode == "retract")
         finally:
             with self._cv:
                 self._updates_pending -= 1
@@ -353,6 +355,10 @@ class Engine:
                 self._stepping = True
             try:
                 with self._step_lock, torch.inference_mode():
+                    if self._refill and self._batch is not None:  # before new rows join: theirs is fresh
+                        self._batch = _refill(self._forward, self._batch.rows, self.pad_id, self.device)
+                        self._routing.take(self._batch.mask.numel())  # MoE: the recorded routing stays the first
+                    self._refill = False
                     if admitted:
                         self._prefill(admitted)
                     done = self._drop_finished()
