@@ -10,8 +10,8 @@ weights older than (its batch's step - k) is stale, and `rollout.stale_policy` d
 generates it again; `check_staleness` asserts at every step that no token lags the trainer's version by more than k.
 
 Weight updates happen while the producer generates. With `rollout.partial_rollout` the engines pause in flight
-(`/pause_generation` mode retract; the embedded engine in place), take the new weights and continue where they
-stopped: each token keeps the version that sampled it and its log-prob under that version (Sample.weight_versions);
+(`/pause_generation` mode retract, SGLang's and the embedded engine's), take the new weights, recompute the requests'
+KV cache and continue where they stopped: each token keeps the version that sampled it and its log-prob under that version (Sample.weight_versions);
 `rollout/partial_fraction` is the share of the step's responses that crossed an update. Without it, the embedded
 engine's update waits for running requests (every response has one version) and SGLang's aborts them (their groups
 are generated again).
