@@ -20,6 +20,7 @@ from dapo_megatron.train.rollout_producer import RolloutProducer
 from dapo_megatron.types import Sample, WeightVersion
 from test_buffer import G, ScriptedEngine, make, rows
 from test_engine import hf_model, teacher_forced_logprobs
+from test_multi_turn import TurnFleet, chars, fenced_runner, run, tok  # noqa: F401 (tok is a fixture)
 from test_trainer import _args, _metrics, _train, toy  # noqa: F401, F811 (toy is a fixture)
 from waiting import held, result, wait_until
 
@@ -389,3 +390,16 @@ def test_a_rollout_error_reaches_the_trainer_as_it_was():
             producer.next()
     finally:
         producer.close()
+
+
+def test_a_multi_turn_response_keeps_each_turns_versions_per_token(tok):  # noqa: F811
+    """Turns sampled by versions 4, 5, 5 (a weight update between turns, as with k >= 2): the model's tokens keep
+    theirs, a tool's tokens take the model's before them; the sample's weight_version is the oldest."""
+    prompt = chars(tok, "Q")
+    call = chars(tok, "```calculator\n1+1\n```\n")
+    s = run(fenced_runner(tok), TurnFleet(prompt, [call, call, chars(tok, "ab")], versions=[4, 5, 5]), prompt, n=1)[0]
+    assert s.weight_version == 4 and len(s.weight_versions) == len(s.response_ids)
+    first_model = s.metadata["turns"][1]["start"]  # the first tool result starts where the first turn ends
+    second_model = s.metadata["turns"][2]["start"]
+    assert s.weight_versions == [4] * second_model + [5] * (len(s.response_ids) - second_model)
+    assert first_model == len(call)
