@@ -7,11 +7,12 @@ Kept groups are returned in submission order (group ids grow with submission), s
 generator gives a deterministic batch whatever the completion order inside a wait.
 
 Carry mode (`carry = True`, rollout.async_steps >= 2, train/rollout_producer.py): groups still in flight when the
-batch is full are not aborted but carried into the next `collect`, as are surplus completed groups, and a group whose oldest token is older than
-`min_version` (set per batch by the producer) is stale: dropped (`rollout/stale_dropped`) or generated again
-(`stale_policy`). `extra_in_flight()` more groups, for the batches the producer may already start, are kept in flight
-so that the engines' slots fill while a batch's last responses finish (the long tail). A group aborted under way (a weight update that aborts requests) is generated again. `state_dict(ref)`
-then also holds the groups kept so far, the completed and the in-flight ones (to generate again after a resume).
+batch is full are not aborted but carried into the next `collect`, as are surplus completed groups; a group whose
+oldest token is older than `min_version` (set per batch by the producer) is stale: dropped (`rollout/stale_dropped`)
+or generated again (`stale_policy`); a group aborted under way (a weight update that aborts requests) is generated
+again. `extra_in_flight()` more groups, for the batches the producer may already start, are kept in flight so that
+the engines' slots fill while a batch's last responses finish (the long tail). `state_dict(ref)` then also holds the
+groups kept so far, the completed ones not yet judged, and the prompts in flight (generated again after a resume).
 """
 import asyncio
 import copy

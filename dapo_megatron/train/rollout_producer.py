@@ -2,19 +2,20 @@
 versions ahead of the trainer.
 
 The producer is a thread on rank 0 that runs the rollout stage's event loop for the whole run. It collects batch after
-batch into a queue; it may start the batch for step N + j only while the trainer is at step N and j <= k (`_gate`),
-so the engines hold version >= N when it starts. Groups still generating when a batch is full are not aborted: they
-finish during the next batch (rollout/buffer.py carry mode); and while a batch's last responses finish, the prompts
-of the next batches the gate allows are already generating (`_lookahead`), so the long tail does not idle the engines. The bound is per token: a group with a token sampled by
-weights older than (its batch's step - k) is stale, and `rollout.stale_policy` drops it (`rollout/stale_dropped`) or
-generates it again; `check_staleness` asserts at every step that no token lags the trainer's version by more than k.
+batch into a queue; it may start the batch for step N + j only while the trainer is at step N and j <= k (`_gate`), so
+the engines hold version >= N when it starts. Groups still generating when a batch is full are not aborted: they finish
+during the next batch (rollout/buffer.py carry mode); and while a batch's last responses finish, the prompts of the next
+batches the gate allows are already generating (`_lookahead`), so the long tail does not idle the engines. The bound is
+per token: a group with a token sampled by weights older than (its batch's step - k) is stale, and
+`rollout.stale_policy` drops it (`rollout/stale_dropped`) or generates it again; `check_staleness` asserts at every step
+that no token lags the trainer's version by more than k.
 
 Weight updates happen while the producer generates. With `rollout.partial_rollout` the engines pause in flight
-(`/pause_generation` mode retract, SGLang's and the embedded engine's), take the new weights, recompute the requests'
-KV cache and continue where they stopped: each token keeps the version that sampled it and its log-prob under that version (Sample.weight_versions);
-`rollout/partial_fraction` is the share of the step's responses that crossed an update. Without it, the embedded
-engine's update waits for running requests (every response has one version) and SGLang's aborts them (their groups
-are generated again).
+(`/pause_generation` mode retract, SGLang's and the embedded engine's), take the new weights, recompute the requests' KV
+cache and continue where they stopped: each token keeps the version that sampled it and its log-prob under that version
+(Sample.weight_versions); `rollout/partial_fraction` is the share of the step's responses that crossed an update.
+Without it, the embedded engine's update waits for running requests (every response has one version) and SGLang's aborts
+them (their groups are generated again).
 
 Resume: a checkpoint (`state_dict`, taken on the producer's loop thread, so it sees one consistent moment) saves the
 finished batches not yet trained, the groups kept so far for the batch under way, completed groups not yet looked
