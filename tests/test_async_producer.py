@@ -15,7 +15,7 @@ from dapo_megatron.data.sampler import EpochSampler
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.rollout.client import RolloutClient, token_versions
 from dapo_megatron.rollout.engine import Engine
-from dapo_megatron.train.rollout_ahead import check_staleness
+from dapo_megatron.train.rollout_ahead import RolloutAhead, check_staleness
 from dapo_megatron.train.rollout_producer import RolloutProducer
 from dapo_megatron.types import Sample, WeightVersion
 from test_buffer import G, ScriptedEngine, make, rows
@@ -403,3 +403,13 @@ def test_a_multi_turn_response_keeps_each_turns_versions_per_token(tok):  # noqa
     second_model = s.metadata["turns"][2]["start"]
     assert s.weight_versions == [4] * second_model + [5] * (len(s.response_ids) - second_model)
     assert first_model == len(call)
+
+
+def test_a_k2_checkpoint_resumed_with_k1_trains_its_finished_batches_first():
+    stage = _Stage()
+    a, b, c = ([Sample(prompt_ids=[i])] for i in range(3))
+    stage.buffer.pending = [c]
+    stage.restored = {"groups": [a, b], "ready": [{"groups": [1], "metrics": {}, "seconds": 0.0},
+                                                  {"groups": [0], "metrics": {}, "seconds": 0.0}]}
+    RolloutAhead(stage, async_steps=1, staleness_bound=1)
+    assert stage.buffer.pending == [b, a, c]

@@ -91,8 +91,8 @@ class DynamicSamplingBuffer:
         """`progress(num_kept, stats)` is called after every finished group (for a progress bar)."""
         batch_size, stats = self.cfg.rollout_batch_size, Counter()
         in_flight: dict[asyncio.Future, Group] = self._in_flight if self.carry else {}
+        self._restore(in_flight)  # a checkpoint of carry mode, also when resumed with async_steps <= 1
         if self.carry:
-            self._restore(in_flight)
             self.pending = [g for g in self.pending if not self._stale(g, in_flight, stats)]
         kept, self.pending = self.pending[:batch_size], self.pending[batch_size:]
         self._kept = kept

@@ -236,10 +236,12 @@ class RolloutClient:
                 outs = body if isinstance(body, list) else [body]
                 if len(outs) != n:
                     raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
+                # older: a restarted engine not yet caught up, never trained on; newer: a weight sync under way
+                # (async_steps >= 2 generates through it), whose version the trainer side sets once it completes
                 stale = self.supervisor is not None and any(
-                    _version(o.get("meta_info", {}).get("weight_version"), -1) != self.weight_version for o in outs)
-                if stale:  # a restarted engine not yet caught up: never trained on
-                    errors.append(f"{server.url}: answered with weights other than version {self.weight_version}")
+                    _version(o.get("meta_info", {}).get("weight_version"), -1) < self.weight_version for o in outs)
+                if stale:
+                    errors.append(f"{server.url}: answered with weights older than version {self.weight_version}")
                     continue
                 return outs
             if status >= 500 or status == 429:

@@ -47,6 +47,9 @@ class RolloutAhead:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "dapo-rollout-ahead") if async_steps else None
         self._pending = None  # the future of the rollout for the next step
         self._before = None  # the stage's state from before that rollout (what a checkpoint saves meanwhile)
+        restored = getattr(stage, "restored", {})
+        if restored.get("ready"):  # a checkpoint of async_steps >= 2: its finished batches are trained first
+            stage.buffer.pending[:0] = [restored["groups"][g] for r in restored["ready"] for g in r["groups"]]
 
     def next(self) -> tuple[list[list[Sample]], dict]:
         """This step's groups and rollout metrics: the rollout started last step, else one collected now."""
