@@ -262,7 +262,8 @@ def test_pause_update_continue_with_requests_in_flight(servers, model_dir, tmp_p
             assert s.finish_reason == "abort" and len(s.response_ids) < 160
         else:
             assert s.finish_reason == "length" and len(s.response_ids) == 160
-            assert s.weight_version == version  # meta_info.weight_version: the version that finished it
+            assert meta["weight_version"] == str(version)  # SGLang's: the version that finished it
+            assert s.weight_versions[-1] == version and s.weight_version == min(s.weight_versions)  # ours: the oldest
             spans = meta["weight_versions"]  # [{version, start, end}]: which tokens each version made
             assert spans[-1]["version"] == str(version) and spans[-1]["end"] == 160
             assert spans[0]["version"] != str(version) and spans[0]["start"] == 0

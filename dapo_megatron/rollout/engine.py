@@ -13,8 +13,12 @@ distribution, i.e. before top-p / top-k renormalisation, as SGLang returns it. G
 `text` drops it, and drops a matched stop string, unless `no_stop_trim`.
 
 Weight updates wait for running requests to finish (new requests are held back meanwhile), so every response is
-produced by one weight version, reported as `meta_info.weight_version`. While paused in place (`pause_generation(
-mode="in_place")`) an update applies at once and the frozen requests continue with the new weights.
+produced by one weight version, reported as `meta_info.weight_version`. While paused (`pause_generation(mode=
+"in_place" | "retract")`) an update applies at once and the frozen requests continue with the new weights (partial
+rollouts): each token keeps the version that sampled it and its log-prob under that version, reported as SGLang
+does, `meta_info.weight_versions` = [{"version": "3", "start": 0, "end": 5}, ...] spans of output tokens, and
+`meta_info.weight_version` the newest. "retract", as SGLang's, recomputes the requests' KV cache with the new weights,
+so the tokens after the update are the new policy's over the whole prefix; "in_place" keeps the old weights' cache.
 
 `hold(steps)` / `release()` / `wait_held()` let a test keep a request in flight for as long as it needs (the scheduler
 stops after `steps` more steps; aborts are still answered), instead of racing the machine's generation speed.
@@ -34,7 +38,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _select
+from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _refill, _select
 from .routed_experts import RoutingRecorder
 from .routed_experts import encode as encode_routed_experts
 from .sampling import SamplingParams, _is_int, sample_tokens  # noqa: F401 (re-exported)
@@ -55,6 +59,7 @@ class _Seq:
     finish: Optional[dict] = None
     generator: Optional[torch.Generator] = None
     routing: list = field(default_factory=list)  # MoE: [tokens, num_layers, topk] int32 pieces, one per forward
+    versions: list = field(default_factory=list)  # the weight version that sampled each output token
 
     def abort(self):
         if self.finish is None:
@@ -117,6 +122,7 @@ class Engine:
         self._num_active = 0  # admitted, not yet resolved
         self._batch: Optional[_Batch] = None
         self._paused = self._stopped = self._wake = False
+        self._pause_mode, self._refill = None, False  # retract: the running rows' KV is recomputed after an update
         self._updates_pending = 0
         self._step_budget: Optional[int] = None  # scheduler steps left before a hold; None: not held
         self._stepping = False
@@ -208,7 +214,7 @@ class Engine:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
         with self._cv:
-            self._paused = True
+            self._paused, self._pause_mode = True, mode
         if mode == "abort":
             self.abort_request(abort_all=True)
         with self._step_lock:
@@ -301,6 +307,7 @@ class Engine:
             with self._step_lock:
                 apply()
                 self.weight_version = int(weight_version) if weight_version is not None else self.weight_version + 1
+                self._refill = self._refill or (self._paused and self._pause_mode == "retract")
         finally:
             with self._cv:
                 self._updates_pending -= 1
@@ -348,6 +355,10 @@ class Engine:
                 self._stepping = True
             try:
                 with self._step_lock, torch.inference_mode():
+                    if self._refill and self._batch is not None:  # before new rows join: theirs is fresh
+                        self._batch = _refill(self._forward, self._batch.rows, self.pad_id, self.device)
+                        self._routing.take(self._batch.mask.numel())  # MoE: the recorded routing stays the first
+                    self._refill = False
                     if admitted:
                         self._prefill(admitted)
                     done = self._drop_finished()
@@ -440,6 +451,7 @@ class Engine:
         for s, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
             s.output_ids.append(t)
             s.logprobs.append(lp)
+            s.versions.append(self.weight_version)  # updates apply between steps (_step_lock): these logits' weights
             s.finish = self._stop_reason(s, t)
         return tokens
 
@@ -508,7 +520,8 @@ class Engine:
             text = text[:text.index(matched)]
         meta = {"id": req.rid if p.n == 1 else f"{req.rid}-{s.index}", "prompt_tokens": len(req.prompt_ids),
                 "completion_tokens": len(s.output_ids), "cached_tokens": 0, "finish_reason": s.finish,
-                "weight_version": self.weight_version, "e2e_latency": time.time() - req.created}
+                "weight_version": self.weight_version, "e2e_latency": time.time() - req.created,
+                "weight_versions": version_spans(s.versions, self.weight_version)}
         if req.return_logprob:
             texts = ([self.tokenizer.decode([t]) for t in s.output_ids] if req.return_text_in_logprobs
                      else [None] * len(s.output_ids))
@@ -516,6 +529,18 @@ class Engine:
         if req.return_routed_experts:  # one row per token fed: the prompt, then every output token but the last
             meta["routed_experts"] = encode_routed_experts(s.routing, len(req.prompt_ids) + len(s.output_ids) - 1)
         return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
+
+
+def version_spans(versions: list, current: int) -> list:
+    """Per-token versions as SGLang's `meta_info.weight_versions`: runs of one version, [start, end) over the output
+    tokens, versions as strings; no token yet: one empty span of the current version."""
+    spans = []
+    for i, v in enumerate(versions):
+        if spans and spans[-1]["version"] == str(v):
+            spans[-1]["end"] = i + 1
+        else:
+            spans.append({"version": str(v), "start": i, "end": i + 1})
+    return spans or [{"version": str(current), "start": 0, "end": 0}]
 
 
 # --------------------------------------------------------------------------- receiving weight updates

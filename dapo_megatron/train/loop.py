@@ -20,6 +20,7 @@ from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger
 from .reference import build_reference
 from .rollout_ahead import RolloutAhead
+from .rollout_producer import RolloutProducer
 from .rollout_dump import RolloutDumper, dump_eval, dump_step
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, broadcast_from_rank0
@@ -48,7 +49,7 @@ def run(cfg: Config) -> dict:
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if cfg.trainer.load:
         syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
-    ahead = RolloutAhead(stage, cfg.rollout.async_steps, _staleness_bound(cfg)) if rank0 else None
+    ahead = _rollout_ahead(cfg, stage) if rank0 else None
     last, preempted = {}, False
     for step in range(start, cfg.trainer.num_steps):
         times = {}
@@ -74,8 +75,8 @@ def run(cfg: Config) -> dict:
             if rank0:
                 with _timer(times, "rollout_wait"):  # the engines take new weights only between rollouts
                     ahead.wait()
-            with _timer(times, "sync"):
-                train_metrics.update(syncer.sync(actor, version=step + 1))
+            with _timer(times, "sync"), ahead.weight_update() if rank0 else nullcontext():
+                train_metrics.update(syncer.sync(actor, version=step + 1))  # async_steps>=2: partial rollouts pause
         if rank0 and dumper.enabled:
             dump_step(dumper, stage, step + 1, batch, cfg.sampling().enable and cfg.sampling().filter_metric)
         eval_metrics = {}
@@ -178,6 +179,14 @@ def _out_of_budget(cfg: Config, rollout_metrics) -> bool:
         return False
     spent = rollout_metrics["rollout/generated_tokens_total"] if rollout_metrics is not None else None
     return broadcast_from_rank0(spent >= budget if spent is not None else None)
+
+
+def _rollout_ahead(cfg: Config, stage):
+    """async_steps 0 / 1: RolloutAhead (in place / one rollout ahead); k >= 2: the continuous RolloutProducer."""
+    r = cfg.rollout
+    if r.async_steps >= 2:
+        return RolloutProducer(stage, r.async_steps, r.partial_rollout, r.stale_policy)
+    return RolloutAhead(stage, r.async_steps, _staleness_bound(cfg))
 
 
 def _staleness_bound(cfg: Config) -> int:
