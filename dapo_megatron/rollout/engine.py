@@ -34,6 +34,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .engine_load import SlotMeter
 from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _select
 from .routed_experts import RoutingRecorder
 from .routed_experts import encode as encode_routed_experts
@@ -120,6 +121,7 @@ class Engine:
         self._updates_pending = 0
         self._step_budget: Optional[int] = None  # scheduler steps left before a hold; None: not held
         self._stepping = False
+        self.slots = SlotMeter(max_batch_size)  # busy accounting, under self._cv (`load_stats`)
         self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
         self._thread.start()
 
@@ -331,6 +333,11 @@ class Engine:
         """Requests waiting or running."""
         return len(self._requests)
 
+    def load_stats(self) -> dict:
+        """Cumulative busy counters (rollout/engine_load.py: SlotMeter); two reads give a window's busy fraction."""
+        with self._cv:
+            return self.slots.stats()
+
     # ------------------------------------------------------------------ scheduler
     def _loop(self):
         while True:
@@ -346,19 +353,23 @@ class Engine:
                 if allowed and forward and self._step_budget is not None:
                     self._step_budget -= 1
                 self._stepping = True
+                self.slots.mark(self.slots.rows + sum(r.params.n for r in admitted))
             try:
                 with self._step_lock, torch.inference_mode():
                     if admitted:
                         self._prefill(admitted)
                     done = self._drop_finished()
+                    decoded = 0
                     if self._batch is not None and allowed and not self._paused:
+                        decoded = len(self._batch.rows)
                         self._decode()
                         done += self._drop_finished()
             except Exception as e:  # keep serving: fail what was running, report the cause to each caller
                 log.exception("rollout engine step failed")
-                done = self._fail_running(admitted, e)
+                done, decoded = self._fail_running(admitted, e), 0
             self._resolve(done)
             with self._cv:
+                self.slots.mark(len(self._batch.rows) if self._batch is not None else 0, decoded)
                 self._stepping = False
                 self._cv.notify_all()
 
