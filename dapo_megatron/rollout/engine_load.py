@@ -19,6 +19,7 @@ Real SGLang has no cumulative counter of this kind: /server_info (/get_server_in
 and /metrics (`sglang:num_running_reqs`) the rows running at the moment of the call. A busy fraction from them needs
 polling during the step; it is not done, and the metric is absent with the sglang backends.
 """
+import asyncio
 import time
 from typing import Callable, Optional
 
@@ -67,10 +68,8 @@ class EngineLoadMeter:
         self.enabled = True
 
     def sample(self) -> dict:
-        """`read` from synchronous code (the training loop; any thread)."""
-        from .client import run_sync
-
-        return run_sync(self.read()) if self.enabled else {}
+        """`read` from synchronous code that runs no event loop (the training loop)."""
+        return asyncio.run(self.read()) if self.enabled else {}
 
     async def read(self) -> dict:
         """This window's metrics (since the previous read); {} at the first read."""
