@@ -125,7 +125,8 @@ def refusal(config: Path, args: list):
     try:
         validate(build_config(str(config), args), 1)
     except Exception as e:  # ConfigError, or a dataclass refusing an unknown key
-        return str(e).splitlines()[0]
+        line = str(e).splitlines()[0]
+        return line if len(line) <= 120 else line[:117] + "..."
     return None
 
 
