@@ -23,6 +23,11 @@ import asyncio
 import time
 from typing import Callable, Optional
 
+BUSY, OCCUPANCY = "rollout/engine_busy_fraction", "rollout/engine_decode_occupancy"
+# They depend on the machine's timing (and a resumed run's first window starts at its start-up): comparisons of a
+# run with its resume leave them out, as they leave out time/*.
+WALL_CLOCK_METRICS = (BUSY, OCCUPANCY)
+
 
 class SlotMeter:
     """Cumulative slot accounting of one engine; the engine calls `mark` under its lock at every scheduler step."""
@@ -55,8 +60,7 @@ def busy_fractions(before: list, after: list) -> dict:
         avail += b["max_running_requests"] * (b["clock_s"] - a["clock_s"])
         rows += b["slot_steps"] - a["slot_steps"]
         steps += b["max_running_requests"] * (b["decode_steps"] - a["decode_steps"])
-    return {"rollout/engine_busy_fraction": used / avail if avail > 0 else 0.0,
-            "rollout/engine_decode_occupancy": rows / steps if steps > 0 else 0.0}
+    return {BUSY: used / avail if avail > 0 else 0.0, OCCUPANCY: rows / steps if steps > 0 else 0.0}
 
 
 class EngineLoadMeter:
