@@ -72,7 +72,7 @@ def test_engine_kill_mid_generate_kills_the_engine_process(model_path, monkeypat
 
 # --------------------------------------------------------------------------- bounded weight sync
 def _hf_weights(engine):
-    from dapo_megatron.rollout.engine import _hf_targets
+    from dapo_megatron.rollout.hf_update import _hf_targets
 
     return [(n, p.detach().clone()) for n, p in _hf_targets(engine.model).items()]
 

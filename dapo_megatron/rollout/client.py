@@ -344,6 +344,10 @@ class RolloutClient:
     async def get_model_info(self) -> list:
         return await self._fan_out("/get_model_info", method="GET")
 
+    async def get_server_info(self) -> list:
+        """Every worker's /get_server_info (None where one failed: logged, not raised)."""
+        return await self._fan_out("/get_server_info", method="GET", strict=False)
+
     async def update_weights_from_disk(self, model_path: str, *, weight_version=None,
                                        abort_all_requests: bool = False, timeout_s: Optional[float] = None) -> list:
         payload = {"model_path": str(model_path), "abort_all_requests": abort_all_requests}

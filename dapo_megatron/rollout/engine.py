@@ -26,7 +26,6 @@ stops after `steps` more steps; aborts are still answered), instead of racing th
 import asyncio
 import concurrent.futures
 import inspect
-import json
 import logging
 import random
 import threading
@@ -34,11 +33,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
+from .engine_load import SlotMeter
 from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _refill, _select
+from .hf_update import check_hf_update, check_same_architecture, copy_hf_tensors
 from .routed_experts import RoutingRecorder
 from .routed_experts import encode as encode_routed_experts
 from .sampling import SamplingParams, _is_int, sample_tokens  # noqa: F401 (re-exported)
@@ -126,6 +127,7 @@ class Engine:
         self._updates_pending = 0
         self._step_budget: Optional[int] = None  # scheduler steps left before a hold; None: not held
         self._stepping = False
+        self.slots = SlotMeter(max_batch_size)  # busy accounting, under self._cv (`load_stats`)
         self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
         self._thread.start()
 
@@ -338,6 +340,11 @@ class Engine:
         """Requests waiting or running."""
         return len(self._requests)
 
+    def load_stats(self) -> dict:
+        """Cumulative busy counters (rollout/engine_load.py: SlotMeter); two reads give a window's busy fraction."""
+        with self._cv:
+            return self.slots.stats()
+
     # ------------------------------------------------------------------ scheduler
     def _loop(self):
         while True:
@@ -353,6 +360,7 @@ class Engine:
                 if allowed and forward and self._step_budget is not None:
                     self._step_budget -= 1
                 self._stepping = True
+                self.slots.mark(self.slots.rows + sum(r.params.n for r in admitted))
             try:
                 with self._step_lock, torch.inference_mode():
                     if self._refill and self._batch is not None:  # before new rows join: theirs is fresh
@@ -362,14 +370,17 @@ class Engine:
                     if admitted:
                         self._prefill(admitted)
                     done = self._drop_finished()
+                    decoded = 0
                     if self._batch is not None and allowed and not self._paused:
+                        decoded = len(self._batch.rows)
                         self._decode()
                         done += self._drop_finished()
             except Exception as e:  # keep serving: fail what was running, report the cause to each caller
                 log.exception("rollout engine step failed")
-                done = self._fail_running(admitted, e)
+                done, decoded = self._fail_running(admitted, e), 0
             self._resolve(done)
             with self._cv:
+                self.slots.mark(len(self._batch.rows) if self._batch is not None else 0, decoded)
                 self._stepping = False
                 self._cv.notify_all()
 
@@ -541,51 +552,3 @@ def version_spans(versions: list, current: int) -> list:
         else:
             spans.append({"version": str(v), "start": i, "end": i + 1})
     return spans or [{"version": str(current), "start": 0, "end": 0}]
-
-
-# --------------------------------------------------------------------------- receiving weight updates
-_ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-              "intermediate_size")
-
-
-def check_same_architecture(config, folder):
-    """Refuse a weight folder whose config.json describes a different architecture than `config`."""
-    cfg_file = Path(folder) / "config.json"
-    if not cfg_file.is_file():
-        return
-    new = json.loads(cfg_file.read_text())
-    for key in _ARCH_KEYS:
-        if key in new and new[key] != getattr(config, key, new[key]):
-            raise ValueError(f"{cfg_file}: {key}={new[key]} differs from the served model's "
-                             f"{getattr(config, key)}; a weight update cannot change the architecture")
-
-
-def _hf_targets(model) -> dict:
-    """HF name -> tensor to copy into: the parameters, plus per-expert views of fused MoE experts (models/moe.py)."""
-    from ..models.moe import hub_expert_views
-
-    return {**dict(model.named_parameters(remove_duplicate=False)), **hub_expert_views(model)}
-
-
-def check_hf_update(model, named_shapes: Iterable, source: str, *, require_all: bool = False):
-    """Check names and shapes of an update against `model` before anything is copied (all-or-nothing)."""
-    params = _hf_targets(model)
-    covered = set()
-    for name, shape in named_shapes:
-        if name not in params:
-            raise ValueError(f"{source}: unknown parameter {name!r}; expected Hugging Face names such as "
-                             f"{next(iter(params))!r}")
-        if tuple(params[name].shape) != tuple(shape):
-            raise ValueError(f"{source}: {name!r} has shape {tuple(shape)}, the served model has "
-                             f"{tuple(params[name].shape)}")
-        covered.add(params[name].untyped_storage().data_ptr())  # an expert view covers its fused tensor
-    missing = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in covered]
-    if require_all and missing:
-        raise ValueError(f"{source} lacks {len(missing)} parameters of the served model, e.g. {missing[:3]}")
-
-
-def copy_hf_tensors(model, named_tensors: Iterable):
-    params = _hf_targets(model)
-    with torch.no_grad():
-        for name, tensor in named_tensors:
-            params[name].copy_(tensor)

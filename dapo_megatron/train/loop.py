@@ -12,6 +12,7 @@ import torch.distributed as dist
 from .. import parallel
 from ..config import Config
 from ..placement import startup_plan
+from ..rollout.engine_load import EngineLoadMeter
 from ..rollout.node_engines import start_node_engines
 from .actor import Actor, train_on_batch
 from ..models import ckpt_layout
@@ -51,6 +52,9 @@ def run(cfg: Config) -> dict:
         syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
     ahead = _rollout_ahead(cfg, stage) if rank0 else None
     last, preempted = {}, False
+    load = EngineLoadMeter(stage.client) if rank0 else None  # rollout/engine_busy_fraction, one window per step
+    if load is not None:
+        load.sample()
     for step in range(start, cfg.trainer.num_steps):
         times = {}
         with _timer(times, "rollout"):  # with rollout.async_steps=1, the rollout started during the last step
@@ -87,7 +91,7 @@ def run(cfg: Config) -> dict:
             if rank0:
                 dump_eval(dumper, stage, step + 1)
             dist.barrier()
-        last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
+        last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics, **(load.sample() if load else {}),
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
         logger.log(step + 1, last)  # before the save: a checkpoint's steps are always in metrics.jsonl
         if final or _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
