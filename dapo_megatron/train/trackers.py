@@ -19,6 +19,7 @@ metrics.jsonl (train/metrics.py). Rank 0 only (MetricsLogger is disabled elsewhe
 - A tracker that fails (disk full, server gone) warns once and is switched off; training never stops for it, nor
   for the trackers' process dying.
 """
+import gc
 import importlib.util
 import json
 import multiprocessing
@@ -197,6 +198,8 @@ def serve(conn: Connection) -> None:
             continue
         if item[0] == "start":
             trackers = open_trackers(*item[1:])
+            # the libraries' ~450k objects live as long as this process: a full GC skips them (260 -> 4 ms a time)
+            gc.freeze()
             conn.send(("done",))
             continue
         if pending and trackers is not None:
