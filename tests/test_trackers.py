@@ -108,19 +108,32 @@ def test_wandb_offline_history_equals_metrics_jsonl(tmp_path, monkeypatch):
                                                                          if k not in ("step", "time")}
 
 
-def test_a_failing_tracker_warns_once_and_logging_goes_on(tmp_path, mlflow_uri, capfd):
+def test_a_failing_tracker_warns_once_and_logging_goes_on(tmp_path, mlflow_uri, capfd, monkeypatch):
+    monkeypatch.setenv("DAPO_FAULT", "enospc:tracker@3")  # the trackers' process: the delivery holding step 3 fails
     logger = _run(tmp_path, [1, 2], uri=mlflow_uri)
-
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    logger.trackers.trackers[0].client.log_batch = full_disk
+    logger.flush()  # steps 1-2 delivered
     for step in (3, 4, 5):
         logger.log(step, _metrics(step))
+    logger.flush()
+    logger.log(6, _metrics(6))
     logger.close()
     err = capfd.readouterr().err
     assert err.count("mlflow tracker failed") == 1 and "No space left on device" in err
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert sorted(_history(mlflow_uri, tmp_path)[0]) == [(1, 0.25), (2, 0.5)]  # off after its failure
+
+
+def test_the_trackers_process_dying_warns_once_and_logging_goes_on(tmp_path, mlflow_uri, capfd, monkeypatch):
+    monkeypatch.setenv("DAPO_FAULT", "tracker@2")  # SIGKILL of the trackers' process while delivering step 2
+    logger = _run(tmp_path, [1, 2], uri=mlflow_uri)
+    logger.flush()
+    for step in (3, 4):
+        logger.log(step, _metrics(step))
+    logger.flush()
+    logger.close()
+    err = capfd.readouterr().err
+    assert err.count("the trackers' process stopped answering") == 1 and "exit code -9" in err
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_loggers_choose_tensorboard(tmp_path):

@@ -7,6 +7,8 @@ Trainer points (N = the step): `train` SIGKILLs mid step, `save_model` (model wr
 `save_manifest` (everything but the manifest), `save_latest` (folder renamed, `latest` not yet), `log` (half a metrics
 line written); `enospc:<point>@N` raises "No space left on device" there instead. `hold_for_signal@N` (preemption
 tests) holds the trainer after that step's metrics until SIGTERM or SIGUSR1 (at most `HOLD_TIMEOUT_S`).
+The trackers' process (train/trackers.py) has `tracker`: its delivery of the steps holding N (`enospc:tracker@N`: fails
+as a full disk would; `tracker@N`: SIGKILLs that process).
 
 Engine points, acted on by the engine that serves the call (rollout/server.py `dispatch`, in-process or over HTTP):
 - `engine_kill@N`: SIGKILL of the engine's process at a generate of step N's rollout (the engine holds version N-1);

@@ -26,7 +26,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
-        self.trackers = None  # train/trackers.py Trackers: W&B / MLflow, fed by a background thread
+        self.trackers = None  # train/trackers.py TrackerProcess: W&B / MLflow in a process of their own
         if not enabled:
             return
         run_dir = Path(run_dir)

@@ -6,24 +6,37 @@ metrics.jsonl (train/metrics.py). Rank 0 only (MetricsLogger is disabled elsewhe
   run_dir/mlflow.db (MLflow 3 default store kind; its file store is deprecated).
 - The resolved config is the run's parameters; project/experiment and run names come from the config.
 - A resumed run (same run_dir) continues the same tracker run: the ids are kept in run_dir/trackers.json.
-- Off the critical path: one background thread delivers the steps; it is drained before every checkpoint.
+- Off the critical path, in a process of their own (`TrackerProcess`): the trainer pickles each step's scalars into a
+  pipe and nothing else. In a thread of the trainer the libraries held its GIL (MLflow's SQLAlchemy store ~0.1 ms of
+  Python per metric), grew its heap by ~240k objects (W&B, MLflow, SQLAlchemy, OpenTelemetry: every full GC of the
+  trainer walks them) and their first delivery set off a ~0.4 s full GC on the trainer's GIL (BENCHMARKS.md section
+  10). The process is drained before every checkpoint; it ignores SIGINT/SIGTERM/SIGUSR1 (a preempted step still
+  flushes to it) and exits when its pipe closes, delivering nothing more, as a killed trainer would.
 - Replayed steps: a tracker's history cannot be rewritten, so the steps a crashed run had already delivered past its
   checkpoint (recorded per tracker in trackers.json) keep their first values there, and the resumed run's values of
   those steps are logged under `replayed/<key>` at the same step (in metrics.jsonl it is the other way round: the old
   values move to metrics_replaced.jsonl). Each step appears once under each key.
-- A tracker that fails (disk full, server gone) warns once and is switched off; training never stops for it.
+- A tracker that fails (disk full, server gone) warns once and is switched off; training never stops for it, nor
+  for the trackers' process dying.
 """
+import gc
 import importlib.util
 import json
+import multiprocessing
 import os
 import queue
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Optional
+
+from .faults import fault
 
 LOGGERS = ("tensorboard", "jsonl", "wandb", "mlflow")
 OPTIONAL = {"wandb": "wandb", "mlflow": "mlflow"}  # logger -> module of the `tracking` extra
@@ -65,17 +78,23 @@ def check_loggers(loggers) -> None:
         raise ValueError("trainer.loggers must include jsonl: metrics.jsonl is the run's record (resume, report)")
 
 
-def start_trackers(trainer, run_dir, config: dict, start_step: int) -> Optional["Trackers"]:
-    """The trackers trainer.loggers names (besides tensorboard/jsonl), started or resumed; None when there are none."""
+def start_trackers(trainer, run_dir, config: dict, start_step: int) -> Optional["TrackerProcess"]:
+    """The trackers trainer.loggers names (besides tensorboard/jsonl), started or resumed in their own process; None
+    when there are none."""
     names = [n for n in ("wandb", "mlflow") if n in trainer.loggers]
     if not names:
         return None
-    run_dir = Path(run_dir)
+    config = json.loads(json.dumps(config, default=str))  # plain data for the pipe (as config.json has it)
+    return TrackerProcess(names, {n: getattr(trainer, n) for n in names}, Path(run_dir), config, start_step)
+
+
+def open_trackers(names: list, cfgs: dict, run_dir: Path, config: dict, start_step: int) -> Optional["Trackers"]:
+    """In the trackers' process: start or resume each tracker in this process; None when none started."""
     state_file = run_dir / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() and start_step > 0 else {}
     started = []
     for name in names:
-        tracker = {"wandb": WandbTracker, "mlflow": MlflowTracker}[name](getattr(trainer, name), run_dir)
+        tracker = {"wandb": WandbTracker, "mlflow": MlflowTracker}[name](cfgs[name], run_dir)
         previous = state.get(name) or {}
         # steps past the checkpoint that this tracker already holds: they are replayed now (module docstring)
         tracker.logged_upto = int(previous.get("step", 0))
@@ -86,22 +105,28 @@ def start_trackers(trainer, run_dir, config: dict, start_step: int) -> Optional[
     return Trackers(started, state_file, state) if started else None
 
 
-class Trackers:
-    """The trackers, fed by one background thread so the step never waits on them. It hands them the steps queued
-    since its last delivery at most every DELIVER_S seconds, in one call where the library takes many (MLflow's
-    SQLite store costs ~60 ms a call, ~11 ms a step in batches of 10). Each tracker's last delivered step is kept in
-    run_dir/trackers.json; `flush()` (before every checkpoint) delivers everything logged so far, so a resume's replay
-    starts at or below what the trackers hold and no step is missing."""
+class TrackerProcess:
+    """The trainer's side: `log` queues (step, scalars) and returns; a thread forwards them into the pipe (a slow
+    child never blocks the step); `flush` waits until the child has delivered every step logged so far (bounded);
+    `close` delivers the rest, finishes the tracker runs and waits for the child."""
 
-    def __init__(self, trackers: list, state_file: Path, state: dict):
-        self.trackers, self.state_file, self.state = trackers, state_file, state
-        self._write_state()
+    def __init__(self, names: list, cfgs: dict, run_dir: Path, config: dict, start_step: int):
+        ours, theirs = multiprocessing.Pipe()
+        root = str(Path(__file__).resolve().parents[2])  # this checkout's dapo_megatron, installed or not
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+                                      pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        self._conn, self._dead = ours, False
+        # started before the first step, as W&B's init in the trainer was: its ~3 s of CPU are start-up, not steps'
+        self._call(lambda: self._conn.send(("start", names, cfgs, run_dir, config, start_step)))
+        self._call(self._answer)
         self._queue: "queue.Queue" = queue.Queue()
-        self._thread = threading.Thread(target=self._drain, name="dapo-trackers", daemon=True)
+        self._thread = threading.Thread(target=self._forward, name="dapo-trackers", daemon=True)
         self._thread.start()
 
     def log(self, step: int, scalars: dict) -> None:
-        self._queue.put((step, scalars))
+        self._queue.put(("log", step, scalars))
 
     def flush(self) -> None:
         done = threading.Event()
@@ -113,29 +138,92 @@ class Trackers:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(FLUSH_TIMEOUT_S)
-        for t in self.trackers:
-            t.close()
+        try:
+            self._proc.wait(5.0 if self._dead else FLUSH_TIMEOUT_S)  # it answered "done": it is exiting
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._conn.close()
 
-    def _drain(self) -> None:
-        pending, since = [], time.monotonic()
+    def _forward(self) -> None:
         while True:
-            wait = max(0.0, since + DELIVER_S - time.monotonic()) if pending else None
-            try:
-                item = self._queue.get(timeout=wait)
-            except queue.Empty:
-                item = "deliver"
+            item = self._queue.get()
             if isinstance(item, tuple):
-                pending.append(item)
+                self._call(lambda: self._conn.send(item))
                 continue
-            if pending:
-                self._deliver(pending)
-                pending, since = [], time.monotonic()
+            self._call(lambda: self._conn.send(("flush",) if item is not None else ("close",)))
+            self._call(self._answer)  # the child's "done": everything before it is delivered (or its tracker off)
             if isinstance(item, threading.Event):
                 item.set()
-            elif item is None:
+            else:
                 return
 
-    def _deliver(self, steps: list) -> None:
+    def _answer(self) -> None:
+        if not self._conn.poll(FLUSH_TIMEOUT_S):
+            raise TimeoutError(f"no answer in {FLUSH_TIMEOUT_S:.0f} s")
+        self._conn.recv()
+
+    def _call(self, fn) -> None:
+        if self._dead:
+            return
+        try:
+            fn()
+        except (OSError, EOFError, TimeoutError) as e:
+            self._dead = True
+            try:
+                code = self._proc.wait(5.0)  # its pipe closes as it exits: the exit code follows at once
+            except subprocess.TimeoutExpired:
+                code = "none, still running"
+            print(f"warning: the trackers' process stopped answering ({type(e).__name__}: {e}; exit code "
+                  f"{code}); the trackers are off for the rest of this run, training goes on "
+                  "(metrics.jsonl has every step)", file=sys.stderr, flush=True)
+
+
+def serve(conn: Connection) -> None:
+    """The trackers' process: start the trackers, then deliver the steps it is sent, at most every DELIVER_S seconds
+    and at every flush/close, answering each of those once they are delivered. A closed pipe (the trainer died)
+    ends it at once."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the trainer stops it by closing the pipe
+        signal.signal(sig, signal.SIG_IGN)
+    trackers = None
+    pending, since = [], time.monotonic()
+    while True:
+        wait = max(0.0, since + DELIVER_S - time.monotonic()) if pending else None
+        try:
+            item = conn.recv() if conn.poll(wait) else ("deliver",)
+        except (EOFError, OSError):
+            os._exit(0)  # no delivery, no finish: what a killed trainer's trackers got is what they keep
+        if item[0] == "log":
+            pending.append(item[1:])
+            continue
+        if item[0] == "start":
+            trackers = open_trackers(*item[1:])
+            # the libraries' ~450k objects live as long as this process: a full GC skips them (260 -> 4 ms a time)
+            gc.freeze()
+            conn.send(("done",))
+            continue
+        if pending and trackers is not None:
+            trackers.deliver(pending)
+        pending, since = [], time.monotonic()
+        if item[0] == "close" and trackers is not None:
+            trackers.close()
+        if item[0] in ("flush", "close"):
+            conn.send(("done",))
+        if item[0] == "close":
+            return
+
+
+class Trackers:
+    """The started trackers (in the trackers' process). `deliver` hands them steps in one call where the library takes
+    many (MLflow's SQLite store costs ~60 ms a call, ~4 ms a step in batches) and records each tracker's last
+    delivered step in run_dir/trackers.json: a resume's replay starts at or below what the trackers hold (the trainer
+    flushes before every checkpoint), so no step is missing."""
+
+    def __init__(self, trackers: list, state_file: Path, state: dict):
+        self.trackers, self.state_file, self.state = trackers, state_file, state
+        self._write_state()
+
+    def deliver(self, steps: list) -> None:
         for t in self.trackers:
             if t.log_steps(steps):
                 self.state[t.name]["step"] = max(steps[-1][0], self.state[t.name]["step"])
@@ -143,6 +231,10 @@ class Trackers:
             self._write_state()
         except OSError as e:  # trackers.json unwritable: the trackers still get their steps
             print(f"warning: {self.state_file}: {e}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
 
     def _write_state(self) -> None:
         tmp = self.state_file.with_name(STATE_FILE + ".tmp")
@@ -185,7 +277,12 @@ class Tracker:
         # steps already in the tracker from the run before the resume go under replayed/ (module docstring)
         steps = [(step, {REPLAYED + k: v for k, v in scalars.items()} if step <= self.logged_upto else scalars)
                  for step, scalars in steps]
-        return self.guard(f"logging steps {steps[0][0]}-{steps[-1][0]}", lambda: self._log(steps))
+        return self.guard(f"logging steps {steps[0][0]}-{steps[-1][0]}", lambda: self._deliver(steps))
+
+    def _deliver(self, steps: list) -> None:
+        for step, _ in steps:
+            fault("tracker", step)  # DAPO_FAULT=enospc:tracker@N: the delivery holding step N fails (tests)
+        self._log(steps)
 
     def close(self) -> None:
         self.guard("closing", self._close)
@@ -262,3 +359,9 @@ class MlflowTracker(Tracker):
 def mlflow_key(key: str) -> str:
     """MLflow allows letters, digits, _ - . / space and : in names; eval/avg@4 becomes eval/avg_at_4."""
     return re.sub(r"[^\w\-./ :]", "_", key.replace("@", "_at_"))
+
+
+if __name__ == "__main__":  # TrackerProcess's child: python -m dapo_megatron.train.trackers <pipe fd>
+    from dapo_megatron.train.trackers import serve as _serve  # the module's own classes, not __main__'s copies
+
+    _serve(Connection(int(sys.argv[1])))
