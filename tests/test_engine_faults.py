@@ -217,5 +217,7 @@ def test_restarts_past_the_bound_fail_in_one_line_naming_the_engine_and_its_log(
         assert "\n" not in line and line.startswith(f"engine 0 at {sup.urls[0]} exited with code -9, past 0 restart(s)")
         assert "DAPO_FAULT=engine_kill@1: SIGKILL of engine pid" in line and "resume from the last checkpoint" in line
         assert sup.restarts == 0
+        sup.suspect(sup.urls[0])  # the second request's connection error, after the failure: it must not wait
+        assert sup._up[0].is_set()
     finally:
         sup.shutdown()

@@ -1,4 +1,5 @@
 """Engine faults in a whole `dapo-megatron train` (embedded engine, toy model): the rows of docs/fault_tolerance.md."""
+import gzip
 import json
 import os
 from pathlib import Path
@@ -92,3 +93,30 @@ def test_hung_weight_update_of_a_supervised_engine_is_restarted_and_synced_again
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2] and [r["rollout/engine_restarts"] for r in rows] == [0, 1]
     assert rows[1]["rollout/train_infer_logprob_diff_max"] < 1e-3
+
+
+def test_restarts_past_the_bound_stop_in_one_line_after_a_resumable_checkpoint(toy, tmp_path):
+    """rollout.max_engine_restarts=0 and engine_kill@2: step 1 trains, the engine dies in step 2's rollout, which is
+    past the bound: one line (the engine, its last log lines, the fix, the checkpoint), exit 2, after a checkpoint of
+    step 1 with the rollout state from before step 2's rollout; a resume from it trains step 2 as the uninterrupted
+    run would (the same prompts: the same group ids)."""
+    run = tmp_path / "bound"
+    rc, text = _train(toy, run, 2, ["rollout.backend=embedded_http", "rollout.max_engine_restarts=0",
+                                    "rollout.health_interval_s=0.5", "trainer.save_interval=0",
+                                    "trainer.dump_rollouts=1"],
+                      env={"DAPO_FAULT": "engine_kill@2"})
+    assert rc == 2, text[-4000:]
+    lines = [x for x in text.splitlines() if "past 0 restart(s)" in x]
+    assert len(lines) == 1 and "Traceback" not in text, text[-4000:]
+    line = lines[0]
+    assert "engine 0 at http://" in line and "DAPO_FAULT=engine_kill@2: SIGKILL of engine pid" in line, line
+    ck = run / "checkpoints"
+    assert f"the last finished step, 1, is checkpointed: resume with trainer.load={ck} (" in line, line
+    assert [r["step"] for r in _rows(run)] == [1]
+    assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_0000001"]
+    rc, text = _train(toy, run, 2, ["rollout.backend=embedded_http", f"trainer.load={ck}", "trainer.dump_rollouts=1"])
+    assert rc == 0, text[-4000:]
+    assert [r["step"] for r in _rows(run)] == [1, 2]
+    assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    with gzip.open(run / "rollouts" / "step_0000002.jsonl.gz", "rt") as f:  # step 2's prompts: none skipped
+        assert sorted({json.loads(x)["group_id"] for x in f}) == [2, 3]

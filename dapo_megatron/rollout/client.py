@@ -59,6 +59,11 @@ class RolloutTimeoutError(RolloutError):
     """No answer within request_timeout_s."""
 
 
+class EnginesLost(RolloutError):
+    """The run's engines are gone for good (supervised ones past their restart bound, external ones that did not come
+    back): the trainer checkpoints its last finished step, then stops in one line (train/loop.py)."""
+
+
 @dataclass
 class _Server:
     url: str

@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 from ..train.faults import without_fault
-from .client import RolloutError
+from .client import EnginesLost
 from .server import log_tail
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def _healthy(url: str, timeout_s: float) -> bool:
         return False
 
 
-class EngineRestartsExhausted(RolloutError):
+class EngineRestartsExhausted(EnginesLost):
     """An engine died or hung more often than the supervisor's bound; one line naming it, its log and the fix."""
 
 
@@ -75,7 +75,7 @@ class EngineSupervisor:
     def suspect(self, url: str) -> None:
         """The client could not reach `url`: its requests wait (`wait_up`) until its process is found dead and
         started again, or alive after HEALTH_TIMEOUT_S (a dropped connection; /health is the watch thread's)."""
-        if url not in self.urls:
+        if url not in self.urls or self.failure:  # past the bound: nothing will set it again, the waiter must raise
             return
         i = self.urls.index(url)
         server = self.servers[i]
@@ -106,6 +106,8 @@ class EngineSupervisor:
 
         with self._lock:
             if self.failure or self._stop.is_set() or self.servers[i] is not seen:
+                if self.failure:  # a suspect() that raced the failure: its waiters wake up and raise
+                    self._up[i].set()
                 return
             self._up[i].clear()
             old = self.servers[i]
