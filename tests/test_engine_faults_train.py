@@ -120,3 +120,35 @@ def test_restarts_past_the_bound_stop_in_one_line_after_a_resumable_checkpoint(t
     assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
     with gzip.open(run / "rollouts" / "step_0000002.jsonl.gz", "rt") as f:  # step 2's prompts: none skipped
         assert sorted({json.loads(x)["group_id"] for x in f}) == [2, 3]
+
+
+def test_sigkill_of_one_of_two_engines_its_requests_finish_on_the_other_and_it_rejoins(toy, tmp_path):
+    """Two supervised engines (rollout.sglang_num_servers=2); engine_kill@2:1 kills engine 1 in step 2's rollout (its
+    group finishes on engine 0, which serves through it), engine_kill@3:0 kills engine 0 in step 3's: that group can
+    only finish on engine 1, so step 3 completes only if engine 1 rejoined (restarted, caught up to version 2)."""
+    run = tmp_path / "two"
+    rc, text = _train(toy, run, 3, ["rollout.backend=embedded_http", "rollout.sglang_num_servers=2",
+                                    "rollout.health_interval_s=0.5"],
+                      env={"DAPO_FAULT": "engine_kill@2:1,engine_kill@3:0"})
+    assert rc == 0, text[-4000:]
+    assert text.count("restarting it") == 2 and "engines: 2 embedded engine(s)" in text, text[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # restarts finished by the end of each rollout: the other engine serves meanwhile, so one may still be under way
+    restarts = [r["rollout/engine_restarts"] for r in rows]
+    assert restarts[0] == 0 and restarts[1] <= 1 and restarts[2] in (1, 2), restarts
+    assert all(r["rollout/train_infer_logprob_diff_max"] < 1e-3 for r in rows), rows
+
+
+def test_a_hung_generate_is_detected_within_the_request_timeout_and_the_engine_restarted(toy, tmp_path):
+    """engine_hang_generate@2: the only engine's generate in step 2 never answers; past rollout.request_timeout_s
+    the client reports it, the engine is killed by PID, restarted, caught up to version 1, and the group generated
+    again: both steps train, on version-exact samples."""
+    run = tmp_path / "hang_generate"
+    rc, text = _train(toy, run, 2, ["rollout.backend=embedded_http", "rollout.request_timeout_s=5"],
+                      env={"DAPO_FAULT": "engine_hang_generate@2"})
+    assert rc == 0, text[-4000:]
+    assert "hung in a generate past rollout.request_timeout_s: restarting it" in text, text[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2] and [r["rollout/engine_restarts"] for r in rows] == [0, 1]
+    assert rows[1]["rollout/train_infer_logprob_diff_max"] < 1e-3

@@ -141,6 +141,18 @@ class EngineSupervisor:
             self.restarts += 1
             self._up[i].set()
 
+    def settle(self, timeout_s: float) -> None:
+        """Before (and after a failed) control call to every engine, a weight update: an engine found dead now is
+        restarted now, and one being restarted is waited for (bounded), so the call reaches every engine caught up."""
+        for i, server in enumerate(list(self.servers)):
+            if server.process.poll() is not None:
+                self._restart(i, server, f"exited with code {server.process.returncode}")
+        deadline = time.monotonic() + timeout_s
+        for up in self._up:
+            up.wait(max(0.0, deadline - time.monotonic()))
+        if self.failure:
+            raise EngineRestartsExhausted(self.failure)
+
     async def wait_up(self, url: str, timeout_s: float) -> None:
         """Until `url`'s engine is back (or the supervisor gave up: EngineRestartsExhausted); bounded."""
         import asyncio

@@ -43,7 +43,7 @@ import torch
 from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
 from ..train.faults import corrupt_buckets, hang_update
 from ..types import WeightVersion
-from .client import RolloutError, update_session
+from .client import RolloutError, RolloutServerError, update_session
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,21 @@ class DiskWeightSync(WeightSync):
             bounded(self.client.update_weights_from_disk(str(path), weight_version=version, timeout_s=self.timeout_s),
                     f"update_weights_from_disk to version {version}", self.timeout_s)
 
+        supervisor = getattr(self.client, "supervisor", None)  # supervised engines (rollout/supervisor.py)
+        if supervisor is not None:
+            supervisor.settle(self.timeout_s)  # an engine being restarted gets this update, not an old catch-up
         try:
             update()
-        except WeightSyncTimeout as e:  # supervised engines (rollout/supervisor.py): restart the hung one, sync again
-            supervisor = getattr(self.client, "supervisor", None)
+        except WeightSyncTimeout as e:  # supervised: restart the hung engine, sync again
             if supervisor is None or getattr(e, "url", None) is None:
                 raise
             log.warning("%s: restarting that engine and syncing again", e)
             supervisor.report_hung(e.url, "hung in a weight update past rollout.weight_sync_timeout_s")
+            update()
+        except RolloutServerError:  # supervised: an engine died meanwhile; restarted, caught up, sync again
+            if supervisor is None:
+                raise
+            supervisor.settle(self.timeout_s)
             update()
         for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
