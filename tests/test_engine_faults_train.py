@@ -152,3 +152,61 @@ def test_a_hung_generate_is_detected_within_the_request_timeout_and_the_engine_r
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2] and [r["rollout/engine_restarts"] for r in rows] == [0, 1]
     assert rows[1]["rollout/train_infer_logprob_diff_max"] < 1e-3
+
+
+def _external(root, run_dir, fault=None):
+    """An engine someone else runs (rollout.backend=http): the embedded HTTP server, reading the run's sync folder."""
+    from dapo_megatron.rollout.server import launch_embedded_server
+    from dapo_megatron.train.faults import without_fault
+
+    env = {**without_fault(dict(os.environ)), **({"DAPO_FAULT": fault} if fault else {})}
+    return launch_embedded_server(root, EXTERNAL_PORT[0], mode="subprocess", max_batch_size=4,
+                                  weights_root=Path(run_dir) / "weight_sync", env=env)
+
+
+EXTERNAL_PORT = [0]
+
+
+@pytest.mark.parametrize("comes_back", [False, True])
+def test_external_engines_are_waited_for_and_the_run_stops_in_one_line_if_none_comes_back(toy, tmp_path,
+                                                                                           comes_back):
+    """rollout.backend=http, one engine we do not run, killed in step 2's rollout (engine_kill@2): it is not
+    restarted. Nobody restarts it: after rollout.engine_wait_s one line, exit 2, step 1 checkpointed. Its owner
+    restarts it (the test, on the same port, once the old process is gone): the trainer finds it within the wait,
+    catches it up from the last synced folder (version 1) and trains all 3 steps on version-exact samples."""
+    import threading
+
+    from dapo_megatron.rollout.server import free_port
+
+    run = tmp_path / "external"
+    EXTERNAL_PORT[0] = free_port()
+    first = _external(toy[0], run, fault="engine_kill@2")
+    owners = [first]
+
+    def owner():  # someone else's restart: bounded by the process's own death (the trainer's timeout bounds that)
+        if first.process.wait(timeout=280) is not None:
+            owners.append(_external(toy[0], run))
+
+    helper = threading.Thread(target=owner, daemon=True)
+    if comes_back:
+        helper.start()
+    try:
+        rc, text = _train(toy, run, 3, ["rollout.backend=http", f"rollout.urls=[{first.url}]",
+                                        f"rollout.engine_wait_s={120 if comes_back else 3}"])
+    finally:
+        helper.join(timeout=60) if comes_back else None
+        for s in owners:
+            s.shutdown()
+    rows = _rows(run)
+    if comes_back:
+        assert rc == 0, text[-4000:]
+        assert "answers /health again; catching the engines up" in text, text[-4000:]
+        assert [r["step"] for r in rows] == [1, 2, 3] and "rollout/engine_restarts" not in rows[0]
+        assert all(r["rollout/train_infer_logprob_diff_max"] < 1e-3 for r in rows), rows
+        return
+    assert rc == 2, text[-4000:]
+    lines = [x for x in text.splitlines() if "rollout.engine_wait_s=3 s" in x]
+    assert len(lines) == 1 and "Traceback" not in text, text[-4000:]
+    assert f"no engine at rollout.urls ({first.url}) answered /health" in lines[0], lines[0]
+    assert f"the last finished step, 1, is checkpointed: resume with trainer.load={run / 'checkpoints'}" in lines[0]
+    assert [r["step"] for r in rows] == [1]

@@ -69,20 +69,10 @@ class EmbeddedHttpBackend(RolloutBackend):
         from .client import RolloutClient
 
         self.supervisor = self.engines.servers
-        self.supervisor.catch_up = self._catch_up
+        self.supervisor.catch_up = self.catch_up_from_disk
         client = RolloutClient(self.engines.urls, **self.client_kw)
         client.supervisor = self.supervisor
         return client
-
-    def _catch_up(self, url: str) -> None:
-        """A restarted engine holds model.path's weights (version 0): load the last synced folder, at its version."""
-        from .client import RolloutClient, run_sync
-
-        version = self.version.value
-        if version:
-            run_sync(RolloutClient([url], api_key=self.api_key).update_weights_from_disk(
-                str(self.sync_dir / f"weights_v{version:06d}"), weight_version=version,
-                timeout_s=self.cfg.weight_sync_timeout_s))
 
     def engine_restarts(self):
         return self.supervisor.restarts

@@ -190,6 +190,19 @@ class RolloutBackend:
     def memory_released(self):
         yield
 
+    def catch_up_from_disk(self, url=None) -> None:
+        """Disk sync: an engine back from the dead (ours restarted, or someone else's) holds its start weights; it
+        loads the last synced folder (`weights_v{N}`, the one kept) at its version. `url`: that engine, else every
+        worker that answers (loading the same folder again is harmless). Version 0: nothing to load."""
+        from .client import RolloutClient, run_sync
+
+        version = self.version.value
+        if not version:
+            return
+        client = RolloutClient([url], api_key=self.api_key) if url else self.client
+        run_sync(client.update_weights_from_disk(str(self.sync_dir / f"weights_v{version:06d}"), weight_version=version,
+                                                 timeout_s=self.cfg.weight_sync_timeout_s, strict=url is not None))
+
     def engine_restarts(self):
         """Engines restarted so far (the `rollout/engine_restarts` metric); None: this backend restarts none."""
         return None
@@ -278,7 +291,12 @@ class HttpBackend(RolloutBackend):
     def _start(self):
         from .client import RolloutClient
 
-        return RolloutClient(list(self.cfg.urls), **self.client_kw)
+        client = RolloutClient(list(self.cfg.urls), **self.client_kw)
+        # not ours to restart: with all down, wait (bounded) for one to come back; disk sync catches it up
+        client.external_wait_s = self.cfg.engine_wait_s
+        if self.weight_sync_mode() == "disk":
+            client.catch_up = self.catch_up_from_disk
+        return client
 
 
 @register("sglang")

@@ -7,24 +7,15 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 
 from ..train.faults import without_fault
-from .client import EnginesLost
+from .client import EnginesLost, _healthy
 from .server import log_tail
 
 log = logging.getLogger(__name__)
 
 
 HEALTH_TIMEOUT_S, HEALTH_MISSES = 5.0, 3
-
-
-def _healthy(url: str, timeout_s: float) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=timeout_s) as r:  # /health asks for no key
-            return r.status == 200
-    except OSError:
-        return False
 
 
 class EngineRestartsExhausted(EnginesLost):
