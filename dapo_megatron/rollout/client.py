@@ -244,8 +244,9 @@ class RolloutClient:
                 outs = body if isinstance(body, list) else [body]
                 if len(outs) != n:
                     raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
-                stale = self.supervisor is not None and any(
-                    _version(o.get("meta_info", {}).get("weight_version"), -1) != self.weight_version for o in outs)
+                stale = self.supervisor is not None and any(  # (a server that reports no version is trusted)
+                    _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) != self.weight_version
+                    for o in outs)
                 stale_external = self.catch_up is not None and any(  # an external engine back with its own weights
                     _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) != self.weight_version
                     for o in outs)

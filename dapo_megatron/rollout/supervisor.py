@@ -115,7 +115,9 @@ class EngineSupervisor:
                 return
             self._recent.append(now)
             log.warning("engine %d at %s %s: restarting it", i, old.url, why)
-            if old.process.poll() is None:
+            if hasattr(old, "kill"):  # an SGLang server: its process group (scheduler, detokenizer) with it
+                old.kill()
+            elif old.process.poll() is None:
                 os.kill(old.process.pid, signal.SIGKILL)  # by its PID: a hung engine does not answer SIGTERM
             old.process.wait()
             try:
@@ -148,6 +150,8 @@ class EngineSupervisor:
         """Until `url`'s engine is back (or the supervisor gave up: EngineRestartsExhausted); bounded."""
         import asyncio
 
+        if url not in self.urls:  # a router in front: the requests it loses are the client's to retry
+            return
         i = self.urls.index(url)
         await asyncio.to_thread(self._up[i].wait, timeout_s)
         if self.failure:
