@@ -151,7 +151,7 @@ class RolloutClient:
         self.supervisor = None
         # Engines someone else runs (rollout.backend=http): with every one down, how long to wait for one to answer
         # /health again (rollout.engine_wait_s), and `catch_up()`, which gives one back the current weights
-        self.external_wait_s, self.catch_up = None, None
+        self.external_wait_s, self.catch_up, self._answered = None, None, False
         self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
         self._external_lock = threading.Lock()
 
@@ -216,7 +216,8 @@ class RolloutClient:
             if self.supervisor is not None and server.down_until > time.monotonic():  # every engine down
                 await self.supervisor.wait_up(server.url, self.request_timeout_s)
                 server.down_until = 0.0
-            elif self.external_wait_s and server.down_until > time.monotonic():  # every external engine down
+            elif self.external_wait_s and self._answered and server.down_until > time.monotonic():
+                # every external engine down, after one answered (a wrong URL from the start fails fast)
                 server = self._servers[await asyncio.to_thread(self.wait_external, errors)]
             server.in_flight += 1
             try:
@@ -244,17 +245,17 @@ class RolloutClient:
                 outs = body if isinstance(body, list) else [body]
                 if len(outs) != n:
                     raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
-                stale = self.supervisor is not None and any(  # (a server that reports no version is trusted)
+                # engines that come back (restarted by us, or by someone else): a server that reports no version is
+                # trusted, one of another version not yet caught up is never trained on
+                stale = (self.supervisor is not None or self.catch_up is not None) and any(
                     _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) != self.weight_version
                     for o in outs)
-                stale_external = self.catch_up is not None and any(  # an external engine back with its own weights
-                    _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) != self.weight_version
-                    for o in outs)
-                if stale or stale_external:  # a restarted engine not yet caught up: never trained on
+                if stale:
                     errors.append(f"{server.url}: answered with weights other than version {self.weight_version}")
-                    if stale_external:
+                    if self.supervisor is None:  # someone else's engine, back with its own weights
                         await asyncio.to_thread(self.catch_up)
                     continue
+                self._answered = True
                 return outs
             if status >= 500 or status == 429:
                 errors.append(f"{server.url}: HTTP {status}: {_error_message(body)}")
