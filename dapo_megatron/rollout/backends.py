@@ -350,7 +350,7 @@ class SGLangBackend(RolloutBackend):
         """Disk sync: this node's servers restarted when they die or hang, caught up from the last synced folder
         (docs/fault_tolerance.md). Tensor (CUDA IPC) and distributed sync: not supervised."""
         r = cfg.rollout
-        if cls.weight_sync_mode_of(r) == "disk" and servers.num_servers:
+        if cls.weight_sync_mode_of(r) == "disk" and servers.processes:  # the servers start() started
             servers.supervise(catch_up=disk_catch_up(sync_dir(r, cfg.trainer.run_dir), api_key,
                                                      r.weight_sync_timeout_s),
                               health_interval_s=r.health_interval_s, max_restarts=r.max_engine_restarts,
