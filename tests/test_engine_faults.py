@@ -134,6 +134,9 @@ def test_hung_in_process_tensor_update_exits_2_with_one_line(model_path):
      "supervises, and rollout.backend=embedded restarts none; unset it or use rollout.backend=embedded_http"),
     (["rollout.backend=embedded_http", "rollout.deterministic=true"], "rollout.deterministic=true needs the "
      "in-process engine; with rollout.backend=embedded_http unset it, or use rollout.backend=embedded"),
+    (["rollout.backend=sglang", "rollout.weight_sync=tensor", "rollout.max_engine_restarts=5"],
+     "rollout.max_engine_restarts: SGLang servers are supervised with rollout.weight_sync=disk only (a restarted one "
+     "catches up from the last synced folder); use weight_sync=disk or unset it"),
     (["rollout.backend=embedded_http", "rollout.health_interval_s=0"], "rollout.health_interval_s and "
      "rollout.restart_window_s must be > 0 s and rollout.max_engine_restarts >= 0"),
 ])
