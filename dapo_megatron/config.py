@@ -20,7 +20,7 @@ from .models.builder import ModelConfig
 from .parallel import ParallelConfig
 from .reward.config import RewardConfig
 from .rollout.backends import BACKENDS, backend_names
-from .rollout.buffer import DynamicSamplingConfig
+from .rollout.buffer import STALE_POLICIES, DynamicSamplingConfig
 from .rollout.multi_turn import MultiTurnConfig
 from .rollout.weight_sync import weight_sync_modes
 from .train.actor import ActorConfig
@@ -109,16 +109,31 @@ class RolloutConfig:
     api_key: Optional[str] = None
     # 0: generate, then train. 1: the next step's rollout generates while this step trains (one step off-policy;
     # train/rollout_ahead.py); every sample is at most one weight version behind, and the pipeline drains before
-    # each checkpoint so that a resume is exact.
+    # each checkpoint so that a resume is exact. k >= 2: a producer generates continuously, at most k versions ahead
+    # of the trainer (train/rollout_producer.py); a group with a token sampled by weights older than the training
+    # version - k is stale (stale_policy); a checkpoint saves buffered groups and which prompts are in flight.
     async_steps: int = 0
+    # async_steps >= 2: a stale group is dropped (counted in rollout/stale_dropped) or generated again
+    stale_policy: str = "drop"
+    # async_steps >= 2: at a weight update in-flight generations pause (SGLang /pause_generation mode retract), take
+    # the new weights and continue; each token keeps the version that sampled it (Sample.weight_versions). Off: an
+    # update waits for running requests (embedded engine) or aborts them (SGLang; their groups are generated again).
+    partial_rollout: bool = False
     # MoE: engines return the experts each token was routed to (SGLang --enable-return-routed-experts + the request's
     # return_routed_experts). Set by actor.routing_replay=r3 (validate); do not set it alone.
     return_routed_experts: bool = False
     multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)  # tool calls (rollout/multi_turn.py)
 
     def __post_init__(self):
-        if self.async_steps not in (0, 1):
-            raise ConfigError(f"rollout.async_steps={self.async_steps}; use 0 (synchronous) or 1 (one step off-policy)")
+        if self.async_steps < 0:
+            raise ConfigError(f"rollout.async_steps={self.async_steps}; use 0 (synchronous), 1 (one step off-policy) "
+                              "or k >= 2 (continuous, at most k versions behind)")
+        if self.stale_policy not in STALE_POLICIES:
+            raise ConfigError(f"rollout.stale_policy={self.stale_policy!r}; use drop or regenerate")
+        if self.async_steps < 2 and (self.partial_rollout or self.stale_policy != "drop"):
+            key = "partial_rollout=true" if self.partial_rollout else f"stale_policy={self.stale_policy}"
+            raise ConfigError(f"rollout.{key} needs rollout.async_steps >= 2 (with {self.async_steps} no weight update "
+                              "happens during a rollout): set async_steps=2 or leave it out")
         if self.sglang_ep_size < 1 or self.sglang_tp_size % self.sglang_ep_size:
             raise ConfigError(f"rollout.sglang_ep_size={self.sglang_ep_size} must divide rollout.sglang_tp_size="
                               f"{self.sglang_tp_size} (SGLang splits each server's TP ranks into EP groups)")
@@ -427,16 +442,23 @@ def _check_async(cfg: Config) -> None:
     r = cfg.rollout
     if not r.async_steps:
         return
-    if cfg.sampling().keep_partial:
+    if r.async_steps >= 2 and cfg.sampling().on_exhausted == "skip":
+        raise ConfigError(f"dynamic_sampling.on_exhausted=skip trains no update at a skipped step, so versions would "
+                          f"fall behind steps with rollout.async_steps={r.async_steps}: use on_exhausted=train or pad")
+    if r.async_steps == 1 and cfg.sampling().keep_partial:
         raise ConfigError("dynamic_sampling.keep_partial carries surplus groups one more weight version behind; with "
                           "rollout.async_steps=1 they would be two behind: set keep_partial=false")
+    if r.async_steps >= 2 and cfg.sampling().keep_partial:
+        raise ConfigError(f"dynamic_sampling.keep_partial: rollout.async_steps={r.async_steps} always carries surplus "
+                          "groups to the next step, held to the staleness bound: leave keep_partial out")
     import torch
 
     # on CPU nothing is released (no memory saver): a colocated server keeps generating while the actor trains
     if r.colocate and BACKENDS[r.backend].releases_memory_when_colocated and torch.cuda.is_available():
-        raise ConfigError("rollout.async_steps=1 generates while the actor trains, but colocated engines release their "
-                          "GPUs then: set rollout.colocate=false (engines on GPUs of their own) or async_steps=0")
-    if cfg.trainer.save_interval == 1:
+        raise ConfigError(f"rollout.async_steps={r.async_steps} generates while the actor trains, but colocated "
+                          "engines release their GPUs then: set rollout.colocate=false (engines on GPUs of their own) "
+                          "or async_steps=0")
+    if r.async_steps == 1 and cfg.trainer.save_interval == 1:
         raise ConfigError("rollout.async_steps=1 drains the rollout before every checkpoint, so with "
                           "trainer.save_interval=1 no rollout overlaps training: save less often or use async_steps=0")
 

@@ -20,7 +20,10 @@ class Sample:
     reward: float = 0.0  # score mapped to the reward convention, plus overlong shaping
     correct: Optional[bool] = None
     loss_mask: Optional[list[int]] = None  # per response token; None means all ones
-    weight_version: int = 0  # version of the engine weights that produced the response
+    weight_version: int = 0  # version of the engine weights that produced the response's first (oldest) token
+    # rollout.partial_rollout: the version that sampled each response token, when a weight update happened during
+    # generation (its log-prob in rollout_logprobs is under that version); None: every token is `weight_version`
+    weight_versions: Optional[list[int]] = None
     # MoE: the experts the engine routed each token to, SGLang's `meta_info.routed_experts` as it came (base64 of
     # int32 [len(prompt_ids) + len(response_ids) - 1, num_hidden_layers, num_experts_per_tok]); None unless
     # actor.routing_replay=r3 asked the engine for it (train/routing_replay.py replays it)
@@ -30,6 +33,11 @@ class Sample:
     @property
     def response_length(self) -> int:
         return len(self.response_ids)
+
+    def token_versions(self) -> list[int]:
+        """The weight version of each response token."""
+        return list(self.weight_versions) if self.weight_versions is not None else \
+            [self.weight_version] * len(self.response_ids)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)

@@ -72,7 +72,7 @@ def test_engine_kill_mid_generate_kills_the_engine_process(model_path, monkeypat
 
 # --------------------------------------------------------------------------- bounded weight sync
 def _hf_weights(engine):
-    from dapo_megatron.rollout.engine import _hf_targets
+    from dapo_megatron.rollout.hf_update import _hf_targets
 
     return [(n, p.detach().clone()) for n, p in _hf_targets(engine.model).items()]
 
@@ -109,7 +109,8 @@ def test_hung_in_process_tensor_update_exits_2_with_one_line(model_path):
     import sys
 
     code = ("from types import SimpleNamespace\n"
-            "from dapo_megatron.rollout.engine import Engine, _hf_targets\n"
+            "from dapo_megatron.rollout.engine import Engine\n"
+            "from dapo_megatron.rollout.hf_update import _hf_targets\n"
             "from dapo_megatron.rollout.weight_sync import TensorWeightSync\n"
             f"e = Engine({str(model_path)!r}, max_batch_size=4)\n"
             "s = TensorWeightSync(e).bounded_by(SimpleNamespace(weight_sync_timeout_s=1.0))\n"

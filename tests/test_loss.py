@@ -268,7 +268,8 @@ def test_truncated_importance_sampling():
 # ------------------------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("kwargs, key", [
-    ({"clip_ratio_low": 1.0}, "clip_ratio_low"),
+    ({"clip_ratio_low": 1.01}, "clip_ratio_low"),
+    ({"clip_ratio_low": -0.1}, "clip_ratio_low"),
     ({"clip_ratio_high": -0.1}, "clip_ratio_high"),
     ({"clip_ratio_c": 1.0}, "clip_ratio_c"),
     ({"loss_agg_mode": "mean"}, "loss_agg_mode"),

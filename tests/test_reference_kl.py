@@ -7,11 +7,14 @@ from tests.test_trainer import _args, _metrics, _train, toy  # noqa: F401  (toy 
 
 
 @pytest.mark.dist
-def test_kl_to_the_reference_is_zero_at_step_one_and_grows(toy, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("bf16", [False, True])
+def test_kl_to_the_reference_is_zero_at_step_one_and_grows(toy, tmp_path, bf16):  # noqa: F811
+    """bf16: the reference takes the actor's precision (an fp32 reference measured bf16 rounding as KL at step 1)."""
     run = tmp_path / "run"
     # one optimizer step per rollout step (16 responses = global batch), so step 1 trains the initial policy
     _train(_args(toy, run, steps=3, extra=["algorithm.kl_coef=0.1", "actor.global_batch_size=16",
-                                           "trainer.save_interval=0"]))
+                                           "trainer.save_interval=0", f"actor.bf16={str(bf16).lower()}",
+                                           "actor.recompute_old_logprobs=true"]))
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     first, last = rows[0], rows[-1]

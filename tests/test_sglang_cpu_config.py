@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from dapo_megatron.config import ConfigError, build_config
-from dapo_megatron.rollout.sglang_launcher import CPU_FLAGS, CPU_MAX_TOTAL_TOKENS, servers_for
+from dapo_megatron.rollout.sglang_launcher import CPU_FLAGS, CPU_MAX_TOTAL_TOKENS, cpu_threads_bind, servers_for
 
 TOY = "examples/toy/config.yaml"
 
@@ -90,3 +90,23 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path):
         with pytest.raises(RuntimeError, match=f"port {held.getsockname()[1]} on 127.0.0.1 is in use"):
             s.start()
     assert s.processes == {}
+
+
+def test_cpu_threads_bind_splits_the_cores_one_group_per_rank():
+    assert cpu_threads_bind(2, [0, 1]) == "0|1"
+    assert cpu_threads_bind(2, [0, 1, 2, 3, 4]) == "0,1,2|3,4"
+    assert cpu_threads_bind(3, [4, 5]) == "4|5|4"  # more ranks than cores: shared round-robin
+    assert cpu_threads_bind(1, [0, 1]) == "0,1"
+
+
+def test_two_cpu_servers_each_get_their_own_cores(tmp_path, monkeypatch):
+    """sglang on CPU binds server i (gpu id i) to NUMA node i by default: a second server dies on a one-node host."""
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    two = servers_for("m", rollout("rollout.sglang_num_servers=2"), log_dir=tmp_path, device="cpu")
+    bind = two.server_env()["SGLANG_CPU_OMP_THREADS_BIND"].split("|")
+    assert len(bind) == 2 and [two.server_command(i)[two.server_command(i).index("--base-gpu-id") + 1]
+                                for i in range(2)] == ["0", "1"]  # sglang indexes the bind list by gpu id
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in servers_for("m", rollout(), log_dir=tmp_path,
+                                                            device="cpu").server_env()  # one rank: sglang's own
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|0")
+    assert two.server_env()["SGLANG_CPU_OMP_THREADS_BIND"] == "0|0"  # the user's own binding wins

@@ -78,7 +78,7 @@ def test_launcher_command_line_env_health_and_log(servers, model_dir):
         str(TOOLS_PY), "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
         "--port", str(port), "--nccl-port", str(port + 1), "--tp-size", "1", "--base-gpu-id", "0",
         "--mem-fraction-static", "0.1", "--random-seed", "0", "--trust-remote-code", "--dtype", "float32",
-        "--api-key", API_KEY,
+        f"--api-key={API_KEY}",
         *CPU_FLAGS, "--max-total-tokens", "4096"]  # extra_args named it: no default cap added
     assert servers.server_env()["SGLANG_USE_CPU_ENGINE"] == "1"
     proc, log_path = servers.processes["sglang-0"]
@@ -262,7 +262,8 @@ def test_pause_update_continue_with_requests_in_flight(servers, model_dir, tmp_p
             assert s.finish_reason == "abort" and len(s.response_ids) < 160
         else:
             assert s.finish_reason == "length" and len(s.response_ids) == 160
-            assert s.weight_version == version  # meta_info.weight_version: the version that finished it
+            assert meta["weight_version"] == str(version)  # SGLang's: the version that finished it
+            assert s.weight_versions[-1] == version and s.weight_version == min(s.weight_versions)  # ours: the oldest
             spans = meta["weight_versions"]  # [{version, start, end}]: which tokens each version made
             assert spans[-1]["version"] == str(version) and spans[-1]["end"] == 160
             assert spans[0]["version"] != str(version) and spans[0]["start"] == 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
+from dapo_megatron.rollout.engine_load import WALL_CLOCK_METRICS
 from tests.helpers.forked import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +49,8 @@ def _train(args, env=None, check=True):
 
 def _metrics(run_dir):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time") and k != "step"} | {"step": r["step"]}
-            for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time") and k not in WALL_CLOCK_METRICS and k != "step"}
+            | {"step": r["step"]} for r in rows]
 
 
 def _weights(torchrun, ckpt_dir, tmp_path):

@@ -109,7 +109,7 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, mode: str, global_token_count=
 class PolicyLossConfig:
     """Policy loss options (verl names). Ratios r = exp(logprobs - old_logprobs)."""
     loss_mode: str = "vanilla"  # vanilla (PPO clip, DAPO) | gspo (sequence ratio) | cispo (clipped IS weight)
-    clip_ratio_low: float = 0.2  # clip r below 1 - clip_ratio_low (GSPO paper: 3e-4)
+    clip_ratio_low: float = 0.2  # clip r below 1 - clip_ratio_low (GSPO paper: 3e-4; 1.0: no lower bound, CISPO's)
     clip_ratio_high: float = 0.28  # DAPO Clip-Higher: clip r above 1 + clip_ratio_high (GSPO paper: 4e-4)
     clip_ratio_c: Optional[float] = 3.0  # dual-clip (vanilla only; null with gspo/cispo): A < 0 loss capped at -c A
     loss_agg_mode: str = "token-mean"
@@ -129,8 +129,8 @@ class PolicyLossConfig:
             self.rollout_correction = RolloutCorrectionConfig(**self.rollout_correction)
         if self.loss_mode not in POLICY_LOSS_MODES:
             raise ValueError(f"loss_mode must be one of {sorted(POLICY_LOSS_MODES)}, got {self.loss_mode!r}")
-        if not 0.0 <= self.clip_ratio_low < 1.0:
-            raise ValueError(f"clip_ratio_low must be in [0, 1), got {self.clip_ratio_low}")
+        if not 0.0 <= self.clip_ratio_low <= 1.0:  # 1.0: the lower bound 0 never binds (MiniMax-M1's CISPO setting)
+            raise ValueError(f"clip_ratio_low must be in [0, 1], got {self.clip_ratio_low}")
         if not self.clip_ratio_high >= 0.0:
             raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:

@@ -12,6 +12,12 @@ w = pi_old_trainer / pi_rollout_engine differs from 1. The weight multiplies eac
                   backward), so a masked token counts like a token with zero advantage.
 
 Weights are detached; KL and entropy terms are not weighted. Means run over loss tokens only (loss_mask > 0).
+
+Contract with asynchronous rollouts (mixed weight versions in one batch): the clip anchor (old policy) is the
+trainer's recompute at the version the step starts from (actor.recompute_old_logprobs=true); the behaviour policy,
+the engine's per-token log-probs under their own versions, weights the loss through algorithm.rollout_correction
+(TIS/MIS, token or sequence), as in AReaL's decoupled PPO. A token's loss is the policy loss of r = pi_theta /
+pi_old (clipped by loss_mode) times w = pi_old / pi_behaviour (tests/test_decoupled_correction.py, by numbers).
 """
 from dataclasses import dataclass
 from typing import Optional

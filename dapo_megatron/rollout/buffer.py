@@ -5,6 +5,14 @@ trains on what it has, pads, or skips the step, with a warning, and never raises
 
 Kept groups are returned in submission order (group ids grow with submission), so a deterministic
 generator gives a deterministic batch whatever the completion order inside a wait.
+
+Carry mode (`carry = True`, rollout.async_steps >= 2, train/rollout_producer.py): groups still in flight when the
+batch is full are not aborted but carried into the next `collect`, as are surplus completed groups; a group whose
+oldest token is older than `min_version` (set per batch by the producer) is stale: dropped (`rollout/stale_dropped`)
+or generated again (`stale_policy`); a group aborted under way (a weight update that aborts requests) is generated
+again. `extra_in_flight()` more groups, for the batches the producer may already start, are kept in flight so that
+the engines' slots fill while a batch's last responses finish (the long tail). `state_dict(ref)` then also holds the
+groups kept so far, the completed ones not yet judged, and the prompts in flight (generated again after a resume).
 """
 import asyncio
 import copy
@@ -22,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 Group = list[Sample]
 ON_EXHAUSTED = ("train", "pad", "skip")
+STALE_POLICIES = ("drop", "regenerate")
 
 
 @dataclass
@@ -69,13 +78,24 @@ class DynamicSamplingBuffer:
         self.max_response_length = max_response_length
         self.next_group_id = 0
         self.pending: list[Group] = []  # kept groups carried over to the next step
+        # carry mode (module docstring)
+        self.carry, self.min_version, self.stale_policy = False, None, "drop"
+        self.extra_in_flight: Callable[[], int] = lambda: 0  # groups for later batches that may be in flight too
+        self._in_flight: dict = {}  # carried across collects: task -> group
+        self._kept: list[Group] = []  # the collect under way's kept groups (what a snapshot saves)
+        self._scoring: list[Group] = []  # completed, out of the in-flight set, not yet kept or dropped
+        self._restored: tuple = ([], [])  # from a checkpoint: (completed groups, prompt groups to generate again)
 
     async def collect(self, abort: Optional[Callable[[], Awaitable[None]]] = None,
                       progress: Optional[Callable[[int, Counter], None]] = None) -> tuple[list[Group], dict]:
         """`progress(num_kept, stats)` is called after every finished group (for a progress bar)."""
         batch_size, stats = self.cfg.rollout_batch_size, Counter()
+        in_flight: dict[asyncio.Future, Group] = self._in_flight if self.carry else {}
+        self._restore(in_flight)  # a checkpoint of carry mode, also when resumed with async_steps <= 1
+        if self.carry:
+            self.pending = [g for g in self.pending if not self._stale(g, in_flight, stats)]
         kept, self.pending = self.pending[:batch_size], self.pending[batch_size:]
-        in_flight: dict[asyncio.Future, Group] = {}
+        self._kept = kept
         try:
             while True:
                 self._top_up(in_flight, len(kept), stats)
@@ -85,30 +105,92 @@ class DynamicSamplingBuffer:
                 for task in sorted(done, key=lambda t: in_flight[t][0].group_id):
                     group = task.result()
                     del in_flight[task]
-                    if await self._accept(group, stats):
+                    if self.carry and (self._aborted(group, in_flight, stats) or self._stale(group, in_flight, stats)):
+                        continue
+                    self._scoring.append(group)  # a snapshot while it is being scored saves it as completed
+                    try:
+                        accepted = await self._accept(group, stats)
+                    finally:
+                        self._scoring.remove(group)
+                    if accepted:
                         self._keep(group, kept, stats)
                     if progress is not None:
                         progress(len(kept), stats)
-            await self._drain(in_flight, abort, stats)
+            if not self.carry:
+                await self._drain(in_flight, abort, stats)
         except BaseException:
             for task in in_flight:
                 task.cancel()
+            in_flight.clear()
             raise
+        finally:
+            self._kept = []
         kept.sort(key=lambda g: g[0].group_id)
         return self._finish(kept, stats)
+
+    # ------------------------------------------------------------------ carry mode
+    def _submit(self, in_flight: dict, group: Group) -> None:
+        in_flight[asyncio.ensure_future(self.generate_group(group))] = group
+
+    def _again(self, group: Group) -> Group:
+        """Fresh prompt-only samples of a group, same group id and prompt (generated again)."""
+        meta = {k: v for k, v in group[0].metadata.items() if k != "stale"}
+        return [Sample(prompt_ids=list(s.prompt_ids), prompt_text=s.prompt_text, label=s.label, group_id=s.group_id,
+                       index=s.index, metadata=copy.deepcopy(meta)) for s in group]
+
+    def _aborted(self, group: Group, in_flight: dict, stats: Counter) -> bool:
+        """A group aborted under way (a weight update that aborts requests): generated again."""
+        if not any(s.finish_reason == "abort" for s in group):
+            return False
+        stats["groups_regenerated_aborted"] += 1
+        self._submit(in_flight, self._again(group))
+        return True
+
+    def _stale(self, group: Group, in_flight: dict, stats: Counter) -> bool:
+        """Has the group a token older than min_version? Then drop it or generate it again (stale_policy)."""
+        if self.min_version is None or min(min(s.token_versions(), default=s.weight_version) for s in group) \
+                >= self.min_version:
+            return False
+        for s in group:
+            s.metadata["stale"] = True  # rollout dumps: drop_reason "stale"
+        if self.stale_policy == "regenerate":
+            stats["stale_regenerated"] += 1
+            self._submit(in_flight, self._again(group))
+        else:
+            stats["stale_dropped"] += 1
+        return True
+
+    def _restore(self, in_flight: dict) -> None:
+        """A checkpoint's completed groups (as finished tasks) and in-flight prompts (submitted again)."""
+        completed, again = self._restored
+        self._restored = ([], [])
+        for group in completed:
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(group)
+            in_flight[future] = group
+        for group in again:
+            self._submit(in_flight, group)
+
+    def cancel_in_flight(self) -> list:
+        """Carry mode, at shutdown: cancel what is still generating (its requests are aborted); returns the tasks."""
+        tasks = list(self._in_flight)
+        for task in tasks:
+            task.cancel()
+        self._in_flight.clear()
+        return tasks
 
     def _top_up(self, in_flight: dict, num_kept: int, stats: Counter) -> None:
         cfg = self.cfg
         missing = cfg.rollout_batch_size - num_kept
         factor = cfg.over_sampling_factor if cfg.enable else 1.0
         budget = cfg.max_num_gen_batches * cfg.rollout_batch_size if cfg.max_num_gen_batches else math.inf
-        want = min(math.ceil(factor * missing) - len(in_flight), budget - stats["prompts_consumed"])
+        ahead = self.extra_in_flight() if self.carry else 0  # next batches' prompts, to keep the engines busy
+        want = min(math.ceil(factor * missing) + ahead - len(in_flight), budget - stats["prompts_consumed"])
         if want <= 0:
             return
         items = self.prompt_source.next_batch(int(want))
         for item in items:
-            group = self._new_group(item)
-            in_flight[asyncio.ensure_future(self.generate_group(group))] = group
+            self._submit(in_flight, self._new_group(item))
         stats["prompts_consumed"] += len(items)
 
     def _new_group(self, item) -> Group:
@@ -146,7 +228,7 @@ class DynamicSamplingBuffer:
             kept.append(group)
             return
         stats["groups_surplus"] += 1
-        if self.cfg.keep_partial:
+        if self.cfg.keep_partial or self.carry:  # carry mode: judged by the next batch's bound (_stale)
             self.pending.append(group)
 
     async def _drain(self, in_flight: dict, abort, stats: Counter) -> None:
@@ -205,6 +287,9 @@ class DynamicSamplingBuffer:
         names = ("groups_generated", "groups_dropped_all_correct", "groups_dropped_all_wrong",
                  "groups_dropped_all_equal", "groups_dropped_aborted", "groups_aborted", "groups_surplus",
                  "prompts_consumed", "aborts", "verifier_timeouts", "verifier_errors")
+        if self.carry:
+            names += ("stale_dropped", "stale_regenerated", "groups_regenerated_aborted", "groups_in_flight")
+            stats["groups_in_flight"] = len(self._in_flight)
         metrics = {f"rollout/{k}": stats[k] for k in names}
         metrics.update({
             "rollout/groups_kept": num_kept,
@@ -222,14 +307,26 @@ class DynamicSamplingBuffer:
         })
         return metrics
 
-    def state_dict(self) -> dict:
-        return {
-            "next_group_id": self.next_group_id,
-            "pending": [[copy.deepcopy(s.state_dict()) for s in g] for g in self.pending],
-            "prompt_source": self.prompt_source.state_dict(),
-        }
+    def state_dict(self, ref: Optional[Callable[[Group], int]] = None) -> dict:
+        """`ref` (carry mode): a group -> its index in a table of groups saved once (train/rollout_producer.py), so a
+        group held in several places is one object again after a resume. Call it on the event loop's thread."""
+        state = {"next_group_id": self.next_group_id, "prompt_source": self.prompt_source.state_dict()}
+        if ref is None:
+            state["pending"] = [[copy.deepcopy(s.state_dict()) for s in g] for g in self.pending]
+            return state
+        done = [t for t in self._in_flight if t.done() and not t.cancelled() and t.exception() is None]
+        state["pending"] = [ref(g) for g in self._kept + self.pending]  # the collect under way starts over
+        state["completed"] = [ref(g) for g in self._scoring] + [ref(t.result()) for t in done]
+        state["in_flight"] = [[copy.deepcopy(s.state_dict()) for s in self._again(g)]
+                              for t, g in self._in_flight.items() if t not in done]
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, groups: Optional[list[Group]] = None) -> None:
+        def group(g):
+            return groups[g] if isinstance(g, int) else [Sample.from_state_dict(copy.deepcopy(s)) for s in g]
+
         self.next_group_id = int(state["next_group_id"])
-        self.pending = [[Sample.from_state_dict(copy.deepcopy(s)) for s in g] for g in state["pending"]]
+        self.pending = [group(g) for g in state["pending"]]
+        self._restored = ([group(g) for g in state.get("completed", [])],
+                          [group(g) for g in state.get("in_flight", [])])
         self.prompt_source.load_state_dict(state["prompt_source"])

@@ -95,10 +95,11 @@ def sglang_sampling_params(params: GenerationParams) -> dict:
 
 @contextlib.contextmanager
 def update_session(client):
-    """SGLang's weight-update session around tensor / distributed loads: pause (abort in-flight requests),
+    """SGLang's weight-update session around tensor / distributed loads: pause (`client.sync_pause_mode`: abort
+    in-flight requests; retract with rollout.partial_rollout),
     /begin_weight_update; on leaving /end_weight_update (also after a failed bucket, so the next sync can open one),
     then flush the cache (only after a complete update) and continue generation."""
-    run_sync(client.pause_generation())
+    run_sync(client.pause_generation(client.sync_pause_mode))
     try:
         run_sync(client.begin_weight_update())
         try:
@@ -142,6 +143,9 @@ class RolloutClient:
         # SGLang's --api-key: sent as `Authorization: Bearer <key>` on every request (never logged).
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._abort_epoch = 0
+        # how a weight-update session pauses generation: abort (in-flight requests return finish_reason abort), or
+        # retract / in_place (rollout.partial_rollout: they continue with the new weights after the update)
+        self.sync_pause_mode = "abort"
         # R3 routing replay: ask for SGLang's meta_info.routed_experts and keep it on the Sample
         self.return_routed_experts = return_routed_experts
         self._rr = itertools.count()
@@ -246,12 +250,13 @@ class RolloutClient:
                 if len(outs) != n:
                     raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
                 # engines that come back (restarted by us, or by someone else): a server that reports no version is
-                # trusted, one of another version not yet caught up is never trained on
+                # trusted; older than the trainer's: not yet caught up, never trained on; newer: a weight sync under
+                # way (async_steps >= 2 generates through it), whose version the trainer side sets once it completes
                 stale = (self.supervisor is not None or self.catch_up is not None) and any(
-                    _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) != self.weight_version
+                    _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) < self.weight_version
                     for o in outs)
                 if stale:
-                    errors.append(f"{server.url}: answered with weights other than version {self.weight_version}")
+                    errors.append(f"{server.url}: answered with weights older than version {self.weight_version}")
                     if self.supervisor is None:  # someone else's engine, back with its own weights
                         await asyncio.to_thread(self.catch_up)
                     continue
@@ -316,6 +321,10 @@ class RolloutClient:
         sample.response_text = out.get("text", "")
         sample.finish_reason = (meta.get("finish_reason") or {}).get("type", "stop")
         sample.weight_version = _version(meta.get("weight_version"), self.weight_version)
+        versions = token_versions(meta.get("weight_versions"), len(sample.response_ids))
+        if versions:  # SGLang's weight_version is the newest; a sample's is its oldest token's (types.Sample)
+            sample.weight_version = min(versions)
+            sample.weight_versions = versions if len(set(versions)) > 1 else None
         if self.return_routed_experts:
             if "routed_experts" not in meta and sample.finish_reason != "abort":
                 raise RolloutServerError("the server returned no meta_info.routed_experts for return_routed_experts="
@@ -377,6 +386,10 @@ class RolloutClient:
 
     async def get_model_info(self) -> list:
         return await self._fan_out("/get_model_info", method="GET")
+
+    async def get_server_info(self) -> list:
+        """Every worker's /get_server_info (None where one failed: logged, not raised)."""
+        return await self._fan_out("/get_server_info", method="GET", strict=False)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version=None,
                                        abort_all_requests: bool = False, timeout_s: Optional[float] = None,
@@ -440,6 +453,20 @@ class RolloutClient:
 
     async def close(self):
         """Nothing is held between calls (a session per request); kept for symmetry with other clients."""
+
+
+def token_versions(spans, num_tokens: int) -> Optional[list]:
+    """SGLang's `meta_info.weight_versions` spans ([{"version", "start", "end"}], end exclusive) as one version per
+    output token; None when absent or when they do not cover the tokens (a server that does not track them). A
+    server started without a version names its first weights "default": model.path's, our version 0."""
+    if not spans or not num_tokens:
+        return None
+    out = [None] * num_tokens
+    for span in spans:
+        v = _version(span.get("version"), 0)
+        for i in range(max(0, int(span["start"])), min(num_tokens, int(span["end"]))):
+            out[i] = v
+    return None if any(v is None for v in out) else out
 
 
 def _healthy(url: str, timeout_s: float) -> bool:

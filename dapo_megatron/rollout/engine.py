@@ -13,8 +13,12 @@ distribution, i.e. before top-p / top-k renormalisation, as SGLang returns it. G
 `text` drops it, and drops a matched stop string, unless `no_stop_trim`.
 
 Weight updates wait for running requests to finish (new requests are held back meanwhile), so every response is
-produced by one weight version, reported as `meta_info.weight_version`. While paused in place (`pause_generation(
-mode="in_place")`) an update applies at once and the frozen requests continue with the new weights.
+produced by one weight version, reported as `meta_info.weight_version`. While paused (`pause_generation(mode=
+"in_place" | "retract")`) an update applies at once and the frozen requests continue with the new weights (partial
+rollouts): each token keeps the version that sampled it and its log-prob under that version, reported as SGLang
+does, `meta_info.weight_versions` = [{"version": "3", "start": 0, "end": 5}, ...] spans of output tokens, and
+`meta_info.weight_version` the newest. "retract", as SGLang's, recomputes the requests' KV cache with the new weights,
+so the tokens after the update are the new policy's over the whole prefix; "in_place" keeps the old weights' cache.
 
 `hold(steps)` / `release()` / `wait_held()` let a test keep a request in flight for as long as it needs (the scheduler
 stops after `steps` more steps; aborts are still answered), instead of racing the machine's generation speed.
@@ -22,7 +26,6 @@ stops after `steps` more steps; aborts are still answered), instead of racing th
 import asyncio
 import concurrent.futures
 import inspect
-import json
 import logging
 import random
 import threading
@@ -30,11 +33,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
-from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _select
+from .engine_load import SlotMeter
+from .kv_batch import _Batch, _kv_of, _make_cache, _merge, _refill, _select
+from .hf_update import check_hf_update, check_same_architecture, copy_hf_tensors
 from .routed_experts import RoutingRecorder
 from .routed_experts import encode as encode_routed_experts
 from .sampling import SamplingParams, _is_int, sample_tokens  # noqa: F401 (re-exported)
@@ -55,6 +60,7 @@ class _Seq:
     finish: Optional[dict] = None
     generator: Optional[torch.Generator] = None
     routing: list = field(default_factory=list)  # MoE: [tokens, num_layers, topk] int32 pieces, one per forward
+    versions: list = field(default_factory=list)  # the weight version that sampled each output token
 
     def abort(self):
         if self.finish is None:
@@ -117,9 +123,11 @@ class Engine:
         self._num_active = 0  # admitted, not yet resolved
         self._batch: Optional[_Batch] = None
         self._paused = self._stopped = self._wake = False
+        self._pause_mode, self._refill = None, False  # retract: the running rows' KV is recomputed after an update
         self._updates_pending = 0
         self._step_budget: Optional[int] = None  # scheduler steps left before a hold; None: not held
         self._stepping = False
+        self.slots = SlotMeter(max_batch_size)  # busy accounting, under self._cv (`load_stats`)
         self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
         self._thread.start()
 
@@ -208,7 +216,7 @@ class Engine:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
         with self._cv:
-            self._paused = True
+            self._paused, self._pause_mode = True, mode
         if mode == "abort":
             self.abort_request(abort_all=True)
         with self._step_lock:
@@ -301,6 +309,7 @@ class Engine:
             with self._step_lock:
                 apply()
                 self.weight_version = int(weight_version) if weight_version is not None else self.weight_version + 1
+                self._refill = self._refill or (self._paused and self._pause_mode == "retract")
         finally:
             with self._cv:
                 self._updates_pending -= 1
@@ -331,6 +340,11 @@ class Engine:
         """Requests waiting or running."""
         return len(self._requests)
 
+    def load_stats(self) -> dict:
+        """Cumulative busy counters (rollout/engine_load.py: SlotMeter); two reads give a window's busy fraction."""
+        with self._cv:
+            return self.slots.stats()
+
     # ------------------------------------------------------------------ scheduler
     def _loop(self):
         while True:
@@ -346,19 +360,27 @@ class Engine:
                 if allowed and forward and self._step_budget is not None:
                     self._step_budget -= 1
                 self._stepping = True
+                self.slots.mark(self.slots.rows + sum(r.params.n for r in admitted))
             try:
                 with self._step_lock, torch.inference_mode():
+                    if self._refill and self._batch is not None:  # before new rows join: theirs is fresh
+                        self._batch = _refill(self._forward, self._batch.rows, self.pad_id, self.device)
+                        self._routing.take(self._batch.mask.numel())  # MoE: the recorded routing stays the first
+                    self._refill = False
                     if admitted:
                         self._prefill(admitted)
                     done = self._drop_finished()
+                    decoded = 0
                     if self._batch is not None and allowed and not self._paused:
+                        decoded = len(self._batch.rows)
                         self._decode()
                         done += self._drop_finished()
             except Exception as e:  # keep serving: fail what was running, report the cause to each caller
                 log.exception("rollout engine step failed")
-                done = self._fail_running(admitted, e)
+                done, decoded = self._fail_running(admitted, e), 0
             self._resolve(done)
             with self._cv:
+                self.slots.mark(len(self._batch.rows) if self._batch is not None else 0, decoded)
                 self._stepping = False
                 self._cv.notify_all()
 
@@ -440,6 +462,7 @@ class Engine:
         for s, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
             s.output_ids.append(t)
             s.logprobs.append(lp)
+            s.versions.append(self.weight_version)  # updates apply between steps (_step_lock): these logits' weights
             s.finish = self._stop_reason(s, t)
         return tokens
 
@@ -508,7 +531,8 @@ class Engine:
             text = text[:text.index(matched)]
         meta = {"id": req.rid if p.n == 1 else f"{req.rid}-{s.index}", "prompt_tokens": len(req.prompt_ids),
                 "completion_tokens": len(s.output_ids), "cached_tokens": 0, "finish_reason": s.finish,
-                "weight_version": self.weight_version, "e2e_latency": time.time() - req.created}
+                "weight_version": self.weight_version, "e2e_latency": time.time() - req.created,
+                "weight_versions": version_spans(s.versions, self.weight_version)}
         if req.return_logprob:
             texts = ([self.tokenizer.decode([t]) for t in s.output_ids] if req.return_text_in_logprobs
                      else [None] * len(s.output_ids))
@@ -518,49 +542,13 @@ class Engine:
         return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
 
 
-# --------------------------------------------------------------------------- receiving weight updates
-_ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-              "intermediate_size")
-
-
-def check_same_architecture(config, folder):
-    """Refuse a weight folder whose config.json describes a different architecture than `config`."""
-    cfg_file = Path(folder) / "config.json"
-    if not cfg_file.is_file():
-        return
-    new = json.loads(cfg_file.read_text())
-    for key in _ARCH_KEYS:
-        if key in new and new[key] != getattr(config, key, new[key]):
-            raise ValueError(f"{cfg_file}: {key}={new[key]} differs from the served model's "
-                             f"{getattr(config, key)}; a weight update cannot change the architecture")
-
-
-def _hf_targets(model) -> dict:
-    """HF name -> tensor to copy into: the parameters, plus per-expert views of fused MoE experts (models/moe.py)."""
-    from ..models.moe import hub_expert_views
-
-    return {**dict(model.named_parameters(remove_duplicate=False)), **hub_expert_views(model)}
-
-
-def check_hf_update(model, named_shapes: Iterable, source: str, *, require_all: bool = False):
-    """Check names and shapes of an update against `model` before anything is copied (all-or-nothing)."""
-    params = _hf_targets(model)
-    covered = set()
-    for name, shape in named_shapes:
-        if name not in params:
-            raise ValueError(f"{source}: unknown parameter {name!r}; expected Hugging Face names such as "
-                             f"{next(iter(params))!r}")
-        if tuple(params[name].shape) != tuple(shape):
-            raise ValueError(f"{source}: {name!r} has shape {tuple(shape)}, the served model has "
-                             f"{tuple(params[name].shape)}")
-        covered.add(params[name].untyped_storage().data_ptr())  # an expert view covers its fused tensor
-    missing = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in covered]
-    if require_all and missing:
-        raise ValueError(f"{source} lacks {len(missing)} parameters of the served model, e.g. {missing[:3]}")
-
-
-def copy_hf_tensors(model, named_tensors: Iterable):
-    params = _hf_targets(model)
-    with torch.no_grad():
-        for name, tensor in named_tensors:
-            params[name].copy_(tensor)
+def version_spans(versions: list, current: int) -> list:
+    """Per-token versions as SGLang's `meta_info.weight_versions`: runs of one version, [start, end) over the output
+    tokens, versions as strings; no token yet: one empty span of the current version."""
+    spans = []
+    for i, v in enumerate(versions):
+        if spans and spans[-1]["version"] == str(v):
+            spans[-1]["end"] = i + 1
+        else:
+            spans.append({"version": str(v), "start": i, "end": i + 1})
+    return spans or [{"version": str(current), "start": 0, "end": 0}]

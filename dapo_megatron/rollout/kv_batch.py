@@ -56,3 +56,19 @@ def _select(b: _Batch, keep: list) -> Optional[_Batch]:
     lead = int((mask.cumsum(-1) == 0).sum(-1).min())
     kv = [(k[idx, :, lead:], v[idx, :, lead:]) for k, v in _kv_of(b.cache)]
     return _Batch([b.rows[i] for i in keep], _make_cache(kv), mask[:, lead:], b.next_pos[idx], b.pending[idx])
+
+
+def _refill(forward, rows: list, pad_id: int, device) -> _Batch:
+    """`rows` again, their KV cache recomputed by the current weights (SGLang's retract: a request paused across a
+    weight update continues over a cache of the new weights): prompt and output tokens but the pending last one."""
+    seqs = [r.req.prompt_ids + r.output_ids[:-1] for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = torch.tensor(seq, device=device)
+        mask[i, width - len(seq):] = 1
+    cache = _make_cache([])
+    forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
+    pending = torch.tensor([r.output_ids[-1] for r in rows], device=device)
+    return _Batch(list(rows), cache, mask, mask.sum(-1), pending)

@@ -129,6 +129,7 @@ class MultiTurnRunner:
     async def _continue(self, fleet, s: Sample, params: GenerationParams) -> None:
         ids, logprobs, mask = list(s.response_ids), list(s.rollout_logprobs), [1] * len(s.response_ids)
         last_turn, version = list(s.response_ids), s.weight_version
+        versions = s.token_versions()  # per token (partial rollouts); a tool's tokens take the model's before them
         stats = dict.fromkeys(STATS, 0)
         stats["turns"] = 1
         # the response's turns as spans of response_ids: who wrote them (model | tool) and, for the model, with
@@ -148,6 +149,7 @@ class MultiTurnRunner:
             if len(tool_ids) >= room:  # nothing left to generate after it: cut it to fit and stop
                 tool_ids, s.finish_reason = tool_ids[:room], "length"
             ids += tool_ids
+            versions += versions[-1:] * len(tool_ids) if versions else [version] * len(tool_ids)
             logprobs += [0.0] * len(tool_ids)
             mask += [0] * len(tool_ids)
             turns.append({"source": "tool", "start": len(ids) - len(tool_ids), "end": len(ids), "tool": call.name,
@@ -161,6 +163,7 @@ class MultiTurnRunner:
             stats["turns"] += 1
             last_turn = list(turn.response_ids)
             ids += last_turn
+            versions += turn.token_versions()
             logprobs += list(turn.rollout_logprobs)
             mask += [1] * len(last_turn)
             turns.append({"source": "model", "start": len(ids) - len(last_turn), "end": len(ids),
@@ -168,6 +171,7 @@ class MultiTurnRunner:
             version = min(version, turn.weight_version)
             s.finish_reason = turn.finish_reason
         s.response_ids, s.rollout_logprobs, s.loss_mask, s.weight_version = ids, logprobs, mask, version
+        s.weight_versions = versions if len(set(versions)) > 1 else None
         if stats["turns"] > 1 or stats["tool_calls"]:
             s.response_text = self.tokenizer.decode(ids, skip_special_tokens=True)  # for the verifier only
         s.metadata["multi_turn"] = stats

@@ -143,7 +143,8 @@ async def _weight_version(engine: Engine, payload: dict):
 async def _server_info(engine: Engine, payload: dict):
     return 200, {**engine.get_model_info(), "engine": "dapo_megatron embedded", "max_batch_size":
                  engine.max_batch_size, "dtype": str(engine.dtype), "device": str(engine.device),
-                 "num_requests": engine.num_requests, "paused": engine.is_paused}
+                 "num_requests": engine.num_requests, "paused": engine.is_paused,
+                 "engine_load": engine.load_stats()}  # busy counters (rollout/engine_load.py)
 
 
 async def _flush_cache(engine: Engine, payload: dict):

@@ -159,7 +159,15 @@ class SGLangServers:
         return cmd + [str(a) for a in self.extra_args]
 
     def server_env(self) -> dict:
-        return {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"} if self.device == "cpu" else {**os.environ}
+        if self.device != "cpu":
+            return {**os.environ}
+        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+        ranks = self.base_gpu_id + self.num_servers * self.tp_size
+        if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+            # sglang on CPU binds rank `gpu_id` to NUMA node `gpu_id` unless told otherwise, so a second server on a
+            # one-node host dies at start ("NUMA index 1 ... out of range"): give each rank its own cores instead.
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(ranks, sorted(os.sched_getaffinity(0)))
+        return env
 
     def router_command(self) -> list:
         return [self.python, "-m", "sglang_router.launch_router", "--worker-urls", *self.worker_urls,
@@ -297,6 +305,21 @@ class SGLangServers:
 
         kwargs.setdefault("api_key", self.api_key)
         return RolloutClient(self.generate_urls, worker_urls=self.worker_urls, **kwargs)
+
+
+def cpu_threads_bind(ranks: int, cpus: list) -> str:
+    """SGLang's SGLANG_CPU_OMP_THREADS_BIND for `ranks` CPU ranks (rank i = gpu id i): `cpus` split into contiguous
+    disjoint groups, the first groups one core larger when they do not divide evenly; with more ranks than cores,
+    ranks share cores round-robin ("0|1|0" for 3 ranks on 2 cores)."""
+    if ranks > len(cpus):
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(ranks))
+    size, extra = divmod(len(cpus), ranks)
+    groups, start = [], 0
+    for i in range(ranks):
+        n = size + (i < extra)
+        groups.append(cpus[start:start + n])
+        start += n
+    return "|".join(",".join(map(str, g)) for g in groups)
 
 
 class _ServerHandle:

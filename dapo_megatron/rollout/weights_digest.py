@@ -17,7 +17,7 @@ def tensor_digest(t) -> str:
 def weights_digest(model) -> dict:
     """Every HF-named tensor of an engine's model -> [digest, storage id], and the storage ids of its parameters
     (an engine parameter no sent tensor covers is a mismatch). Served as /debug/weights_digest."""
-    from .engine import _hf_targets
+    from .hf_update import _hf_targets
 
     def key(t):
         return t.untyped_storage().data_ptr()

@@ -13,6 +13,7 @@ from .. import parallel
 from ..config import Config
 from ..placement import startup_plan
 from ..rollout.client import EnginesLost
+from ..rollout.engine_load import EngineLoadMeter
 from ..rollout.node_engines import start_node_engines
 from .actor import Actor, train_on_batch
 from ..models import ckpt_layout
@@ -21,6 +22,7 @@ from .faults import fault, hold_for_signal
 from .metrics import MetricsLogger
 from .reference import build_reference
 from .rollout_ahead import RolloutAhead
+from .rollout_producer import RolloutProducer
 from .rollout_dump import RolloutDumper, dump_eval, dump_step
 from .preemption import PREEMPTED_EXIT_CODE, Preemption
 from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_batch, broadcast_from_rank0
@@ -62,11 +64,14 @@ def _run(cfg: Config, closes: ExitStack) -> dict:
         (Path(cfg.trainer.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     if cfg.trainer.load:
         syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
-    ahead = RolloutAhead(stage, cfg.rollout.async_steps, _staleness_bound(cfg)) if rank0 else None
+    ahead = _rollout_ahead(cfg, stage) if rank0 else None
     if ahead is not None:
         closes.callback(ahead.close)
     last, preempted = {}, False
     lost, saved = None, start  # lost: rank 0's EnginesLost, the run's end after a checkpoint of the last finished step
+    load = EngineLoadMeter(stage.client) if rank0 else None  # rollout/engine_busy_fraction, one window per step
+    if load is not None:
+        load.sample()
     for step in range(start, cfg.trainer.num_steps):
         times = {}
         with _timer(times, "rollout"):  # with rollout.async_steps=1, the rollout started during the last step
@@ -94,8 +99,8 @@ def _run(cfg: Config, closes: ExitStack) -> dict:
             if rank0:
                 with _timer(times, "rollout_wait"):  # the engines take new weights only between rollouts
                     ahead.wait()
-            with _timer(times, "sync"):
-                try:
+            with _timer(times, "sync"), ahead.weight_update() if rank0 else nullcontext():
+                try:  # async_steps>=2: partial rollouts pause
                     train_metrics.update(syncer.sync(actor, version=step + 1))
                 except EnginesLost as e:  # this step trained: logged and checkpointed, then the run ends on it
                     lost = e
@@ -109,7 +114,7 @@ def _run(cfg: Config, closes: ExitStack) -> dict:
             if rank0:
                 dump_eval(dumper, stage, step + 1)
             dist.barrier()
-        last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics,
+        last = {**(rollout_metrics or {}), **train_metrics, **eval_metrics, **(load.sample() if load else {}),
                 **{f"time/{k}_s": v for k, v in times.items()}, "time/step_s": sum(times.values())}
         logger.log(step + 1, last)  # before the save: a checkpoint's steps are always in metrics.jsonl
         if final or _due(step, cfg.trainer.save_interval, cfg.trainer.num_steps):
@@ -231,6 +236,14 @@ def _out_of_budget(cfg: Config, rollout_metrics) -> bool:
         return False
     spent = rollout_metrics["rollout/generated_tokens_total"] if rollout_metrics is not None else None
     return broadcast_from_rank0(spent >= budget if spent is not None else None)
+
+
+def _rollout_ahead(cfg: Config, stage):
+    """async_steps 0 / 1: RolloutAhead (in place / one rollout ahead); k >= 2: the continuous RolloutProducer."""
+    r = cfg.rollout
+    if r.async_steps >= 2:
+        return RolloutProducer(stage, r.async_steps, r.partial_rollout, r.stale_policy)
+    return RolloutAhead(stage, r.async_steps, _staleness_bound(cfg))
 
 
 def _staleness_bound(cfg: Config) -> int:

@@ -35,9 +35,16 @@ class ReferencePolicy(Actor):
         self.cfg, self.pad_id, self.loss_cfg = actor_cfg, pad_id, None
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         tracker_states = get_cuda_rng_tracker().get_states()
+        # the actor's precision (actor.bf16): a bf16 actor against an fp32 reference would measure their rounding as
+        # KL at step 1, and take twice the memory the plan (memory.py) counts for the reference
+        bf16 = actor_cfg.precision(torch.cuda.is_available())["bf16"]
+        dtype = torch.bfloat16 if bf16 else torch.float32
         with torch.random.fork_rng(devices=[]):  # building must not move the actor's random streams
-            module, self.arch = build_model(model_cfg)
+            module, self.arch = build_model(model_cfg, config_overrides={"bf16": bf16, "params_dtype": dtype,
+                                                                         "pipeline_dtype": dtype})
         get_cuda_rng_tracker().set_states(tracker_states)
+        if bf16:
+            module.bfloat16()  # as the actor (Float16Module): the local spec builds its norms in fp32
         load_hf_weights(module, self.arch, safetensors_getter(model_cfg.path))
         module.config.variable_seq_lengths = True  # each micro-batch is padded to its own length
         module.requires_grad_(False)

@@ -18,16 +18,19 @@ preemption at another step saves the prompt-sampler state from before the in-fli
 prompts are generated again after the resume, with the newer weights; no prompt is skipped.
 
 `async_steps: 0` (the default) is the synchronous loop: `next()` collects in place and `start()` does nothing.
+`async_steps >= 2` is train/rollout_producer.py (continuous generation, partial rollouts).
 """
 import concurrent.futures
+import contextlib
 import time
 
 from ..types import Sample
 
 
 def check_staleness(samples: list[Sample], trainer_version: int, bound: int) -> dict:
-    """Lag of each sample's weight version behind the trainer's; raises if any exceeds `bound` versions."""
-    lags = [trainer_version - int(s.weight_version) for s in samples]
+    """Lag of each response token's weight version behind the trainer's (a sample without tokens counts once, with
+    its own version); raises if any exceeds `bound` versions. The oldest token is each sample's `weight_version`."""
+    lags = [trainer_version - int(v) for s in samples for v in (s.token_versions() or [s.weight_version])]
     if lags and (max(lags) > bound or min(lags) < 0):
         worst = max(lags, key=abs)
         raise RuntimeError(f"rollout staleness: a sample of weight version {trainer_version - worst} reached the "
@@ -44,6 +47,9 @@ class RolloutAhead:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "dapo-rollout-ahead") if async_steps else None
         self._pending = None  # the future of the rollout for the next step
         self._before = None  # the stage's state from before that rollout (what a checkpoint saves meanwhile)
+        restored = getattr(stage, "restored", {})
+        if restored.get("ready"):  # a checkpoint of async_steps >= 2: its finished batches are trained first
+            stage.buffer.pending[:0] = [restored["groups"][g] for r in restored["ready"] for g in r["groups"]]
 
     def next(self) -> tuple[list[list[Sample]], dict]:
         """This step's groups and rollout metrics: the rollout started last step, else one collected now."""
@@ -70,6 +76,10 @@ class RolloutAhead:
     def state_dict(self) -> dict:
         """The rollout state a checkpoint saves now: from before the in-flight rollout, if there is one."""
         return self._before if self._pending is not None else self.stage.state_dict()
+
+    def weight_update(self):
+        """Around the weight sync: nothing to do (the rollout in flight has finished: `wait`)."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         self.wait()

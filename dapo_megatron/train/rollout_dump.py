@@ -37,8 +37,9 @@ def to_record(s: Sample, step: int, kept: bool, drop_reason: Optional[str] = Non
         "prompt_ids": s.prompt_ids, "response_ids": s.response_ids,
         "reward": s.reward, "score": s.score, "correct": s.correct, "advantage": m.get("advantage"),
         "finish_reason": s.finish_reason, "response_length": s.response_length,
-        # the oldest version of its turns (multi-turn: each model turn has its own in "turns"); no partial rollouts
-        "weight_version": s.weight_version,
+        # the oldest version of its tokens (multi-turn: of its turns, each has its own in "turns"); per token with
+        # rollout.partial_rollout when an update happened during its generation, else null
+        "weight_version": s.weight_version, "weight_versions": s.weight_versions,
         "rollout_logprobs": s.rollout_logprobs,  # the engine's, per response token
         "old_logprobs": m.get("old_logprobs"),  # the trainer's (actor.recompute_old_logprobs), else null
         "loss_mask": s.loss_mask if s.loss_mask is not None else [1] * s.response_length,
@@ -56,7 +57,8 @@ def to_sample(r: dict) -> Sample:
                   rollout_logprobs=list(r["rollout_logprobs"]), finish_reason=r["finish_reason"],
                   group_id=r["group_id"], index=r["index"], label=r["label"], prompt_text=r["prompt_text"],
                   response_text=r["response_text"], score=r["score"], reward=r["reward"], correct=r["correct"],
-                  loss_mask=list(r["loss_mask"]), weight_version=r["weight_version"], metadata=meta)
+                  loss_mask=list(r["loss_mask"]), weight_version=r["weight_version"],
+                  weight_versions=r.get("weight_versions"), metadata=meta)
 
 
 def read_dump(path) -> list[dict]:
@@ -80,6 +82,8 @@ def step_records(step: int, batch: list[Sample], generated: Iterable[list[Sample
 def _drop_reason(group: list[Sample], filter_metric: Optional[str], carried: set) -> str:
     if any(s.finish_reason == "abort" for s in group):
         return "aborted"
+    if group[0].metadata.get("stale"):
+        return "stale"  # rollout.async_steps >= 2: a token older than the staleness bound
     if id(group[0]) in carried:
         return "carried"  # dynamic_sampling.keep_partial: trained at a later step
     if filter_metric and all(s.correct is not None for s in group):

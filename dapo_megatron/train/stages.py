@@ -59,6 +59,10 @@ class RolloutStage:
         self.last_eval_samples: list[Sample] = []
         self.generated_tokens = 0  # every generated response token since step 1 (trainer.max_generated_tokens)
         self._eval_items = None
+        # runs a coroutine on self.loop from the trainer's thread (the rollout producer replaces it while its thread
+        # runs the loop: train/rollout_producer.py)
+        self.run_on_loop = self.loop.run_until_complete
+        self.restored: dict = {}  # a checkpoint's rollout state beyond the buffer's (the producer's: "ready", ...)
 
     @contextmanager
     def engine_memory_released(self):
@@ -90,12 +94,15 @@ class RolloutStage:
 
     def collect(self) -> tuple[list[list[Sample]], dict]:
         """One step's batch, with progress of kept groups (and generation rounds) on stderr (train/progress.py)."""
+        return self.loop.run_until_complete(self.acollect())
+
+    async def acollect(self) -> tuple[list[list[Sample]], dict]:
+        """`collect` on the stage's event loop (rollout.async_steps >= 2: the producer's thread runs it)."""
         r = self.cfg.rollout
         progress = RolloutProgress(self.step + 1, r.rollout_batch_size, r.rollout_batch_size,
                                    interval_s=self.cfg.trainer.progress_interval_s)
         try:
-            groups, metrics = self.loop.run_until_complete(
-                self.buffer.collect(abort=self.client.abort_all, progress=progress))
+            groups, metrics = await self.buffer.collect(abort=self.client.abort_all, progress=progress)
         finally:
             progress.close()
         self.step += 1
@@ -126,7 +133,7 @@ class RolloutStage:
                        for j in range(e.n_samples)] for i, it in enumerate(items)]
             return await asyncio.gather(*(self._generate(g, params) for g in groups))
 
-        groups = self.loop.run_until_complete(run())
+        groups = self.run_on_loop(run())
         self._tool_samples = []  # eval's samples are not the step's
         samples = [s for g in groups for s in g]
         self.scorer.score_samples(samples)
@@ -142,7 +149,9 @@ class RolloutStage:
         return {"buffer": self.buffer.state_dict(), "step": self.step, "generated_tokens": self.generated_tokens}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        groups = [[Sample.from_state_dict(s) for s in g] for g in state.get("groups", [])]  # producer: by index
+        self.buffer.load_state_dict(state["buffer"], groups)
+        self.restored = {"groups": groups, **{k: state[k] for k in ("ready", "generated") if k in state}}
         self.step = state["step"]
         self.generated_tokens = state.get("generated_tokens", 0)  # absent in checkpoints of earlier versions
 

@@ -69,7 +69,7 @@ def check(actor, dsts: list, sink, bucket_mb: float, rss: _RSS, *, every: int = 
     WeightSyncMismatch on every rank when a check that rollout.check_weight_sync asked for finds a difference."""
     if not due(every, syncs):
         return {}
-    from ..rollout.engine import _hf_targets
+    from ..rollout.hf_update import _hf_targets
     from .weight_stream import WeightStream
 
     # the engine in this process: the tensor sync's, or the in-process client's of a disk sync

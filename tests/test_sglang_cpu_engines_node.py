@@ -1,0 +1,80 @@
+"""`dapo-megatron engines` starting the real PyPI sglang server on an engines-only node, in a localhost two-node run:
+node 1 runs only `dapo-megatron engines` (real sglang on CPU, on the plan's port), node 0 the trainer (PP=2 under
+torchrun). The trainer finds the engine from the plan and $DAPO_NODE_HOSTS, waits for its /health with the shared
+API key, generates on it and syncs weights to it by disk through rollout.weight_sync_dir; after 3 steps sglang serves
+weight version 3 and the train/inference log-prob gap stayed small at every step. SIGTERM stops the engines node and
+its server. Needs tools/.venv-sglang (skipped with that message otherwise).
+"""
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dapo_megatron.rollout.sglang_launcher import free_port_block
+from tests.helpers.forked import run_cli
+from tests.sglang_real import TOOLS_PY, needs_server_venv
+from tests.test_engine_node_run import _wait_for_line
+from tests.test_sglang_cpu_train import servers_of
+from tests.test_trainer import _args, toy  # noqa: F401 (toy is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = str(REPO / "examples" / "toy" / "config.yaml")
+pytestmark = [pytest.mark.sglang_cpu, needs_server_venv, pytest.mark.timeout(1500)]
+
+
+def test_engines_node_runs_real_sglang_for_the_trainer(toy, tmp_path):  # noqa: F811
+    shared, port, key = tmp_path / "shared_sync", free_port_block(), secrets.token_hex(16)
+    placement = ["rollout.backend=sglang", f"rollout.sglang_python={TOOLS_PY}", "rollout.deterministic=false",
+                 "rollout.sglang_mem_fraction_static=0.1", "rollout.sglang_extra_args=[--max-total-tokens, 4096]",
+                 "rollout.colocate=false", "rollout.rollout_nodes=1", "rollout.weight_sync=disk",
+                 f"rollout.weight_sync_dir={shared}", f"rollout.sglang_base_port={port}", "rollout.engine_wait_s=600",
+                 "actor.recompute_old_logprobs=true"]
+    env = {}
+    for node in (0, 1):
+        (tmp_path / f"node{node}" / "tmp").mkdir(parents=True)
+        env[node] = {**os.environ, "TMPDIR": str(tmp_path / f"node{node}" / "tmp"), "OMP_NUM_THREADS": "1",
+                     "PYTHONPATH": str(REPO), "DAPO_ROLLOUT_API_KEY": key,
+                     "DAPO_NODE_HOSTS": "127.0.0.1,127.0.0.1", "DAPO_ROLLOUT_HOST": "127.0.0.1"}
+
+    def args(node):
+        return _args(toy, tmp_path / f"node{node}" / "run", steps=3, pp=2, extra=placement)
+
+    log1 = tmp_path / "node1" / "engines.log"
+    with open(log1, "w") as f:
+        engines = subprocess.Popen([sys.executable, "-m", "dapo_megatron.cli", "engines", "--config", TOY,
+                                    "--nodes", "2", "--gpus-per-node", "2", "--node-rank", "1", *args(1)],
+                                   stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path / "node1", env=env[1],
+                                   start_new_session=True)
+    try:
+        printed = _wait_for_line(engines, log1, "engine 0: ", 600)
+        assert f"engine 0: http://127.0.0.1:{port} (node 1, backend sglang)" in printed and key not in printed
+        assert servers_of(toy[0]), "no real sglang server runs for the engines node"
+        rc, out, _ = run_cli(["train", "--config", TOY, *args(0)], env=env[0], cwd=tmp_path / "node0",
+                             timeout=900, log=tmp_path / "node0" / "train.log")
+        assert rc == 0, out[-6000:] + "\n---- engines\n" + log1.read_text()[-3000:]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/model_info",
+                                     headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert str(json.loads(r.read())["weight_version"]) == "3"  # the engines node serves the last sync
+    finally:
+        if engines.poll() is None:
+            engines.send_signal(signal.SIGTERM)
+        try:
+            rc_engines = engines.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(engines.pid, signal.SIGKILL)
+            pytest.fail("the engines process did not stop within 120 s of SIGTERM")
+    assert rc_engines == 0 and "engines on node 1 stopped" in log1.read_text(), log1.read_text()[-3000:]
+    assert servers_of(toy[0]) == [], "the real sglang server outlived its engines node"
+    assert key not in out and key not in log1.read_text()
+    rows = [json.loads(x) for x in (tmp_path / "node0" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:  # float32 on both sides: the served weights are the trainer's after every disk sync
+        assert r["rollout/train_infer_logprob_diff_max"] < 1e-4 and r["sync/gb"] > 0, r
+    assert sorted(p.name for p in shared.iterdir()) == ["weights_v000003"]
