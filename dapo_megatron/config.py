@@ -84,8 +84,10 @@ class RolloutConfig:
     # disk sync: the folder rank 0 writes and the engines read (only under it); default <run_dir>/weight_sync. Name a
     # shared folder when engines run on nodes of their own (`dapo-megatron engines`) with run folders of their own.
     weight_sync_dir: Optional[str] = None
-    engine_wait_s: float = 900.0  # how long the trainer waits for engines on nodes with no trainer rank (/health)
-    sglang_num_servers: int = 1
+    # how long the trainer waits (/health) for engines on nodes with no trainer rank, and (backend=http) for one of
+    # rollout.urls to come back when all are down
+    engine_wait_s: float = 900.0
+    sglang_num_servers: int = 1  # backend=sglang: servers; embedded_http: engine processes (on its one node)
     sglang_tp_size: int = 1
     sglang_ep_size: int = 1  # MoE: SGLang --ep-size, experts split over this many of each server's TP ranks
     sglang_mem_fraction_static: float = 0.7

@@ -109,7 +109,8 @@ def test_hung_in_process_tensor_update_exits_2_with_one_line(model_path):
     import sys
 
     code = ("from types import SimpleNamespace\n"
-            "from dapo_megatron.rollout.engine import Engine, _hf_targets\n"
+            "from dapo_megatron.rollout.engine import Engine\n"
+            "from dapo_megatron.rollout.hf_update import _hf_targets\n"
             "from dapo_megatron.rollout.weight_sync import TensorWeightSync\n"
             f"e = Engine({str(model_path)!r}, max_batch_size=4)\n"
             "s = TensorWeightSync(e).bounded_by(SimpleNamespace(weight_sync_timeout_s=1.0))\n"
@@ -134,6 +135,9 @@ def test_hung_in_process_tensor_update_exits_2_with_one_line(model_path):
      "supervises, and rollout.backend=embedded restarts none; unset it or use rollout.backend=embedded_http"),
     (["rollout.backend=embedded_http", "rollout.deterministic=true"], "rollout.deterministic=true needs the "
      "in-process engine; with rollout.backend=embedded_http unset it, or use rollout.backend=embedded"),
+    (["rollout.backend=sglang", "rollout.weight_sync=tensor", "rollout.max_engine_restarts=5"],
+     "rollout.max_engine_restarts: SGLang servers are supervised with rollout.weight_sync=disk only (a restarted one "
+     "catches up from the last synced folder); use weight_sync=disk or unset it"),
     (["rollout.backend=embedded_http", "rollout.health_interval_s=0"], "rollout.health_interval_s and "
      "rollout.restart_window_s must be > 0 s and rollout.max_engine_restarts >= 0"),
 ])
@@ -217,5 +221,7 @@ def test_restarts_past_the_bound_fail_in_one_line_naming_the_engine_and_its_log(
         assert "\n" not in line and line.startswith(f"engine 0 at {sup.urls[0]} exited with code -9, past 0 restart(s)")
         assert "DAPO_FAULT=engine_kill@1: SIGKILL of engine pid" in line and "resume from the last checkpoint" in line
         assert sup.restarts == 0
+        sup.suspect(sup.urls[0])  # the second request's connection error, after the failure: it must not wait
+        assert sup._up[0].is_set()
     finally:
         sup.shutdown()

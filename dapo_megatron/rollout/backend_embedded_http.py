@@ -1,13 +1,16 @@
 """`rollout.backend=embedded_http`: the embedded engine as an HTTP server in a process of its own, started and
 supervised by this launch (docs/fault_tolerance.md).
 
-One engine, on the one node of the run, killable apart from the trainer: its process and `/health` are watched
+`rollout.sglang_num_servers` engines (default 1), on the one node of the run, killable apart from the trainer: its process and `/health` are watched
 every `rollout.health_interval_s`, a generate past `rollout.request_timeout_s` counts as hung, and a dead or hung
 engine is killed by its PID, started again with the same arguments, caught up and put back behind the client
 (rollout/supervisor.py: `EngineSupervisor`). Weights arrive by disk sync, so catching a new engine up is loading
 the last synced folder (`weights_v{N}` under rollout.weight_sync_dir) at its version. More than
 `rollout.max_engine_restarts` restarts within `rollout.restart_window_s` stop the run in one line.
 """
+import os
+
+from ..train.faults import ENGINE_INDEX_ENV
 from .backends import RolloutBackend, register, sync_dir
 
 
@@ -27,14 +30,22 @@ class EmbeddedHttpBackend(RolloutBackend):
 
     @classmethod
     def plan_engines(cls, r, kind, engine_nodes, gpus_per_node):
+        from .sglang_launcher import PORT_STRIDE
+
         if len(engine_nodes) != 1:
-            raise ValueError(f"rollout.backend=embedded_http runs one engine on the one node of the run, not on "
+            raise ValueError(f"rollout.backend=embedded_http runs its engines on the one node of the run, not on "
                              f"{len(engine_nodes)} nodes; use rollout.backend=embedded (one per node)")
-        return [(engine_nodes[0], [0], 0 if kind == "colocated" else r.sglang_base_port)]
+        if r.sglang_num_servers < 1:
+            raise ValueError(f"rollout.sglang_num_servers={r.sglang_num_servers}; use 1 or more engines")
+        # rollout.sglang_num_servers engines on the node, CPU processes (no GPU is given to them)
+        return [(engine_nodes[0], [0], 0 if kind == "colocated" else r.sglang_base_port + PORT_STRIDE * i)
+                for i in range(r.sglang_num_servers)]
 
     @classmethod
     def describe_engines(cls, plan):
-        return ["engines: 1 embedded engine in a process of its own, HTTP, supervised (restarted when it dies)"]
+        n = len(plan.engines)
+        return [f"engines: {n} embedded engine(s), each in a process of its own, HTTP, supervised (restarted when "
+                f"it dies)"]
 
     @classmethod
     def start_engines(cls, cfg, engines: list, bind: str, url_host: str, api_key):
@@ -44,7 +55,8 @@ class EmbeddedHttpBackend(RolloutBackend):
         r = cfg.rollout
         ports = [e.port or free_port(bind) for e in engines]  # fixed: a restarted engine keeps its URL
 
-        def launch(i, env):
+        def launch(i, env):  # env: a restarted engine's (without DAPO_FAULT); its index for `<point>@<N>:<engine>`
+            env = {**(os.environ if env is None else env), ENGINE_INDEX_ENV: str(engines[i].index)}
             return launch_embedded_server(cfg.model.path, ports[i], host=bind, mode="subprocess", api_key=api_key,
                                           weights_root=sync_dir(r, cfg.trainer.run_dir), env=env,
                                           max_batch_size=r.engine_max_batch_size,
@@ -57,20 +69,10 @@ class EmbeddedHttpBackend(RolloutBackend):
         from .client import RolloutClient
 
         self.supervisor = self.engines.servers
-        self.supervisor.catch_up = self._catch_up
+        self.supervisor.catch_up = self.catch_up_from_disk
         client = RolloutClient(self.engines.urls, **self.client_kw)
         client.supervisor = self.supervisor
         return client
-
-    def _catch_up(self, url: str) -> None:
-        """A restarted engine holds model.path's weights (version 0): load the last synced folder, at its version."""
-        from .client import RolloutClient, run_sync
-
-        version = self.version.value
-        if version:
-            run_sync(RolloutClient([url], api_key=self.api_key).update_weights_from_disk(
-                str(self.sync_dir / f"weights_v{version:06d}"), weight_version=version,
-                timeout_s=self.cfg.weight_sync_timeout_s))
 
     def engine_restarts(self):
         return self.supervisor.restarts

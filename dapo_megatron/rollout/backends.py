@@ -76,6 +76,26 @@ def sync_dir(rollout, run_dir) -> Path:
     return Path(rollout.weight_sync_dir or Path(run_dir) / "weight_sync")
 
 
+def newest_synced(folder):
+    """(version, path) of the newest `weights_v{N}` folder of disk sync (each is renamed into place once complete), or
+    None before the first sync."""
+    found = sorted(Path(folder).glob("weights_v[0-9]*"))
+    return (int(found[-1].name[len("weights_v"):]), found[-1]) if found else None
+
+
+def disk_catch_up(folder, api_key, timeout_s: float):
+    """A restarted engine's catch-up on any node (disk sync, a shared folder): load the newest synced folder at its
+    version (the trainer's, or the one being synced: the update then comes again); none yet: model.path's weights."""
+    def catch_up(url):
+        from .client import RolloutClient, run_sync
+
+        found = newest_synced(folder)
+        if found is not None:
+            run_sync(RolloutClient([url], api_key=api_key).update_weights_from_disk(
+                str(found[1]), weight_version=found[0], timeout_s=timeout_s))
+    return catch_up
+
+
 def backend_names() -> str:
     """"a, b or c": the registered backends, for messages."""
     names = sorted(BACKENDS)
@@ -190,6 +210,19 @@ class RolloutBackend:
     def memory_released(self):
         yield
 
+    def catch_up_from_disk(self, url=None) -> None:
+        """Disk sync: an engine back from the dead (ours restarted, or someone else's) holds its start weights; it
+        loads the last synced folder (`weights_v{N}`, the one kept) at its version. `url`: that engine, else every
+        worker that answers (loading the same folder again is harmless). Version 0: nothing to load."""
+        from .client import RolloutClient, run_sync
+
+        version = self.version.value
+        if not version:
+            return
+        client = RolloutClient([url], api_key=self.api_key) if url else self.client
+        run_sync(client.update_weights_from_disk(str(self.sync_dir / f"weights_v{version:06d}"), weight_version=version,
+                                                 timeout_s=self.cfg.weight_sync_timeout_s, strict=url is not None))
+
     def engine_restarts(self):
         """Engines restarted so far (the `rollout/engine_restarts` metric); None: this backend restarts none."""
         return None
@@ -278,7 +311,12 @@ class HttpBackend(RolloutBackend):
     def _start(self):
         from .client import RolloutClient
 
-        return RolloutClient(list(self.cfg.urls), **self.client_kw)
+        client = RolloutClient(list(self.cfg.urls), **self.client_kw)
+        # not ours to restart: with all down, wait (bounded) for one to come back; disk sync catches it up
+        client.external_wait_s = self.cfg.engine_wait_s
+        if self.weight_sync_mode() == "disk":
+            client.catch_up = self.catch_up_from_disk
+        return client
 
 
 @register("sglang")
@@ -289,13 +327,35 @@ class SGLangBackend(RolloutBackend):
     weight_sync_classes = {"tensor": "cuda_ipc"}
     releases_memory_when_colocated = True
     starts_sglang = True
+    supervises_engines = True  # with disk sync (a restarted server catches up from the last synced folder)
 
     @classmethod
     def check_config(cls, r):
+        import dataclasses
+
         if r.weight_sync == "tensor" and not (r.colocate and r.sglang_num_servers == 1 and r.sglang_tp_size == 1):
             raise ValueError(refuse_weight_sync(r, ["disk", "distributed"]))
+        defaults = {f.name: f.default for f in dataclasses.fields(r)}
+        changed = [k for k in ("health_interval_s", "max_engine_restarts", "restart_window_s")
+                   if getattr(r, k) != defaults[k]]
+        if changed and cls.planned_weight_sync_mode(r) != "disk":
+            raise ValueError(f"rollout.{changed[0]}: SGLang servers are supervised with rollout.weight_sync=disk only "
+                             f"(a restarted one catches up from the last synced folder); use weight_sync=disk or "
+                             f"unset it")
         super().check_config(r)
         cls._check_process(r)
+
+    @classmethod
+    def supervise(cls, cfg, servers, api_key):
+        """Disk sync: this node's servers restarted when they die or hang, caught up from the last synced folder
+        (docs/fault_tolerance.md). Tensor (CUDA IPC) and distributed sync: not supervised."""
+        r = cfg.rollout
+        if cls.weight_sync_mode_of(r) == "disk" and servers.processes:  # the servers start() started
+            servers.supervise(catch_up=disk_catch_up(sync_dir(r, cfg.trainer.run_dir), api_key,
+                                                     r.weight_sync_timeout_s),
+                              health_interval_s=r.health_interval_s, max_restarts=r.max_engine_restarts,
+                              window_s=r.restart_window_s)
+        return servers
 
     @staticmethod
     def _check_process(r) -> None:
@@ -374,7 +434,13 @@ class SGLangBackend(RolloutBackend):
             servers.start_router()  # on this node, over every node's servers
         self.servers = servers
         kw = {k: v for k, v in self.client_kw.items() if k != "api_key"}
-        return servers.client(api_key=self.api_key, **kw)
+        client = servers.client(api_key=self.api_key, **kw)
+        client.supervisor = servers.supervisor  # this node's servers, if supervised
+        return client
+
+    def engine_restarts(self):
+        sup = getattr(self.servers, "supervisor", None)
+        return sup.restarts if sup is not None else None
 
     @classmethod
     def start_engines(cls, cfg, engines: list, bind: str, url_host: str, api_key):
@@ -386,7 +452,7 @@ class SGLangBackend(RolloutBackend):
                               base_port=engines[0].port, base_gpu_id=engines[0].gpus[0], router=False,
                               seed=cfg.trainer.seed + engines[0].index, api_key=api_key)
         servers.urls = servers.local_urls
-        return servers.start()
+        return cls.supervise(cfg, servers.start(), api_key)
 
     @contextlib.contextmanager
     def memory_released(self):

@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import threading
 import time
 import uuid
 import weakref
@@ -57,6 +58,11 @@ class RolloutRequestError(RolloutError):
 
 class RolloutTimeoutError(RolloutError):
     """No answer within request_timeout_s."""
+
+
+class EnginesLost(RolloutError):
+    """The run's engines are gone for good (supervised ones past their restart bound, external ones that did not come
+    back): the trainer checkpoints its last finished step, then stops in one line (train/loop.py)."""
 
 
 @dataclass
@@ -147,7 +153,11 @@ class RolloutClient:
         # lost to a dead or hung engine waits for it (bounded) and is generated again; only answers of the current
         # weight version are taken.
         self.supervisor = None
+        # Engines someone else runs (rollout.backend=http): with every one down, how long to wait for one to answer
+        # /health again (rollout.engine_wait_s), and `catch_up()`, which gives one back the current weights
+        self.external_wait_s, self.catch_up, self._answered = None, None, False
         self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
+        self._external_lock = threading.Lock()
 
     # ------------------------------------------------------------------ transport
     async def _call(self, url: str, path: str, payload: Optional[dict] = None, *, timeout_s: Optional[float] = None,
@@ -210,6 +220,9 @@ class RolloutClient:
             if self.supervisor is not None and server.down_until > time.monotonic():  # every engine down
                 await self.supervisor.wait_up(server.url, self.request_timeout_s)
                 server.down_until = 0.0
+            elif self.external_wait_s and self._answered and server.down_until > time.monotonic():
+                # every external engine down, after one answered (a wrong URL from the start fails fast)
+                server = self._servers[await asyncio.to_thread(self.wait_external, errors)]
             server.in_flight += 1
             try:
                 status, body = await self._call(server.url, "/generate", payload, timeout_s=self.request_timeout_s)
@@ -236,13 +249,18 @@ class RolloutClient:
                 outs = body if isinstance(body, list) else [body]
                 if len(outs) != n:
                     raise RolloutServerError(f"{server.url}/generate returned {len(outs)} outputs for n={n}")
-                # older: a restarted engine not yet caught up, never trained on; newer: a weight sync under way
-                # (async_steps >= 2 generates through it), whose version the trainer side sets once it completes
-                stale = self.supervisor is not None and any(
-                    _version(o.get("meta_info", {}).get("weight_version"), -1) < self.weight_version for o in outs)
+                # engines that come back (restarted by us, or by someone else): a server that reports no version is
+                # trusted; older than the trainer's: not yet caught up, never trained on; newer: a weight sync under
+                # way (async_steps >= 2 generates through it), whose version the trainer side sets once it completes
+                stale = (self.supervisor is not None or self.catch_up is not None) and any(
+                    _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) < self.weight_version
+                    for o in outs)
                 if stale:
                     errors.append(f"{server.url}: answered with weights older than version {self.weight_version}")
+                    if self.supervisor is None:  # someone else's engine, back with its own weights
+                        await asyncio.to_thread(self.catch_up)
                     continue
+                self._answered = True
                 return outs
             if status >= 500 or status == 429:
                 errors.append(f"{server.url}: HTTP {status}: {_error_message(body)}")
@@ -250,6 +268,31 @@ class RolloutClient:
             raise RolloutRequestError(f"{server.url}/generate rejected the request (HTTP {status}): "
                                       f"{_error_message(body)}")
         raise RolloutServerError(f"/generate failed after {self.max_retries + 1} attempts: " + "; ".join(errors))
+
+    def wait_external(self, errors=()) -> str:
+        """Every engine is down and none is this launch's to restart (rollout.backend=http): wait, at most
+        `external_wait_s`, for one to answer /health, catch the engines up (`catch_up`) and return its URL; none
+        back: EnginesLost, one line. Concurrent callers wait once."""
+        with self._external_lock:
+            up = [u for u, s in self._servers.items() if s.down_until <= time.monotonic()]
+            if up:  # another caller waited meanwhile
+                return up[0]
+            deadline = time.monotonic() + self.external_wait_s
+            while True:
+                back = next((u for u in self.urls if _healthy(u, min(5.0, self.external_wait_s))), None)
+                if back is not None:
+                    log.warning("%s answers /health again; catching the engines up", back)
+                    if self.catch_up is not None:
+                        self.catch_up()
+                    self._servers[back].down_until = 0.0
+                    return back
+                if time.monotonic() >= deadline:
+                    last = "; ".join(list(errors)[-2:]) or "connection refused"
+                    raise EnginesLost(f"no engine at rollout.urls ({', '.join(self.urls)}) answered /health within "
+                                      f"rollout.engine_wait_s={self.external_wait_s:g} s after all went down (last "
+                                      f"errors: {' '.join(last.split())[:300]}); they are not this launch's to "
+                                      f"restart: start them again (or fix rollout.urls), then resume")
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     async def generate_group(self, samples: list, sampling_params) -> list:
         """Fill the G prompt-only Samples of one group (same prompt_ids) with one request of n = G.
@@ -349,11 +392,12 @@ class RolloutClient:
         return await self._fan_out("/get_server_info", method="GET", strict=False)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version=None,
-                                       abort_all_requests: bool = False, timeout_s: Optional[float] = None) -> list:
+                                       abort_all_requests: bool = False, timeout_s: Optional[float] = None,
+                                       strict: bool = True) -> list:
         payload = {"model_path": str(model_path), "abort_all_requests": abort_all_requests}
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
-        return await self._fan_out("/update_weights_from_disk", payload, timeout_s=timeout_s)
+        return await self._fan_out("/update_weights_from_disk", payload, timeout_s=timeout_s, strict=strict)
 
     async def flush_cache(self) -> list:
         return await self._fan_out("/flush_cache")
@@ -423,6 +467,16 @@ def token_versions(spans, num_tokens: int) -> Optional[list]:
         for i in range(max(0, int(span["start"])), min(num_tokens, int(span["end"]))):
             out[i] = v
     return None if any(v is None for v in out) else out
+
+
+def _healthy(url: str, timeout_s: float) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout_s) as r:  # /health asks for no key
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def _version(value, default: int) -> int:

@@ -173,7 +173,13 @@ def main(argv=None):
     try:
         for e, url in zip(mine, started.urls):
             print(f"engine {e.index}: {url} (node {node}, backend {cfg.rollout.backend})", flush=True)
+        supervisor = getattr(started, "supervisor", None)  # SGLang with disk sync: restarts a server that dies
         while not stop.wait(5.0):
+            if supervisor is not None:
+                if supervisor.failure:
+                    print(f"dapo-megatron engines: {supervisor.failure}", file=sys.stderr, flush=True)
+                    return 2
+                continue
             dead = [n for n, (p, _) in getattr(started, "processes", {}).items() if p.poll() is not None]
             if dead:
                 print(f"dapo-megatron engines: {dead[0]} exited; stopping this node's engines", file=sys.stderr,

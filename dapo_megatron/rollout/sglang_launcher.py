@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
@@ -107,6 +108,7 @@ class SGLangServers:
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="sglang-logs-"))
         self.api_key = api_key  # SGLang's --api-key (servers and router); `Authorization: Bearer` on every call
         self.processes: dict = {}  # name -> (Popen, log path)
+        self.supervisor = None  # supervise(): restarts a server that dies or hangs
         self._atexit_registered = False
 
     # ------------------------------------------------------------------ commands
@@ -198,6 +200,32 @@ class SGLangServers:
         self._spawn("router", self.router_command())
         self._wait("router", self.router_url)
 
+    def supervise(self, catch_up=None, **kwargs):
+        """Watch this node's servers (rollout/supervisor.py `EngineSupervisor`, kwargs: health_interval_s,
+        max_restarts, window_s): one that dies or hangs is killed with its process group, started again with the
+        same command on the same ports, caught up (`catch_up(url)`: disk sync loads the last synced folder) and put
+        back behind the client, and behind the router, which keeps its worker URL. `shutdown()` stops it first."""
+        from .supervisor import EngineSupervisor
+
+        def launch(i, env):  # env: None at the first call (the server start() started), else a restart
+            name = f"sglang-{i}"
+            if env is not None:
+                deadline = time.monotonic() + 60
+                while True:  # the killed group's sockets: gone with its processes, which the kernel reaps
+                    try:
+                        _check_port_free(self.host, self.server_port(i))
+                        break
+                    except RuntimeError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.5)
+                self._spawn(name, self.server_command(i))
+                self._wait(name, self.local_urls[i])
+            return _ServerHandle(self, i)
+
+        self.supervisor = EngineSupervisor(launch, self.num_servers, catch_up=catch_up, **kwargs)
+        return self.supervisor
+
     def _spawn(self, name: str, cmd: list):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
@@ -217,6 +245,9 @@ class SGLangServers:
 
     def shutdown(self, timeout_s: float = 30.0):
         """SIGTERM every process group, SIGKILL what is left after `timeout_s`."""
+        if self.supervisor is not None:  # first: a server stopped here is not one to restart
+            self.supervisor.shutdown()
+            self.supervisor = None
         for proc, _ in self.processes.values():
             _signal_group(proc, signal.SIGTERM)
         for proc, _ in self.processes.values():
@@ -289,6 +320,25 @@ def cpu_threads_bind(ranks: int, cpus: list) -> str:
         groups.append(cpus[start:start + n])
         start += n
     return "|".join(",".join(map(str, g)) for g in groups)
+
+
+class _ServerHandle:
+    """Server i of an SGLangServers as the supervisor sees an engine: url, process, log, kill, shutdown."""
+
+    def __init__(self, servers: SGLangServers, i: int):
+        self.url = servers.local_urls[i]
+        self.process, self.log_path = servers.processes[f"sglang-{i}"]
+
+    def kill(self):
+        _signal_group(self.process, signal.SIGKILL)
+
+    def shutdown(self):
+        _signal_group(self.process, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.process.wait()
 
 
 def servers_for(model_path, rollout, **kwargs) -> SGLangServers:

@@ -7,10 +7,9 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 
 from ..train.faults import without_fault
-from .client import RolloutError
+from .client import EnginesLost, _healthy
 from .server import log_tail
 
 log = logging.getLogger(__name__)
@@ -19,15 +18,7 @@ log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S, HEALTH_MISSES = 5.0, 3
 
 
-def _healthy(url: str, timeout_s: float) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=timeout_s) as r:  # /health asks for no key
-            return r.status == 200
-    except OSError:
-        return False
-
-
-class EngineRestartsExhausted(RolloutError):
+class EngineRestartsExhausted(EnginesLost):
     """An engine died or hung more often than the supervisor's bound; one line naming it, its log and the fix."""
 
 
@@ -75,7 +66,7 @@ class EngineSupervisor:
     def suspect(self, url: str) -> None:
         """The client could not reach `url`: its requests wait (`wait_up`) until its process is found dead and
         started again, or alive after HEALTH_TIMEOUT_S (a dropped connection; /health is the watch thread's)."""
-        if url not in self.urls:
+        if url not in self.urls or self.failure:  # past the bound: nothing will set it again, the waiter must raise
             return
         i = self.urls.index(url)
         server = self.servers[i]
@@ -106,6 +97,8 @@ class EngineSupervisor:
 
         with self._lock:
             if self.failure or self._stop.is_set() or self.servers[i] is not seen:
+                if self.failure:  # a suspect() that raced the failure: its waiters wake up and raise
+                    self._up[i].set()
                 return
             self._up[i].clear()
             old = self.servers[i]
@@ -122,7 +115,9 @@ class EngineSupervisor:
                 return
             self._recent.append(now)
             log.warning("engine %d at %s %s: restarting it", i, old.url, why)
-            if old.process.poll() is None:
+            if hasattr(old, "kill"):  # an SGLang server: its process group (scheduler, detokenizer) with it
+                old.kill()
+            elif old.process.poll() is None:
                 os.kill(old.process.pid, signal.SIGKILL)  # by its PID: a hung engine does not answer SIGTERM
             old.process.wait()
             try:
@@ -139,10 +134,24 @@ class EngineSupervisor:
             self.restarts += 1
             self._up[i].set()
 
+    def settle(self, timeout_s: float) -> None:
+        """Before (and after a failed) control call to every engine, a weight update: an engine found dead now is
+        restarted now, and one being restarted is waited for (bounded), so the call reaches every engine caught up."""
+        for i, server in enumerate(list(self.servers)):
+            if server.process.poll() is not None:
+                self._restart(i, server, f"exited with code {server.process.returncode}")
+        deadline = time.monotonic() + timeout_s
+        for up in self._up:
+            up.wait(max(0.0, deadline - time.monotonic()))
+        if self.failure:
+            raise EngineRestartsExhausted(self.failure)
+
     async def wait_up(self, url: str, timeout_s: float) -> None:
         """Until `url`'s engine is back (or the supervisor gave up: EngineRestartsExhausted); bounded."""
         import asyncio
 
+        if url not in self.urls:  # a router in front: the requests it loses are the client's to retry
+            return
         i = self.urls.index(url)
         await asyncio.to_thread(self._up[i].wait, timeout_s)
         if self.failure:

@@ -43,7 +43,7 @@ import torch
 from ..models.hf_io import write_hf_checkpoint  # the one HF writer (shared with the conversion tools)
 from ..train.faults import corrupt_buckets, hang_update
 from ..types import WeightVersion
-from .client import RolloutError, update_session
+from .client import RolloutError, RolloutServerError, run_sync, update_session
 
 log = logging.getLogger(__name__)
 
@@ -237,15 +237,27 @@ class DiskWeightSync(WeightSync):
             bounded(self.client.update_weights_from_disk(str(path), weight_version=version, timeout_s=self.timeout_s),
                     f"update_weights_from_disk to version {version}", self.timeout_s)
 
+        supervisor = getattr(self.client, "supervisor", None)  # supervised engines (rollout/supervisor.py)
+        if supervisor is not None:
+            supervisor.settle(self.timeout_s)  # an engine being restarted gets this update, not an old catch-up
         try:
             update()
-        except WeightSyncTimeout as e:  # supervised engines (rollout/supervisor.py): restart the hung one, sync again
-            supervisor = getattr(self.client, "supervisor", None)
+        except WeightSyncTimeout as e:  # supervised: restart the hung engine, sync again
             if supervisor is None or getattr(e, "url", None) is None:
                 raise
             log.warning("%s: restarting that engine and syncing again", e)
             supervisor.report_hung(e.url, "hung in a weight update past rollout.weight_sync_timeout_s")
             update()
+        except RolloutServerError:  # an engine died meanwhile
+            if supervisor is not None:  # ours: restarted and caught up, then the update again
+                supervisor.settle(self.timeout_s)
+                update()
+            elif getattr(self.client, "catch_up", None) is not None:  # someone else's: skipped while down, caught up
+                self.client.wait_external()  # when back (it answers with its own weights until then); all down: wait
+                run_sync(self.client.update_weights_from_disk(str(path), weight_version=version,
+                                                              timeout_s=self.timeout_s, strict=False))
+            else:
+                raise
         for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return nbytes[0]

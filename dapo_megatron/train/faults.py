@@ -1,7 +1,7 @@
 """Fault injection for the crash and engine-fault tests (and tools/ drills), off unless DAPO_FAULT is set.
 
-The one mechanism: `DAPO_FAULT=<point>@<N>`. It is read by the trainer and by the engines alike (a leaf module:
-standard library only, so the rollout server imports it too).
+The one mechanism: `DAPO_FAULT=<point>@<N>`, or several, comma-separated. It is read by the trainer and by the
+engines alike (a leaf module: standard library only, so the rollout server imports it too).
 
 Trainer points (N = the step): `train` SIGKILLs mid step, `save_model` (model written, optimizer not),
 `save_manifest` (everything but the manifest), `save_latest` (folder renamed, `latest` not yet), `log` (half a metrics
@@ -15,6 +15,8 @@ Engine points, acted on by the engine that serves the call (rollout/server.py `d
   only for engines in processes of their own (an in-process engine would take the trainer with it);
 - `engine_hang_generate@N`: that generate never answers (until the caller gives up on it);
 - `engine_hang_update@N`: the weight update to version N never answers.
+An engine point may name one engine, `<point>@<N>:<engine>` (its index in the plan, $DAPO_ENGINE_INDEX, which the
+launch sets for each engine it starts); without it, every engine that serves the call acts.
 And one on the trainer's side of the sync: `corrupt_bucket@N`: the first tensor of the first bucket of the sync to
 version N arrives off by one (the trainer's own weights are untouched), for the equality check to catch.
 
@@ -32,8 +34,15 @@ HOLD_TIMEOUT_S = 600.0
 ENGINE_POINTS = ("engine_kill", "engine_hang_generate", "engine_hang_update")
 
 
+ENGINE_INDEX_ENV = "DAPO_ENGINE_INDEX"  # set by a launch for each engine it starts, for `<point>@<N>:<engine>`
+
+
 def _spec():
     return os.environ.get(ENV) or None
+
+
+def _specs() -> set:
+    return set((_spec() or "").split(","))
 
 
 def fault(point: str, step: int) -> bool:
@@ -41,9 +50,9 @@ def fault(point: str, step: int) -> bool:
     spec = _spec()
     if not spec:
         return False
-    if spec == f"enospc:{point}@{step}":
+    if f"enospc:{point}@{step}" in _specs():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if spec != f"{point}@{step}":
+    if f"{point}@{step}" not in _specs():
         return False
     if point == "log":
         return True
@@ -57,7 +66,7 @@ def kill() -> None:
 
 def hold_for_signal(step: int, signalled) -> None:
     """With DAPO_FAULT=hold_for_signal@<step>: wait until `signalled()` (this process got SIGTERM / SIGUSR1)."""
-    if _spec() != f"hold_for_signal@{step}":
+    if f"hold_for_signal@{step}" not in _specs():
         return
     print(f"DAPO_FAULT: holding after step {step} until SIGTERM or SIGUSR1", file=sys.stderr, flush=True)
     deadline = time.monotonic() + HOLD_TIMEOUT_S
@@ -70,9 +79,11 @@ def hold_for_signal(step: int, signalled) -> None:
 
 def _engine_point(point: str, version) -> bool:
     try:
-        return _spec() == f"{point}@{int(version)}"
+        at = f"{point}@{int(version)}"
     except (TypeError, ValueError):
         return False
+    specs = _specs()
+    return at in specs or f"{at}:{os.environ.get(ENGINE_INDEX_ENV)}" in specs
 
 
 async def engine_fault(path: str, payload, weight_version: int) -> None:
@@ -86,7 +97,7 @@ async def engine_fault(path: str, payload, weight_version: int) -> None:
             (path.startswith("/update_weights") and isinstance(payload, dict) and
              _engine_point("engine_hang_update", payload.get("weight_version"))))
     if hang:
-        print(f"DAPO_FAULT={_spec()}: {path} hangs", flush=True)
+        print(f"DAPO_FAULT={_spec()}: {path} hangs (engine pid {os.getpid()})", flush=True)
         await asyncio.sleep(HOLD_TIMEOUT_S)  # cancelled when the caller gives up (timeout, abort)
 
 
@@ -99,7 +110,7 @@ def hang_update(version: int) -> None:
 
 def corrupt_buckets(buckets, version: int):
     """Trainer point `corrupt_bucket@N`: the first tensor of the sync to version N, off by one, in a copy."""
-    if _spec() != f"corrupt_bucket@{version}":
+    if f"corrupt_bucket@{version}" not in _specs():
         yield from buckets
         return
     for i, bucket in enumerate(buckets):

@@ -4,7 +4,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
@@ -12,6 +12,7 @@ import torch.distributed as dist
 from .. import parallel
 from ..config import Config
 from ..placement import startup_plan
+from ..rollout.client import EnginesLost
 from ..rollout.engine_load import EngineLoadMeter
 from ..rollout.node_engines import start_node_engines
 from .actor import Actor, train_on_batch
@@ -28,22 +29,35 @@ from .stages import RolloutStage, WeightSyncer, assign_advantages, broadcast_bat
 
 
 def run(cfg: Config) -> dict:
+    with ExitStack() as closes:  # whatever ends the run, its engines, threads and writers are closed, newest first
+        return _run(cfg, closes)
+
+
+def _run(cfg: Config, closes: ExitStack) -> dict:
     preemption = Preemption()  # first: a SIGUSR1 during start-up must not kill the trainer
+    closes.callback(preemption.restore)
     parallel.initialize(cfg.parallel, seed=cfg.trainer.seed)
+    closes.callback(parallel.destroy)
     rank0 = dist.get_rank() == 0
     tokenizer = _tokenizer(cfg.model.path)
     actor = Actor(cfg.model, cfg.actor, cfg.algorithm, pad_id=tokenizer.pad_token_id or 0)
     reference = build_reference(cfg, pad_id=tokenizer.pad_token_id or 0)  # None unless algorithm.kl_coef > 0
     with preemption.shield_children():  # each node's local rank 0 starts its engines; every rank learns all URLs
         engines = start_node_engines(cfg)  # resolves the run's API key, once
+        closes.callback(engines.shutdown)
         stage = RolloutStage(cfg, tokenizer, engines) if rank0 else None
+        if stage is not None:
+            closes.callback(stage.close)
     save_root = Path(cfg.trainer.save or Path(cfg.trainer.run_dir) / "checkpoints")
     syncer = WeightSyncer(cfg, stage, engines)
+    closes.callback(syncer.close)
     start = _resume(cfg, actor, stage)
     t = cfg.trainer
     logger = MetricsLogger(t.run_dir, enabled=rank0, tensorboard=t.tensorboard,
                            start_step=start, trainer=t, config=cfg.to_dict())
+    closes.callback(logger.close)
     dumper = RolloutDumper(t.run_dir, t.dump_rollouts, enabled=rank0)  # a background writer (rollout_dump.py)
+    closes.callback(dumper.close)
     if rank0:
         print(startup_plan(cfg, dist.get_world_size(), _local_world_size()), flush=True)
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
@@ -51,15 +65,21 @@ def run(cfg: Config) -> dict:
     if cfg.trainer.load:
         syncer.sync(actor, version=start)  # the engine starts from model.path's weights: catch it up
     ahead = _rollout_ahead(cfg, stage) if rank0 else None
+    if ahead is not None:
+        closes.callback(ahead.close)
     last, preempted = {}, False
+    lost, saved = None, start  # lost: rank 0's EnginesLost, the run's end after a checkpoint of the last finished step
     load = EngineLoadMeter(stage.client) if rank0 else None  # rollout/engine_busy_fraction, one window per step
     if load is not None:
         load.sample()
     for step in range(start, cfg.trainer.num_steps):
         times = {}
         with _timer(times, "rollout"):  # with rollout.async_steps=1, the rollout started during the last step
-            groups, rollout_metrics = ahead.next() if rank0 else (None, None)
-            batch = broadcast_batch(assign_advantages(groups, cfg) if rank0 else None)
+            groups, rollout_metrics, lost = _next_rollout(ahead, lost) if rank0 else (None, None, None)
+            batch = broadcast_batch(assign_advantages(groups, cfg) if groups is not None else None)
+        if batch is None:  # rank 0 lost its engines (nothing else sends None): every rank saves the last finished step
+            saved = _save_finished(save_root, step, saved, actor, _rollout_state(ahead, lost), cfg, dumper, logger)
+            break
         final = step + 1 == cfg.trainer.num_steps or _out_of_budget(cfg, rollout_metrics)
         if rank0 and not final and not _due(step, cfg.trainer.save_interval, 0):
             ahead.start()  # async_steps=1: the next rollout generates while this step trains (drained before a save)
@@ -80,7 +100,10 @@ def run(cfg: Config) -> dict:
                 with _timer(times, "rollout_wait"):  # the engines take new weights only between rollouts
                     ahead.wait()
             with _timer(times, "sync"), ahead.weight_update() if rank0 else nullcontext():
-                train_metrics.update(syncer.sync(actor, version=step + 1))  # async_steps>=2: partial rollouts pause
+                try:  # async_steps>=2: partial rollouts pause
+                    train_metrics.update(syncer.sync(actor, version=step + 1))
+                except EnginesLost as e:  # this step trained: logged and checkpointed, then the run ends on it
+                    lost = e
         if rank0 and dumper.enabled:
             dump_step(dumper, stage, step + 1, batch, cfg.sampling().enable and cfg.sampling().filter_metric)
         eval_metrics = {}
@@ -100,6 +123,7 @@ def run(cfg: Config) -> dict:
             with _timer(times, "save"):
                 save_checkpoint(save_root, step + 1, actor, _trainer_state(step + 1, ahead), cfg.model.path,
                                 keep_last=cfg.trainer.keep_last)
+            saved = step + 1
         hold_for_signal(step + 1, lambda: preemption.signum is not None)  # preemption tests only (faults.py)
         if final:  # trainer.num_steps, or trainer.max_generated_tokens spent
             break
@@ -111,16 +135,10 @@ def run(cfg: Config) -> dict:
                                 keep_last=cfg.trainer.keep_last)
             preempted = True
             break
-    if ahead is not None:
-        ahead.close()
-    dumper.close()
-    logger.close()
-    syncer.close()
-    if stage is not None:
-        stage.close()
-    engines.shutdown()
-    parallel.destroy()
-    preemption.restore()
+    closes.close()
+    if lost is not None:
+        where = cfg.trainer.load if saved == start and cfg.trainer.load else save_root
+        raise type(lost)(f"{lost}; {_resume_hint(where, saved)}") from None
     if preempted:
         print(f"preempted: checkpoint saved at step {step + 1}; exiting with {PREEMPTED_EXIT_CODE}", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
@@ -165,6 +183,41 @@ def _logprob_gap(batch) -> float:
     return max((abs(a - b) for s in batch
                 for a, b, m in zip(s.metadata["old_logprobs"], s.rollout_logprobs, s.loss_mask or itertools.repeat(1))
                 if m), default=0.0)
+
+
+def _next_rollout(ahead, lost):
+    """Rank 0: (groups, metrics, None), or (None, None, EnginesLost) once the engines are gone for good (a
+    supervisor past its restart bound, external engines that did not come back): the run then stops, after a
+    checkpoint of the last finished step with the rollout state from before the rollout that failed."""
+    if lost is not None:
+        return None, None, lost
+    before = ahead.state_dict()
+    try:
+        return *ahead.next(), None
+    except EnginesLost as e:
+        e.rollout_state = before
+        return None, None, e
+
+
+def _rollout_state(ahead, lost):
+    return getattr(lost, "rollout_state", None) or (ahead.state_dict() if ahead is not None else None)
+
+
+def _save_finished(save_root, step: int, saved: int, actor, rollout_state, cfg, dumper, logger) -> int:
+    """Collective: the checkpoint of the last finished step (`step` steps done) unless it exists; returns it."""
+    if step in (saved, 0):
+        return saved
+    dumper.flush()
+    logger.flush()
+    save_checkpoint(save_root, step, actor, {"rollout": rollout_state, "tensorboard_step": step}, cfg.model.path,
+                    keep_last=cfg.trainer.keep_last)
+    return step
+
+
+def _resume_hint(save_root, saved: int) -> str:
+    if not saved:
+        return "no step finished, nothing to resume: start the run again"
+    return f"the last finished step, {saved}, is checkpointed: resume with trainer.load={save_root}"
 
 
 def _inject_fault(step: int) -> None:
