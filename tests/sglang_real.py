@@ -1,6 +1,8 @@
 """Shared by the tests that run the real PyPI sglang server on CPU (tests/test_sglang_cpu_*.py): where the tools venv
 is, the skip when it is missing, and one started server per test module."""
+import asyncio
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -59,3 +61,18 @@ def kill_group(pgid: int):
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+async def wait_log(servers, name: str, pattern: str, timeout_s: float = 120.0):
+    """Until server `name` ("sglang-0", ...) logs `pattern` after this call, bounded (sglang 0.5.23 reports its
+    running requests only in its log: one "Decode batch" line per 40 decode steps)."""
+    path, want = servers.processes[name][1], re.compile(pattern)
+    loop = asyncio.get_running_loop()
+    start, deadline = path.stat().st_size, loop.time() + timeout_s
+    while loop.time() < deadline:
+        with open(path) as f:
+            f.seek(start)
+            if want.search(f.read()):
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{name} logged no {pattern!r} within {timeout_s}s")

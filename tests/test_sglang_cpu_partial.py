@@ -15,26 +15,13 @@ import torch
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.rollout.client import run_sync
 from dapo_megatron.types import Sample
-from tests.sglang_real import kill_group, needs_server_venv, start_servers
+from tests.sglang_real import needs_server_venv
 from tests.test_sglang_cpu_server import PROMPT, client_of, hf_model, trainer_logprobs, wait_running
+from tests.test_sglang_cpu_server import model_dir, servers  # noqa: F401 (module fixtures: a server of its own)
 from tests.test_sglang_cpu_train import train
 
 pytestmark = [pytest.mark.sglang_cpu, needs_server_venv]
 NEW_TOKENS = 160  # long enough that both requests are still decoding when the update comes
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory):
-    servers = start_servers(model_dir, tmp_path_factory.mktemp("sglang_logs"))
-    pgid = servers.processes["sglang-0"][0].pid
-    yield servers
-    servers.shutdown(timeout_s=30)
-    kill_group(pgid)
 
 
 def test_retract_update_continue_gives_each_token_its_version_and_logprob(servers, model_dir, tmp_path):

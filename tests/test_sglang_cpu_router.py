@@ -16,7 +16,8 @@ import pytest
 
 from dapo_megatron.rollout.client import RolloutClient
 from dapo_megatron.rollout.weight_sync import DiskWeightSync
-from tests.sglang_real import API_KEY, group_pids, kill_group, needs_server_venv, process_tree_alive, start_servers
+from tests.sglang_real import API_KEY, group_pids, kill_group, needs_server_venv, process_tree_alive, start_servers, \
+    wait_log
 
 pytestmark = [pytest.mark.sglang_cpu, needs_server_venv]
 PROMPT = [5, 6, 7, 8, 9, 10]
@@ -44,19 +45,6 @@ def routed(model_dir, tmp_path_factory):
 def prefills(servers, name: str) -> int:
     """Prefill batches one worker has logged so far (sglang 0.5.23 logs one line per prefill batch)."""
     return len(re.findall(r"Prefill batch", servers.processes[name][1].read_text()))
-
-
-async def wait_log(servers, name: str, pattern: str, timeout_s: float = 120.0):
-    """Until worker `name` logs `pattern` after this call, bounded."""
-    path, want = servers.processes[name][1], re.compile(pattern)
-    start, deadline = path.stat().st_size, asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        with open(path) as f:
-            f.seek(start)
-            if want.search(f.read()):
-                return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{name} logged no {pattern!r} within {timeout_s}s")
 
 
 def test_launcher_puts_the_router_in_front_of_both_capped_workers(routed):

@@ -6,8 +6,6 @@ by its PID (the last test checks that it is).
 """
 import asyncio
 import json
-import math
-import re
 import urllib.error
 import urllib.request
 
@@ -19,7 +17,7 @@ from dapo_megatron.rollout.sglang_launcher import CPU_FLAGS
 from dapo_megatron.rollout.weight_sync import DiskWeightSync
 from dapo_megatron.types import Sample
 from tests.sglang_real import API_KEY, TOOLS_PY, group_pids, kill_group, needs_server_venv, process_tree_alive, \
-    start_servers
+    start_servers, wait_log
 
 pytestmark = [pytest.mark.sglang_cpu, needs_server_venv]
 PROMPT = [5, 6, 7, 8, 9, 10]
@@ -144,19 +142,8 @@ def test_abort_all_returns_finish_reason_abort(servers):
 
 
 async def wait_running(servers, n: int, timeout_s: float = 90.0):
-    """Until the server logs a decode batch of `n` running requests after this call (its log is where sglang 0.5.23
-    reports them: one line per 40 decode steps), bounded."""
-    log_path = servers.processes["sglang-0"][1]
-    start, want = log_path.stat().st_size, re.compile(rf"Decode batch[^,]*, #running-req: {n},")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        with open(log_path) as f:
-            f.seek(start)
-            if want.search(f.read()):
-                return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"the server logged no {want.pattern!r} within {timeout_s}s")
+    """Until the server logs a decode batch of `n` running requests after this call, bounded."""
+    await wait_log(servers, "sglang-0", rf"Decode batch[^,]*, #running-req: {n},", timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------------- weight sync
