@@ -76,18 +76,12 @@ def sync_dir(rollout, run_dir) -> Path:
     return Path(rollout.weight_sync_dir or Path(run_dir) / "weight_sync")
 
 
-def newest_synced(folder):
-    """(version, path) of the newest `weights_v{N}` folder of disk sync (each is renamed into place once complete), or
-    None before the first sync."""
-    found = sorted(Path(folder).glob("weights_v[0-9]*"))
-    return (int(found[-1].name[len("weights_v"):]), found[-1]) if found else None
-
-
 def disk_catch_up(folder, api_key, timeout_s: float):
     """A restarted engine's catch-up on any node (disk sync, a shared folder): load the newest synced folder at its
     version (the trainer's, or the one being synced: the update then comes again); none yet: model.path's weights."""
     def catch_up(url):
         from .client import RolloutClient, run_sync
+        from .weight_sync import newest_synced
 
         found = newest_synced(folder)
         if found is not None:
@@ -215,12 +209,13 @@ class RolloutBackend:
         loads the last synced folder (`weights_v{N}`, the one kept) at its version. `url`: that engine, else every
         worker that answers (loading the same folder again is harmless). Version 0: nothing to load."""
         from .client import RolloutClient, run_sync
+        from .weight_sync import synced_folder
 
         version = self.version.value
         if not version:
             return
         client = RolloutClient([url], api_key=self.api_key) if url else self.client
-        run_sync(client.update_weights_from_disk(str(self.sync_dir / f"weights_v{version:06d}"), weight_version=version,
+        run_sync(client.update_weights_from_disk(str(synced_folder(self.sync_dir, version)), weight_version=version,
                                                  timeout_s=self.cfg.weight_sync_timeout_s, strict=url is not None))
 
     def engine_restarts(self):

@@ -209,6 +209,19 @@ def _count(buckets, counter: list):
         yield from bucket
 
 
+def synced_folder(out_dir, version: int) -> Path:
+    """Where disk sync writes weight version `version`: `out_dir/weights_v{N:06d}` (the one naming, also read by a
+    restarted engine's catch-up, rollout/backends.py)."""
+    return Path(out_dir) / f"weights_v{int(version):06d}"
+
+
+def newest_synced(out_dir):
+    """(version, path) of the newest `weights_v{N}` folder disk sync wrote under `out_dir` (each is renamed into place
+    once complete), or None before the first sync."""
+    found = sorted(Path(out_dir).glob("weights_v[0-9]*"))
+    return (int(found[-1].name[len("weights_v"):]), found[-1]) if found else None
+
+
 @register_weight_sync("disk")
 class DiskWeightSync(WeightSync):
     """Write HF safetensors under `out_dir/weights_v{N}` and have every server load them.
@@ -230,7 +243,7 @@ class DiskWeightSync(WeightSync):
 
     def _push(self, buckets, version: int) -> int:
         nbytes = [0]
-        path = write_hf_checkpoint(_count(buckets, nbytes), self.out_dir / f"weights_v{version:06d}",
+        path = write_hf_checkpoint(_count(buckets, nbytes), synced_folder(self.out_dir, version),
                                    hf_config_dir=self.base_model_path, max_shard_bytes=self.max_shard_bytes,
                                    overwrite=True)
         def update():
