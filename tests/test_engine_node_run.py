@@ -36,26 +36,49 @@ def _wait_for_line(proc, log: Path, text: str, timeout_s: float) -> str:
     pytest.fail(f"no {text!r} from the engines process after {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def node_envs(tmp_path, key: str, **extra) -> dict:
+    """The environments of localhost "nodes" 0 and 1: a TMPDIR each, the run's API key, the two-node host list."""
+    env = {}
+    for node in (0, 1):
+        (tmp_path / f"node{node}" / "tmp").mkdir(parents=True)
+        env[node] = {**os.environ, "TMPDIR": str(tmp_path / f"node{node}" / "tmp"), "OMP_NUM_THREADS": "1",
+                     "PYTHONPATH": str(REPO), "DAPO_ROLLOUT_API_KEY": key,
+                     "DAPO_NODE_HOSTS": "127.0.0.1,127.0.0.1", "DAPO_ROLLOUT_HOST": "127.0.0.1", **extra}
+    return env
+
+
+def start_engines_node(args: list, log: Path, cwd: Path, env: dict) -> subprocess.Popen:
+    """Node 1: `dapo-megatron engines` alone, 2 nodes of 2 ranks in the plan (the trainer's torchrun has 2 per node),
+    in a process group of its own (stop_engines_node)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "dapo_megatron.cli", "engines", "--config", TOY,
+                                 "--nodes", "2", "--gpus-per-node", "2", "--node-rank", "1", *args],
+                                stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+
+
+def stop_engines_node(proc: subprocess.Popen, timeout_s: float) -> int:
+    """SIGTERM, then its exit code; not stopped within `timeout_s`: its process group is killed and the test fails."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the engines process did not stop within {timeout_s:.0f} s of SIGTERM")
+
+
 def test_trainer_node_and_engines_only_node(toy, tmp_path):  # noqa: F811
     shared, port, key = tmp_path / "shared_sync", free_port(), secrets.token_urlsafe(16)
     placement = ["rollout.colocate=false", "rollout.rollout_nodes=1", "rollout.weight_sync=disk",
                  f"rollout.weight_sync_dir={shared}", f"rollout.sglang_base_port={port}", "rollout.engine_wait_s=300",
                  "actor.recompute_old_logprobs=true"]
-    env = {}
-    for node in (0, 1):
-        (tmp_path / f"node{node}" / "tmp").mkdir(parents=True)
-        env[node] = {**os.environ, "TMPDIR": str(tmp_path / f"node{node}" / "tmp"), "OMP_NUM_THREADS": "1",
-                     "PYTHONPATH": str(REPO), "DAPO_ROLLOUT_API_KEY": key, "DAPO_CHECK_SYNC": "1",
-                     "DAPO_NODE_HOSTS": "127.0.0.1,127.0.0.1", "DAPO_ROLLOUT_HOST": "127.0.0.1"}
+    env = node_envs(tmp_path, key, DAPO_CHECK_SYNC="1")
 
     def args(node):
         return _args(toy, tmp_path / f"node{node}" / "run", steps=3, pp=2, extra=placement)
 
     log1 = tmp_path / "node1" / "engines.log"
-    with open(log1, "w") as f:  # node 1: 2 nodes of 2 ranks in the plan (the trainer's torchrun has 2 per node)
-        engines = subprocess.Popen([sys.executable, "-m", "dapo_megatron.cli", "engines", "--config", TOY,
-                                    "--nodes", "2", "--gpus-per-node", "2", "--node-rank", "1", *args(1)],
-                                   stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path / "node1", env=env[1])
+    engines = start_engines_node(args(1), log1, tmp_path / "node1", env[1])
     try:
         printed = _wait_for_line(engines, log1, "engine 0: ", 300)
         assert f"engine 0: http://127.0.0.1:{port} (node 1, backend embedded)" in printed and key not in printed
@@ -69,13 +92,7 @@ def test_trainer_node_and_engines_only_node(toy, tmp_path):  # noqa: F811
         with urllib.request.urlopen(req, timeout=30) as r:
             assert str(json.loads(r.read())["weight_version"]) == "3"  # the engines node serves the last sync
     finally:
-        if engines.poll() is None:
-            engines.send_signal(signal.SIGTERM)
-        try:
-            rc_engines = engines.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            engines.kill()
-            pytest.fail("the engines process did not stop within 60 s of SIGTERM")
+        rc_engines = stop_engines_node(engines, 60)
     assert rc_engines == 0 and "engines on node 1 stopped" in log1.read_text(), log1.read_text()[-3000:]
     assert "engine-only node(s) 1: `dapo-megatron engines` starts theirs" in out  # start-up prints the plan
     assert key not in out and key not in log1.read_text()

@@ -6,11 +6,7 @@ weight version 3 and the train/inference log-prob gap stayed small at every step
 its server. Needs tools/.venv-sglang (skipped with that message otherwise).
 """
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +15,7 @@ import pytest
 from dapo_megatron.rollout.sglang_launcher import free_port_block
 from tests.helpers.forked import run_cli
 from tests.sglang_real import TOOLS_PY, needs_server_venv
-from tests.test_engine_node_run import _wait_for_line
+from tests.test_engine_node_run import _wait_for_line, node_envs, start_engines_node, stop_engines_node
 from tests.test_sglang_cpu_train import servers_of
 from tests.test_trainer import _args, toy  # noqa: F401 (toy is a fixture)
 
@@ -35,22 +31,13 @@ def test_engines_node_runs_real_sglang_for_the_trainer(toy, tmp_path):  # noqa: 
                  "rollout.colocate=false", "rollout.rollout_nodes=1", "rollout.weight_sync=disk",
                  f"rollout.weight_sync_dir={shared}", f"rollout.sglang_base_port={port}", "rollout.engine_wait_s=600",
                  "actor.recompute_old_logprobs=true"]
-    env = {}
-    for node in (0, 1):
-        (tmp_path / f"node{node}" / "tmp").mkdir(parents=True)
-        env[node] = {**os.environ, "TMPDIR": str(tmp_path / f"node{node}" / "tmp"), "OMP_NUM_THREADS": "1",
-                     "PYTHONPATH": str(REPO), "DAPO_ROLLOUT_API_KEY": key,
-                     "DAPO_NODE_HOSTS": "127.0.0.1,127.0.0.1", "DAPO_ROLLOUT_HOST": "127.0.0.1"}
+    env = node_envs(tmp_path, key)
 
     def args(node):
         return _args(toy, tmp_path / f"node{node}" / "run", steps=3, pp=2, extra=placement)
 
     log1 = tmp_path / "node1" / "engines.log"
-    with open(log1, "w") as f:
-        engines = subprocess.Popen([sys.executable, "-m", "dapo_megatron.cli", "engines", "--config", TOY,
-                                    "--nodes", "2", "--gpus-per-node", "2", "--node-rank", "1", *args(1)],
-                                   stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path / "node1", env=env[1],
-                                   start_new_session=True)
+    engines = start_engines_node(args(1), log1, tmp_path / "node1", env[1])
     try:
         printed = _wait_for_line(engines, log1, "engine 0: ", 600)
         assert f"engine 0: http://127.0.0.1:{port} (node 1, backend sglang)" in printed and key not in printed
@@ -63,13 +50,7 @@ def test_engines_node_runs_real_sglang_for_the_trainer(toy, tmp_path):  # noqa: 
         with urllib.request.urlopen(req, timeout=60) as r:
             assert str(json.loads(r.read())["weight_version"]) == "3"  # the engines node serves the last sync
     finally:
-        if engines.poll() is None:
-            engines.send_signal(signal.SIGTERM)
-        try:
-            rc_engines = engines.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(engines.pid, signal.SIGKILL)
-            pytest.fail("the engines process did not stop within 120 s of SIGTERM")
+        rc_engines = stop_engines_node(engines, 120)
     assert rc_engines == 0 and "engines on node 1 stopped" in log1.read_text(), log1.read_text()[-3000:]
     assert servers_of(toy[0]) == [], "the real sglang server outlived its engines node"
     assert key not in out and key not in log1.read_text()
