@@ -76,3 +76,27 @@ async def wait_log(servers, name: str, pattern: str, timeout_s: float = 120.0):
                 return
         await asyncio.sleep(0.2)
     raise TimeoutError(f"{name} logged no {pattern!r} within {timeout_s}s")
+
+
+def kill_servers_after_sync(sync_folder: Path, version: int, model_dir, run_dir: Path, timeout_s: float = 600.0,
+                            steps: int = 3) -> list:
+    """For a run going on in another thread: once its disk sync to `version` is on disk (`weights_v{version:06d}`
+    under `sync_folder`: step `version` trained), SIGKILL every real sglang server serving `model_dir`, each with its
+    process group (scheduler, detokenizer); returns the PIDs. Bounded; fails if the run had already logged all
+    `steps` steps (the kill would then test nothing)."""
+    import time
+
+    from tests.test_sglang_cpu_train import servers_of
+
+    folder, deadline = Path(sync_folder) / f"weights_v{version:06d}", time.monotonic() + timeout_s
+    while not folder.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {folder} within {timeout_s:.0f} s")
+        time.sleep(0.05)
+    pids = servers_of(model_dir)
+    for pid in pids:
+        kill_group(pid)  # each server leads its own process group (the launcher starts it in a new session)
+    metrics = Path(run_dir) / "metrics.jsonl"
+    logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    assert pids and logged < steps, f"killed {pids} with {logged} of {steps} steps logged: too late to test anything"
+    return pids

@@ -7,6 +7,7 @@ its server. Needs tools/.venv-sglang (skipped with that message otherwise).
 """
 import json
 import secrets
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from dapo_megatron.rollout.sglang_launcher import free_port_block
 from tests.helpers.forked import run_cli
-from tests.sglang_real import TOOLS_PY, needs_server_venv
+from tests.sglang_real import TOOLS_PY, kill_servers_after_sync, needs_server_venv
 from tests.test_engine_node_run import _wait_for_line, node_envs, start_engines_node, stop_engines_node
 from tests.test_sglang_cpu_train import servers_of
 from tests.test_trainer import _args, toy  # noqa: F401 (toy is a fixture)
@@ -24,13 +25,17 @@ TOY = str(REPO / "examples" / "toy" / "config.yaml")
 pytestmark = [pytest.mark.sglang_cpu, needs_server_venv, pytest.mark.timeout(1500)]
 
 
+def placement_of(shared, port) -> list:
+    return ["rollout.backend=sglang", f"rollout.sglang_python={TOOLS_PY}", "rollout.deterministic=false",
+            "rollout.sglang_mem_fraction_static=0.1", "rollout.sglang_extra_args=[--max-total-tokens, 4096]",
+            "rollout.colocate=false", "rollout.rollout_nodes=1", "rollout.weight_sync=disk",
+            f"rollout.weight_sync_dir={shared}", f"rollout.sglang_base_port={port}", "rollout.engine_wait_s=600",
+            "actor.recompute_old_logprobs=true"]
+
+
 def test_engines_node_runs_real_sglang_for_the_trainer(toy, tmp_path):  # noqa: F811
     shared, port, key = tmp_path / "shared_sync", free_port_block(), secrets.token_hex(16)
-    placement = ["rollout.backend=sglang", f"rollout.sglang_python={TOOLS_PY}", "rollout.deterministic=false",
-                 "rollout.sglang_mem_fraction_static=0.1", "rollout.sglang_extra_args=[--max-total-tokens, 4096]",
-                 "rollout.colocate=false", "rollout.rollout_nodes=1", "rollout.weight_sync=disk",
-                 f"rollout.weight_sync_dir={shared}", f"rollout.sglang_base_port={port}", "rollout.engine_wait_s=600",
-                 "actor.recompute_old_logprobs=true"]
+    placement = placement_of(shared, port)
     env = node_envs(tmp_path, key)
 
     def args(node):
@@ -59,3 +64,50 @@ def test_engines_node_runs_real_sglang_for_the_trainer(toy, tmp_path):  # noqa: 
     for r in rows:  # float32 on both sides: the served weights are the trainer's after every disk sync
         assert r["rollout/train_infer_logprob_diff_max"] < 1e-4 and r["sync/gb"] > 0, r
     assert sorted(p.name for p in shared.iterdir()) == ["weights_v000003"]
+
+
+@pytest.mark.slow
+def test_engines_node_restarts_its_killed_sglang_server_and_the_trainer_goes_on(toy, tmp_path):  # noqa: F811
+    """The engines node's real sglang server SIGKILLed (its process group) once the sync to version 1 is on disk:
+    `dapo-megatron engines` starts it again with the same command and catches it up from the newest synced folder;
+    the trainer, whose requests or sync met the dead server, waits for it (rollout.engine_wait_s) and trains all 3
+    steps on weights equal to its own."""
+    shared, port, key = tmp_path / "shared_sync", free_port_block(), secrets.token_hex(16)
+    placement = [*placement_of(shared, port), "rollout.health_interval_s=1"]
+    env = node_envs(tmp_path, key)
+
+    def args(node):
+        return _args(toy, tmp_path / f"node{node}" / "run", steps=3, pp=2, extra=placement)
+
+    log1, killed = tmp_path / "node1" / "engines.log", {}
+    engines = start_engines_node(args(1), log1, tmp_path / "node1", env[1])
+
+    def kill():
+        try:
+            killed["pids"] = kill_servers_after_sync(shared, 1, toy[0], tmp_path / "node0" / "run", timeout_s=900)
+        except BaseException as e:  # noqa: BLE001 - reported by the test's thread
+            killed["error"] = e
+
+    try:
+        _wait_for_line(engines, log1, "engine 0: ", 600)
+        killer = threading.Thread(target=kill, daemon=True)
+        killer.start()
+        rc, out, _ = run_cli(["train", "--config", TOY, *args(0)], env=env[0], cwd=tmp_path / "node0",
+                             timeout=1200, log=tmp_path / "node0" / "train.log")
+        killer.join(timeout=60)
+        assert rc == 0, out[-6000:] + "\n---- engines\n" + log1.read_text()[-3000:]
+        assert "error" not in killed and killed.get("pids"), killed
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/model_info",
+                                     headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert str(json.loads(r.read())["weight_version"]) == "3"  # the restarted server got every later sync
+    finally:
+        rc_engines = stop_engines_node(engines, 120)
+    text = log1.read_text()
+    assert rc_engines == 0 and "engines on node 1 stopped" in text, text[-3000:]
+    assert text.count("restarting it") == 1, text[-3000:]  # `engines` restarted it, once
+    assert servers_of(toy[0]) == [], "a real sglang server outlived its engines node"
+    rows = [json.loads(x) for x in (tmp_path / "node0" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["rollout/train_infer_logprob_diff_max"] < 1e-4 and r["sync/gb"] > 0, r

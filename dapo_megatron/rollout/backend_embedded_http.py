@@ -11,7 +11,7 @@ the last synced folder (`weights_v{N}` under rollout.weight_sync_dir) at its ver
 import os
 
 from ..train.faults import ENGINE_INDEX_ENV
-from .backends import RolloutBackend, register, sync_dir
+from .backends import RolloutBackend, disk_catch_up, register, sync_dir
 
 
 @register("embedded_http")
@@ -62,17 +62,25 @@ class EmbeddedHttpBackend(RolloutBackend):
                                           max_batch_size=r.engine_max_batch_size,
                                           seed=cfg.trainer.seed + engines[i].index)
 
-        return EngineSupervisor(launch, len(engines), health_interval_s=r.health_interval_s,
-                                max_restarts=r.max_engine_restarts, window_s=r.restart_window_s)
+        # catch-up on any node (an engines-only node has no trainer state): the newest synced folder; the trainer's
+        # node replaces it with its own version's (_start)
+        supervisor = EngineSupervisor(launch, len(engines), catch_up=disk_catch_up(
+            sync_dir(r, cfg.trainer.run_dir), api_key, r.weight_sync_timeout_s), health_interval_s=r.health_interval_s,
+            max_restarts=r.max_engine_restarts, window_s=r.restart_window_s)
+        supervisor.urls = [f"http://{url_host}:{p}" for p in ports]  # as the other nodes reach them
+        return supervisor
 
     def _start(self):
         from .client import RolloutClient
 
-        self.supervisor = self.engines.servers
-        self.supervisor.catch_up = self.catch_up_from_disk
+        self.supervisor = self.engines.servers  # None: on a node of their own, `dapo-megatron engines` restarts them
         client = RolloutClient(self.engines.urls, **self.client_kw)
-        client.supervisor = self.supervisor
+        if self.supervisor is None:
+            self.wait_for_unowned_engines(client)
+        else:
+            self.supervisor.catch_up = self.catch_up_from_disk
+            client.supervisor = self.supervisor
         return client
 
     def engine_restarts(self):
-        return self.supervisor.restarts
+        return self.supervisor.restarts if self.supervisor is not None else None

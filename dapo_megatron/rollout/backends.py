@@ -218,6 +218,14 @@ class RolloutBackend:
         run_sync(client.update_weights_from_disk(str(synced_folder(self.sync_dir, version)), weight_version=version,
                                                  timeout_s=self.cfg.weight_sync_timeout_s, strict=url is not None))
 
+    def wait_for_unowned_engines(self, client) -> None:
+        """Engines this process does not restart (someone else's, or another node's, which `dapo-megatron engines`
+        restarts): with every one down, the client waits for one to answer /health again, at most
+        rollout.engine_wait_s; with disk sync one that comes back is caught up (it may answer with other weights)."""
+        client.external_wait_s = self.cfg.engine_wait_s
+        if self.weight_sync_mode() == "disk":
+            client.catch_up = self.catch_up_from_disk
+
     def engine_restarts(self):
         """Engines restarted so far (the `rollout/engine_restarts` metric); None: this backend restarts none."""
         return None
@@ -307,10 +315,7 @@ class HttpBackend(RolloutBackend):
         from .client import RolloutClient
 
         client = RolloutClient(list(self.cfg.urls), **self.client_kw)
-        # not ours to restart: with all down, wait (bounded) for one to come back; disk sync catches it up
-        client.external_wait_s = self.cfg.engine_wait_s
-        if self.weight_sync_mode() == "disk":
-            client.catch_up = self.catch_up_from_disk
+        self.wait_for_unowned_engines(client)  # not ours to restart
         return client
 
 
@@ -431,6 +436,8 @@ class SGLangBackend(RolloutBackend):
         kw = {k: v for k, v in self.client_kw.items() if k != "api_key"}
         client = servers.client(api_key=self.api_key, **kw)
         client.supervisor = servers.supervisor  # this node's servers, if supervised
+        if servers.remote_worker_urls:  # other nodes' (`dapo-megatron engines` there restarts them): waited for
+            self.wait_for_unowned_engines(client)
         return client
 
     def engine_restarts(self):

@@ -217,18 +217,21 @@ class RolloutClient:
                 return _aborted(n, payload["rid"], len(payload["input_ids"]), self.weight_version)
             server = self._pick(tried)
             tried.add(server.url)
-            if self.supervisor is not None and server.down_until > time.monotonic():  # every engine down
+            if server.down_until <= time.monotonic():
+                pass
+            elif self._supervises(server.url):  # every engine down, this one ours: wait until it is restarted
                 await self.supervisor.wait_up(server.url, self.request_timeout_s)
                 server.down_until = 0.0
-            elif self.external_wait_s and self._answered and server.down_until > time.monotonic():
-                # every external engine down, after one answered (a wrong URL from the start fails fast)
+            elif self.external_wait_s and self._answered:
+                # every engine down, this one not restarted by us (someone else's, or another node's `dapo-megatron
+                # engines`), after one answered (a wrong URL from the start fails fast): wait, bounded
                 server = self._servers[await asyncio.to_thread(self.wait_external, errors)]
             server.in_flight += 1
             try:
                 status, body = await self._call(server.url, "/generate", payload, timeout_s=self.request_timeout_s)
             except _connection_errors() as e:  # server down or died mid-request: retry elsewhere
                 server.down_until = time.monotonic() + _DOWN_FOR_S
-                if self.supervisor is not None:  # supervised: restarted if its process died; retried once back
+                if self._supervises(server.url):  # ours: restarted if its process died; retried once back
                     self.supervisor.suspect(server.url)
                 errors.append(f"{server.url}: {e!r}")
                 log.warning("generate on %s failed (%r); attempt %d/%d", server.url, e, attempt + 1,
@@ -257,8 +260,8 @@ class RolloutClient:
                     for o in outs)
                 if stale:
                     errors.append(f"{server.url}: answered with weights older than version {self.weight_version}")
-                    if self.supervisor is None:  # someone else's engine, back with its own weights
-                        await asyncio.to_thread(self.catch_up)
+                    if self.catch_up is not None and not self._supervises(server.url):  # not ours, back with its
+                        await asyncio.to_thread(self.catch_up)  # own weights (ours are caught up as restarted)
                     continue
                 self._answered = True
                 return outs
@@ -268,6 +271,10 @@ class RolloutClient:
             raise RolloutRequestError(f"{server.url}/generate rejected the request (HTTP {status}): "
                                       f"{_error_message(body)}")
         raise RolloutServerError(f"/generate failed after {self.max_retries + 1} attempts: " + "; ".join(errors))
+
+    def _supervises(self, url: str) -> bool:
+        """`url` is an engine this process's supervisor restarts (not another node's, not someone else's)."""
+        return self.supervisor is not None and url in self.supervisor.urls
 
     def wait_external(self, errors=()) -> str:
         """Every engine is down and none is this launch's to restart (rollout.backend=http): wait, at most

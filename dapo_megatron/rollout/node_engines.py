@@ -5,9 +5,12 @@
 Reads the plan (placement.py) of N nodes x G GPUs (the trainer's N and ranks per node), finds this node's index
 (`--node-rank`, else this host's place in SLURM's job node list, else $NODE_RANK) and starts exactly the engines the
 plan puts here, as a trainer node's local rank 0 would (`RolloutBackend.start_engines`: SGLang servers on the plan's
-GPUs and ports; on CPU the embedded engine behind its HTTP server on the plan's port), bound to this node's address
-(placement.engine_bind_host). Prints one line per engine with its URL, then serves until SIGTERM or SIGINT and shuts
-the engines down. SIGUSR1 (the preemption notice that SLURM and the sbatch send the whole job) is ignored: the
+GPUs and ports; on CPU the embedded engine behind its HTTP server on the plan's port, in this process (`embedded`) or
+in processes of their own (`embedded_http`)), bound to this node's address (placement.engine_bind_host). Prints one
+line per engine with its URL, then serves until SIGTERM or SIGINT and shuts the engines down. Engines a supervisor
+watches (SGLang with disk sync, embedded_http) are restarted when they die or hang and caught up from the newest
+synced folder (docs/fault_tolerance.md); this command exits 2 in one line only when the supervisor gives up. The
+trainer waits for them meanwhile (rollout.engine_wait_s) and catches a returning one up itself too. SIGUSR1 (the preemption notice that SLURM and the sbatch send the whole job) is ignored: the
 trainer saves, and the sbatch stops this step after it.
 
 The API key must be the trainer's: rollout.api_key or $DAPO_ROLLOUT_API_KEY, set for both (the sbatch makes one per
@@ -173,7 +176,9 @@ def main(argv=None):
     try:
         for e, url in zip(mine, started.urls):
             print(f"engine {e.index}: {url} (node {node}, backend {cfg.rollout.backend})", flush=True)
-        supervisor = getattr(started, "supervisor", None)  # SGLang with disk sync: restarts a server that dies
+        # restarts an engine that dies or hangs: SGLang servers with disk sync, the embedded_http engines (which are
+        # the supervisor itself)
+        supervisor = started if hasattr(started, "failure") else getattr(started, "supervisor", None)
         while not stop.wait(5.0):
             if supervisor is not None:
                 if supervisor.failure:

@@ -262,15 +262,17 @@ class DiskWeightSync(WeightSync):
             supervisor.report_hung(e.url, "hung in a weight update past rollout.weight_sync_timeout_s")
             update()
         except RolloutServerError:  # an engine died meanwhile
+            unowned = getattr(self.client, "catch_up", None) is not None  # engines we do not restart, or not all
+            if supervisor is None and not unowned:
+                raise
             if supervisor is not None:  # ours: restarted and caught up, then the update again
                 supervisor.settle(self.timeout_s)
+            if not unowned:
                 update()
-            elif getattr(self.client, "catch_up", None) is not None:  # someone else's: skipped while down, caught up
-                self.client.wait_external()  # when back (it answers with its own weights until then); all down: wait
+            else:  # someone else's, or another node's: skipped while down, caught up when back (it answers with its
+                self.client.wait_external()  # own weights until then); all down: wait
                 run_sync(self.client.update_weights_from_disk(str(path), weight_version=version,
                                                               timeout_s=self.timeout_s, strict=False))
-            else:
-                raise
         for old in sorted(self.out_dir.glob("weights_v*"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return nbytes[0]
