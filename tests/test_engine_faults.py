@@ -225,3 +225,25 @@ def test_restarts_past_the_bound_fail_in_one_line_naming_the_engine_and_its_log(
         assert sup._up[0].is_set()
     finally:
         sup.shutdown()
+
+
+def test_a_returning_engine_that_nothing_can_catch_up_stops_the_run_in_one_line(model_path):
+    """An engine this process does not restart (someone else's, or another node's) came back with older weights, and
+    the run's sync cannot catch it up (no disk catch-up: distributed): its answer is not trained on; EnginesLost, one
+    line naming the engine and both versions. With a catch-up the same answer triggers it instead (tested in runs)."""
+    from dapo_megatron.rollout.client import EnginesLost
+    from dapo_megatron.types import WeightVersion
+
+    srv = launch_embedded_server(model_path, 0, mode="thread", max_batch_size=4)  # serves version 0
+    try:
+        client = RolloutClient([srv.url], request_timeout_s=60, max_retries=1, backoff_s=0.05,
+                               weight_version=WeightVersion(2))
+        client.external_wait_s = 30.0  # rollout.engine_wait_s: engines it waits for, and does not restart
+        with pytest.raises(EnginesLost, match=r"came back serving weight version 0, older than the trainer's 2"):
+            asyncio.run(client.generate_group(group(), PARAMS))
+        client.external_wait_s = None  # the run's own engine (no return to check): taken as it answers
+        samples = group()
+        asyncio.run(client.generate_group(samples, PARAMS))
+        assert all(s.response_ids for s in samples)
+    finally:
+        srv.shutdown()

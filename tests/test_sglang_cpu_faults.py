@@ -78,7 +78,7 @@ def test_the_only_sglang_server_killed_in_a_run_is_restarted_and_every_step_trai
 
     killer = threading.Thread(target=kill, daemon=True)
     killer.start()
-    rows = train(toy, run, "rollout.health_interval_s=1")  # checks exit 0 and that no server outlived the run
+    rows = train(toy, run, "rollout.weight_sync=disk", "rollout.health_interval_s=1")  # exit 0, no server left
     killer.join(timeout=60)
     assert "error" not in killed and killed.get("pids"), killed
     check_run(rows, run, [0, 0, 0])

@@ -255,13 +255,17 @@ class RolloutClient:
                 # engines that come back (restarted by us, or by someone else): a server that reports no version is
                 # trusted; older than the trainer's: not yet caught up, never trained on; newer: a weight sync under
                 # way (async_steps >= 2 generates through it), whose version the trainer side sets once it completes
-                stale = (self.supervisor is not None or self.catch_up is not None) and any(
-                    _version(o.get("meta_info", {}).get("weight_version"), self.weight_version) < self.weight_version
-                    for o in outs)
-                if stale:
+                returns = self.supervisor is not None or self.catch_up is not None or self.external_wait_s
+                served = min(_version(o.get("meta_info", {}).get("weight_version"), self.weight_version) for o in outs)
+                if returns and served < self.weight_version:
                     errors.append(f"{server.url}: answered with weights older than version {self.weight_version}")
                     if self.catch_up is not None and not self._supervises(server.url):  # not ours, back with its
                         await asyncio.to_thread(self.catch_up)  # own weights (ours are caught up as restarted)
+                    elif self.supervisor is None and self.catch_up is None:  # back, and nothing can catch it up
+                        raise EnginesLost(f"{server.url} came back serving weight version {served}, older than the "
+                                          f"trainer's {self.weight_version}, and this run's weight sync cannot catch "
+                                          f"a returning engine up (rollout.weight_sync=disk can); nothing was trained "
+                                          f"on it: resume from the last checkpoint")
                     continue
                 self._answered = True
                 return outs
