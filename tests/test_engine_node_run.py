@@ -67,6 +67,23 @@ def stop_engines_node(proc: subprocess.Popen, timeout_s: float) -> int:
         pytest.fail(f"the engines process did not stop within {timeout_s:.0f} s of SIGTERM")
 
 
+def train_node0(args: list, env: dict, tmp_path: Path, engines_log: Path, timeout: int = 900) -> str:
+    """Node 0: `dapo-megatron train` (PP=2 under torchrun, 2 ranks); its output, once it exited 0 (else both logs)."""
+    rc, out, _ = run_cli(["train", "--config", TOY, *args], env=env, cwd=tmp_path / "node0", timeout=timeout,
+                         log=tmp_path / "node0" / "train.log")
+    assert rc == 0, out[-6000:] + "\n---- engines\n" + engines_log.read_text()[-3000:]
+    return out
+
+
+def served_version(port: int, key: str, path: str = "/get_weight_version") -> str:
+    """The weight version the engine at 127.0.0.1:`port` serves (embedded: /get_weight_version, SGLang: /model_info)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return str(json.loads(r.read())["weight_version"])
+
+
 @pytest.mark.slow
 def test_trainer_node_and_engines_only_node(toy, tmp_path):  # noqa: F811
     shared, port, key = tmp_path / "shared_sync", free_port(), secrets.token_urlsafe(16)
@@ -83,15 +100,8 @@ def test_trainer_node_and_engines_only_node(toy, tmp_path):  # noqa: F811
     try:
         printed = _wait_for_line(engines, log1, "engine 0: ", 300)
         assert f"engine 0: http://127.0.0.1:{port} (node 1, backend embedded)" in printed and key not in printed
-        rc, out, _ = run_cli(["train", "--config", TOY, *args(0)], env=env[0], cwd=tmp_path / "node0",
-                             timeout=900, log=tmp_path / "node0" / "train.log")
-        assert rc == 0, out[-6000:] + "\n---- engines\n" + log1.read_text()[-3000:]
-        import urllib.request
-
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/get_weight_version",
-                                     headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert str(json.loads(r.read())["weight_version"]) == "3"  # the engines node serves the last sync
+        out = train_node0(args(0), env[0], tmp_path, log1)
+        assert served_version(port, key) == "3"  # the engines node serves the last sync
     finally:
         rc_engines = stop_engines_node(engines, 60)
     assert rc_engines == 0 and "engines on node 1 stopped" in log1.read_text(), log1.read_text()[-3000:]
@@ -134,15 +144,8 @@ def test_engines_node_restarts_its_killed_engine_and_the_trainer_waits_and_goes_
     try:
         printed = _wait_for_line(engines, log1, "engine 0: ", 300)
         assert f"engine 0: http://127.0.0.1:{port} (node 1, backend embedded_http)" in printed
-        rc, out, _ = run_cli(["train", "--config", TOY, *args(0)], env=env[0], cwd=tmp_path / "node0",
-                             timeout=900, log=tmp_path / "node0" / "train.log")
-        assert rc == 0, out[-6000:] + "\n---- engines\n" + log1.read_text()[-3000:]
-        import urllib.request
-
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/get_weight_version",
-                                     headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert str(json.loads(r.read())["weight_version"]) == "3"  # the restarted engine got every later sync
+        out = train_node0(args(0), env[0], tmp_path, log1)
+        assert served_version(port, key) == "3"  # the restarted engine got every later sync
     finally:
         rc_engines = stop_engines_node(engines, 60)
     text = log1.read_text()

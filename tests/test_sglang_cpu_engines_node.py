@@ -8,20 +8,16 @@ its server. Needs tools/.venv-sglang (skipped with that message otherwise).
 import json
 import secrets
 import threading
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from dapo_megatron.rollout.sglang_launcher import free_port_block
-from tests.helpers.forked import run_cli
 from tests.sglang_real import TOOLS_PY, kill_servers_after_sync, needs_server_venv
-from tests.test_engine_node_run import _wait_for_line, node_envs, start_engines_node, stop_engines_node
+from tests.test_engine_node_run import _wait_for_line, node_envs, served_version, start_engines_node, \
+    stop_engines_node, train_node0
 from tests.test_sglang_cpu_train import servers_of
 from tests.test_trainer import _args, toy  # noqa: F401 (toy is a fixture)
 
-REPO = Path(__file__).resolve().parents[1]
-TOY = str(REPO / "examples" / "toy" / "config.yaml")
 pytestmark = [pytest.mark.sglang_cpu, needs_server_venv, pytest.mark.timeout(1500)]
 
 
@@ -47,13 +43,8 @@ def test_engines_node_runs_real_sglang_for_the_trainer(toy, tmp_path):  # noqa: 
         printed = _wait_for_line(engines, log1, "engine 0: ", 600)
         assert f"engine 0: http://127.0.0.1:{port} (node 1, backend sglang)" in printed and key not in printed
         assert servers_of(toy[0]), "no real sglang server runs for the engines node"
-        rc, out, _ = run_cli(["train", "--config", TOY, *args(0)], env=env[0], cwd=tmp_path / "node0",
-                             timeout=900, log=tmp_path / "node0" / "train.log")
-        assert rc == 0, out[-6000:] + "\n---- engines\n" + log1.read_text()[-3000:]
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/model_info",
-                                     headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert str(json.loads(r.read())["weight_version"]) == "3"  # the engines node serves the last sync
+        out = train_node0(args(0), env[0], tmp_path, log1)
+        assert served_version(port, key, "/model_info") == "3"  # the engines node serves the last sync
     finally:
         rc_engines = stop_engines_node(engines, 120)
     assert rc_engines == 0 and "engines on node 1 stopped" in log1.read_text(), log1.read_text()[-3000:]
@@ -92,15 +83,10 @@ def test_engines_node_restarts_its_killed_sglang_server_and_the_trainer_goes_on(
         _wait_for_line(engines, log1, "engine 0: ", 600)
         killer = threading.Thread(target=kill, daemon=True)
         killer.start()
-        rc, out, _ = run_cli(["train", "--config", TOY, *args(0)], env=env[0], cwd=tmp_path / "node0",
-                             timeout=1200, log=tmp_path / "node0" / "train.log")
+        train_node0(args(0), env[0], tmp_path, log1, timeout=1200)
         killer.join(timeout=60)
-        assert rc == 0, out[-6000:] + "\n---- engines\n" + log1.read_text()[-3000:]
         assert "error" not in killed and killed.get("pids"), killed
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/model_info",
-                                     headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert str(json.loads(r.read())["weight_version"]) == "3"  # the restarted server got every later sync
+        assert served_version(port, key, "/model_info") == "3"  # the restarted server got every later sync
     finally:
         rc_engines = stop_engines_node(engines, 120)
     text = log1.read_text()
