@@ -8,7 +8,7 @@ import pytest
 
 from dapo_megatron.models.tiny import make_tiny_hf_model
 from dapo_megatron.rollout.server import launch_embedded_server, parse_args
-from dapo_megatron.rollout.sglang_launcher import SGLangServers
+from dapo_megatron.rollout.sglang_launcher import SGLangServers, free_port_block
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,8 @@ def test_sglang_server_and_router_commands(tmp_path):
 
 def test_sglang_launch_failure_shows_the_log_tail(tmp_path):
     # A "server" that dies at once stands in for sglang failing to start (sglang is not installed on CPU).
-    s = SGLangServers("/m", log_dir=tmp_path, startup_timeout_s=20, python=sys.executable)
+    s = SGLangServers("/m", log_dir=tmp_path, startup_timeout_s=20, python=sys.executable,
+                      base_port=free_port_block())  # not 30000: a port someone else may hold
     s.server_command = lambda i: [sys.executable, "-c", "import sys; print('CUDA error: no GPU'); sys.exit(3)"]
     with pytest.raises(RuntimeError, match="(?s)sglang-0.*exited with code 3.*CUDA error: no GPU"):
         s.start()

@@ -1,7 +1,9 @@
 """`rollout.backend=embedded_http`: the embedded engine as an HTTP server in a process of its own, started and
 supervised by this launch (docs/fault_tolerance.md).
 
-`rollout.sglang_num_servers` engines (default 1), on the one node of the run, killable apart from the trainer: its process and `/health` are watched
+`rollout.sglang_num_servers` engines (default 1) on one node, killable apart from the trainer: the trainer's node, or an
+engines-only node (`dapo-megatron engines` starts and supervises them there; the trainer waits for them while they
+restart, `RolloutBackend.wait_for_unowned_engines`). Each one's process and `/health` are watched
 every `rollout.health_interval_s`, a generate past `rollout.request_timeout_s` counts as hung, and a dead or hung
 engine is killed by its PID, started again with the same arguments, caught up and put back behind the client
 (rollout/supervisor.py: `EngineSupervisor`). Weights arrive by disk sync, so catching a new engine up is loading
@@ -76,7 +78,7 @@ class EmbeddedHttpBackend(RolloutBackend):
         self.supervisor = self.engines.servers  # None: on a node of their own, `dapo-megatron engines` restarts them
         client = RolloutClient(self.engines.urls, **self.client_kw)
         if self.supervisor is None:
-            self.wait_for_unowned_engines(client)
+            self.wait_for_unowned_engines(client, reached=True)  # start-up waited for their /health
         else:
             self.supervisor.catch_up = self.catch_up_from_disk
             client.supervisor = self.supervisor

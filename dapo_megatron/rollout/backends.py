@@ -218,11 +218,13 @@ class RolloutBackend:
         run_sync(client.update_weights_from_disk(str(synced_folder(self.sync_dir, version)), weight_version=version,
                                                  timeout_s=self.cfg.weight_sync_timeout_s, strict=url is not None))
 
-    def wait_for_unowned_engines(self, client) -> None:
+    def wait_for_unowned_engines(self, client, reached: bool = False) -> None:
         """Engines this process does not restart (someone else's, or another node's, which `dapo-megatron engines`
         restarts): with every one down, the client waits for one to answer /health again, at most
-        rollout.engine_wait_s; with disk sync one that comes back is caught up (it may answer with other weights)."""
-        client.external_wait_s = self.cfg.engine_wait_s
+        rollout.engine_wait_s; with disk sync one that comes back is caught up (it may answer with other weights).
+        `reached`: the start-up already waited for their /health (engine nodes of the plan), so they are waited for
+        from the first request on; someone else's URLs only once one answered (a wrong URL fails fast)."""
+        client.external_wait_s, client.reached = self.cfg.engine_wait_s, reached
         if self.weight_sync_mode() == "disk":
             client.catch_up = self.catch_up_from_disk
 
@@ -437,7 +439,7 @@ class SGLangBackend(RolloutBackend):
         client = servers.client(api_key=self.api_key, **kw)
         client.supervisor = servers.supervisor  # this node's servers, if supervised
         if servers.remote_worker_urls:  # other nodes' (`dapo-megatron engines` there restarts them): waited for
-            self.wait_for_unowned_engines(client)
+            self.wait_for_unowned_engines(client, reached=True)
         return client
 
     def engine_restarts(self):

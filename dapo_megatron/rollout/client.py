@@ -153,9 +153,12 @@ class RolloutClient:
         # lost to a dead or hung engine waits for it (bounded) and is generated again; only answers of the current
         # weight version are taken.
         self.supervisor = None
-        # Engines someone else runs (rollout.backend=http): with every one down, how long to wait for one to answer
-        # /health again (rollout.engine_wait_s), and `catch_up()`, which gives one back the current weights
-        self.external_wait_s, self.catch_up, self._answered = None, None, False
+        # Engines this process does not restart (rollout.backend=http, or another node's `dapo-megatron engines`):
+        # with every one down, how long to wait for one to answer /health again (rollout.engine_wait_s), and
+        # `catch_up()`, which gives one back the current weights (RolloutBackend.wait_for_unowned_engines)
+        # `reached`: an engine answered once (a generate, or the start-up's wait for /health): before that, a URL that
+        # does not answer is a wrong one, which fails fast instead of being waited for
+        self.external_wait_s, self.catch_up, self.reached = None, None, False
         self._semaphores = weakref.WeakKeyDictionary()  # one per event loop
         self._external_lock = threading.Lock()
 
@@ -222,7 +225,7 @@ class RolloutClient:
             elif self._supervises(server.url):  # every engine down, this one ours: wait until it is restarted
                 await self.supervisor.wait_up(server.url, self.request_timeout_s)
                 server.down_until = 0.0
-            elif self.external_wait_s and self._answered:
+            elif self.external_wait_s and self.reached:
                 # every engine down, this one not restarted by us (someone else's, or another node's `dapo-megatron
                 # engines`), after one answered (a wrong URL from the start fails fast): wait, bounded
                 server = self._servers[await asyncio.to_thread(self.wait_external, errors)]
@@ -267,7 +270,7 @@ class RolloutClient:
                                           f"a returning engine up (rollout.weight_sync=disk can); nothing was trained "
                                           f"on it: resume from the last checkpoint")
                     continue
-                self._answered = True
+                self.reached = True
                 return outs
             if status >= 500 or status == 429:
                 errors.append(f"{server.url}: HTTP {status}: {_error_message(body)}")
