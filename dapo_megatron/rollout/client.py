@@ -258,8 +258,11 @@ class RolloutClient:
                 # engines that come back (restarted by us, or by someone else): a server that reports no version is
                 # trusted; older than the trainer's: not yet caught up, never trained on; newer: a weight sync under
                 # way (async_steps >= 2 generates through it), whose version the trainer side sets once it completes
+                # (aborted outputs, a weight-update pause's, are the caller's to generate again or drop, as always)
                 returns = self.supervisor is not None or self.catch_up is not None or self.external_wait_s
-                served = min(_version(o.get("meta_info", {}).get("weight_version"), self.weight_version) for o in outs)
+                served = min([_version(o.get("meta_info", {}).get("weight_version"), self.weight_version) for o in outs
+                              if (o.get("meta_info", {}).get("finish_reason") or {}).get("type") != "abort"],
+                             default=self.weight_version)
                 if returns and served < self.weight_version:
                     errors.append(f"{server.url}: answered with weights older than version {self.weight_version}")
                     if self.catch_up is not None and not self._supervises(server.url):  # not ours, back with its

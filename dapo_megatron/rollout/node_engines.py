@@ -10,8 +10,9 @@ in processes of their own (`embedded_http`)), bound to this node's address (plac
 line per engine with its URL, then serves until SIGTERM or SIGINT and shuts the engines down. Engines a supervisor
 watches (SGLang with disk sync, embedded_http) are restarted when they die or hang and caught up from the newest
 synced folder (docs/fault_tolerance.md); this command exits 2 in one line only when the supervisor gives up. The
-trainer waits for them meanwhile (rollout.engine_wait_s) and catches a returning one up itself too. SIGUSR1 (the preemption notice that SLURM and the sbatch send the whole job) is ignored: the
-trainer saves, and the sbatch stops this step after it.
+trainer waits for them meanwhile (rollout.engine_wait_s) and catches a returning one up itself too. SIGUSR1 (the
+preemption notice that SLURM and the sbatch send the whole job) is ignored: the trainer saves, and the sbatch stops
+this step after it.
 
 The API key must be the trainer's: rollout.api_key or $DAPO_ROLLOUT_API_KEY, set for both (the sbatch makes one per
 job); a generated key could not match, so none is generated here. The trainer builds these engines' URLs from the
