@@ -298,3 +298,33 @@ def test_dynamic_sampling_drops_a_group_aborted_mid_trajectory_and_shapes_whole_
     length = len(call) + len(runner.renderer.ids("2")) + 1  # turn 1, the tool's "2", EOS
     for s in (s for g in groups for s in g):
         assert s.response_length == length and s.metadata["overlong_penalty"] == pytest.approx((20 - length) / 40)
+
+
+def test_eval_leaves_the_steps_tool_samples_alone():
+    """Eval's conversations are not the step's, and with rollout.async_steps >= 2 the producer may be generating the
+    step's meanwhile: eval neither adds to nor clears the samples the step's tool metrics are taken from."""
+    from types import SimpleNamespace
+
+    from dapo_megatron.train.stages import RolloutStage
+
+    class Conversations:  # the multi-turn runner: answers every sample with one token
+        async def generate_group(self, client, group, params):
+            for s in group:
+                s.response_ids = [7]
+            return group
+
+    class Scorer:
+        def score_samples(self, samples):
+            for s in samples:
+                s.correct = True
+
+    stage = object.__new__(RolloutStage)
+    stage.cfg = SimpleNamespace(eval=SimpleNamespace(n_samples=2, temperature=0.0, top_p=1.0, max_response_length=4),
+                                rollout=SimpleNamespace(temperature=1.0, top_p=1.0, top_k=-1, max_response_length=4))
+    stage.multi_turn, stage.client, stage.scorer = Conversations(), None, Scorer()
+    stage._eval_items = [SimpleNamespace(prompt_ids=[5, 6], label="1")]
+    stage.run_on_loop = asyncio.run
+    steps = [Sample(prompt_ids=[9], index=0)]
+    stage._tool_samples = list(steps)  # a step's conversations so far
+    assert stage.evaluate(None) == {"eval/avg@2": 1.0, "eval/num_prompts": 1}
+    assert stage._tool_samples == steps

@@ -85,11 +85,14 @@ class RolloutStage:
             self._generated.append(done)
         return done
 
-    async def _generate(self, group: list[Sample], params: GenerationParams) -> list[Sample]:
+    async def _generate(self, group: list[Sample], params: GenerationParams, *, step: bool = True) -> list[Sample]:
+        """`step`: a rollout's group, counted in the step's tool metrics (eval's are not; with async_steps >= 2 the
+        producer may be generating the step's groups meanwhile)."""
         if self.multi_turn is None:
             return await self.client.generate_group(group, params)
         group = await self.multi_turn.generate_group(self.client, group, params)
-        self._tool_samples.extend(group)
+        if step:
+            self._tool_samples.extend(group)
         return group
 
     def collect(self) -> tuple[list[list[Sample]], dict]:
@@ -131,10 +134,9 @@ class RolloutStage:
         async def run():
             groups = [[Sample(prompt_ids=list(it.prompt_ids), label=it.label, group_id=-1 - i, index=j)
                        for j in range(e.n_samples)] for i, it in enumerate(items)]
-            return await asyncio.gather(*(self._generate(g, params) for g in groups))
+            return await asyncio.gather(*(self._generate(g, params, step=False) for g in groups))
 
         groups = self.run_on_loop(run())
-        self._tool_samples = []  # eval's samples are not the step's
         samples = [s for g in groups for s in g]
         self.scorer.score_samples(samples)
         self.last_eval_samples = samples
